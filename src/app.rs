@@ -1,0 +1,116 @@
+//! Wires the service together: database, migrations, codec, consumer loop, lag reporter and
+//! the operations endpoint; runs until the shutdown token is cancelled or a part fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::codec::{Codec, registry_settings};
+use crate::config::Settings;
+use crate::kafka::{ConsumerLoop, LoopEvent};
+use crate::store::Store;
+
+/// Connects to PostgreSQL, retrying with backoff (the database may start after us) until
+/// `shutdown`.
+pub async fn connect_store(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Store> {
+    let options = settings.database.connect_options()?;
+    let mut backoff = settings.pipeline.retry_initial_backoff;
+    loop {
+        match settings
+            .database
+            .pool_options()
+            .connect_with(options.clone())
+            .await
+        {
+            Ok(pool) => return Ok(Store::new(pool)),
+            Err(e) => {
+                tracing::warn!(database = %settings.database.redacted_url(), error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("shutdown before PostgreSQL answered"),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
+            }
+        }
+    }
+}
+
+/// Runs the service until `shutdown` is cancelled; returns an error if a part fails
+/// permanently. `observer` receives a [`LoopEvent`] per batch (benchmarks, demo).
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    observer: Option<mpsc::UnboundedSender<LoopEvent>>,
+) -> anyhow::Result<()> {
+    tracing::info!(database = %settings.database.redacted_url(), brokers = %settings.kafka.bootstrap_servers, group = %settings.kafka.group_id, registry = %settings.registry.url, "starting payrecon");
+    let store = connect_store(&settings, &shutdown).await?;
+    store.migrate().await.context("applying migrations")?;
+    let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let codec = Arc::new(Codec::new(sr));
+    let consumer = ConsumerLoop::new(&settings, store.clone(), codec, shutdown.clone(), observer)?;
+
+    let tracker = TaskTracker::new();
+    // A failing part cancels the others through this child token.
+    let stop = shutdown.child_token();
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("binding the HTTP endpoint on {}", settings.http.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics and /health");
+    let ops = crate::http::OpsState {
+        metrics: crate::metrics::handle(),
+        store: store.clone(),
+        assignment: consumer.assignment(),
+    };
+    let http_stop = stop.clone();
+    tracker.spawn(async move {
+        if let Err(e) =
+            crate::http::serve(listener, ops, async move { http_stop.cancelled().await }).await
+        {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    });
+    let lag = tracker.spawn(crate::kafka::lag::run(
+        settings.kafka.clone(),
+        store.clone(),
+        settings.pipeline.lag_refresh_interval,
+        stop.clone(),
+    ));
+    let consumer_stop = stop.clone();
+    let consumer_task = tracker.spawn(async move {
+        let result = consumer.run(consumer_stop.clone()).await;
+        consumer_stop.cancel();
+        result
+    });
+    tracker.close();
+    let result = consumer_task.await.context("consumer task panicked")?;
+    stop.cancel();
+    if let Ok(Err(e)) = lag.await {
+        tracing::warn!(error = %e, "lag reporter stopped with an error");
+    }
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 10 s");
+    }
+    store.pool().close().await;
+    result
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

@@ -1,0 +1,273 @@
+//! The command line. Each subcommand's doc comment is its `--help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// Exactly-once payment reconciliation: Kafka (Avro) to PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "payrecon", version, about)]
+pub struct Cli {
+    /// Configuration file layered over the embedded defaults (env overrides still apply).
+    #[arg(long, global = true, env = "PAYRECON_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: consume both input topics and commit batches exactly once.
+    Run,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Serve a Confluent-compatible Schema Registry (for local runs and tests only;
+    /// production uses a real Confluent Schema Registry).
+    Registry {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// File keeping schemas and ids across restarts (in memory when absent).
+        #[arg(long)]
+        storage: Option<PathBuf>,
+    },
+    /// Produce simulated payments and settlement lines to the configured brokers.
+    Simulate {
+        #[command(flatten)]
+        options: crate::simulate::SimulationOptions,
+        /// Create the input topics with this many partitions if missing.
+        #[arg(long)]
+        create_topics: Option<i32>,
+    },
+    /// Run the whole job on embedded defaults: mock Kafka, embedded registry, PostgreSQL,
+    /// simulator and service; check the result against the simulator's expected totals.
+    Demo(crate::demo::DemoOptions),
+    /// Inspect and re-drive dead letters.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List dead letters, newest first.
+    List {
+        /// Include those already replayed.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode open dead letters again and apply those that now succeed (after a fix).
+    Replay {
+        /// Only these ids (default: every open dead letter).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    crate::telemetry::init(&settings.log);
+    match cli.command {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                crate::app::termination_signal().await;
+                signal.cancel();
+            });
+            crate::app::run(settings, shutdown, None).await?;
+            tracing::info!("stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
+            store.migrate().await.context("applying migrations")?;
+            println!("migrations applied to {}", settings.database.redacted_url());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Registry { listen, storage } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let storage = match storage {
+                Some(p) => crate::registry::Storage::File(p),
+                None => crate::registry::Storage::Memory,
+            };
+            println!(
+                "schema registry listening on http://{}",
+                listener.local_addr()?
+            );
+            crate::registry::serve(
+                listener,
+                crate::registry::RegistryConfig { storage },
+                crate::app::termination_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            options,
+            create_topics,
+        } => {
+            simulate(&settings, &options, create_topics).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(options) => crate::demo::run(settings, options).await,
+        Command::DeadLetters { action } => dead_letters(&settings, action).await,
+    }
+}
+
+/// `payrecon simulate`: generate, produce, and write the expected totals.
+pub async fn simulate(
+    settings: &Settings,
+    options: &crate::simulate::SimulationOptions,
+    create_topics: Option<i32>,
+) -> anyhow::Result<crate::domain::Totals> {
+    let k = &settings.kafka;
+    if let Some(partitions) = create_topics {
+        crate::kafka::ensure_topics(
+            &k.client_config(),
+            &[&k.payments_topic, &k.settlements_topic],
+            partitions,
+        )
+        .await?;
+    }
+    let sr =
+        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let encoder =
+        crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+    let (records, expected) = crate::simulate::generate(options, encoder.payment_schema_id())?;
+    if let Some(path) = &options.expected_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&expected)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let producer: rdkafka::producer::FutureProducer = k.producer_config().create()?;
+    let total = records.len();
+    crate::simulate::produce(
+        &producer,
+        &encoder,
+        &k.payments_topic,
+        &k.settlements_topic,
+        &records,
+        options.rate,
+        |n| {
+            tracing::info!(produced = n, total, "simulating");
+        },
+    )
+    .await?;
+    println!(
+        "produced {total} records: {} payment events, {} settlement lines, {} malformed",
+        expected.payment_events, expected.settlement_lines, expected.dead_letters
+    );
+    Ok(expected)
+}
+
+async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::Result<ExitCode> {
+    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    store.migrate().await?;
+    match action {
+        DeadLetterAction::List { all, limit, json } => {
+            let rows = store.list_dead_letters(!all, limit).await?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!(
+                    "{:>8}  {:<24} {:>4} {:>10}  {:<18} {:<8} message",
+                    "id", "topic", "part", "offset", "kind", "replayed"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>8}  {:<24} {:>4} {:>10}  {:<18} {:<8} {}",
+                        r.id,
+                        r.topic,
+                        r.partition,
+                        r.offset,
+                        r.error_kind,
+                        if r.replayed_at.is_some() { "yes" } else { "no" },
+                        r.error_message
+                    );
+                }
+                println!("{} dead letter(s)", rows.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterAction::Replay { ids } => {
+            let sr = crate::codec::registry_settings(
+                &settings.registry.url,
+                settings.registry.request_timeout,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let codec = crate::codec::Codec::new(sr);
+            let (mut applied, mut failing) = (0, 0);
+            for (id, topic, partition, offset, payload) in store.open_dead_letters(&ids).await? {
+                let stream = if topic == settings.kafka.settlements_topic {
+                    crate::codec::Stream::Settlements
+                } else {
+                    crate::codec::Stream::Payments
+                };
+                match codec.decode(stream, payload.as_deref()).await {
+                    Ok(record) => {
+                        store
+                            .apply_replayed(id, &topic, partition, offset, record)
+                            .await?;
+                        applied += 1;
+                    }
+                    Err(crate::codec::DecodeError::Poison { kind, message }) => {
+                        store
+                            .record_replay_failure(id, &format!("{}: {message}", kind.as_str()))
+                            .await?;
+                        failing += 1;
+                    }
+                    Err(e @ crate::codec::DecodeError::Transient(_)) => {
+                        anyhow::bail!(
+                            "stopping the replay at dead letter {id}: {e}; nothing was lost, run it again"
+                        );
+                    }
+                }
+            }
+            println!("replayed: {applied} applied, {failing} still failing");
+            Ok(if failing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Avro records in the Confluent Schema Registry wire format.
+//!
+//! Owns the bytes-to-domain boundary: magic byte, 4-byte big-endian schema id, Avro body
+//! (decoded with the *writer* schema fetched by id through `schema_registry_converter`, so
+//! producers on older or newer compatible versions still decode), then validation into
+//! [`crate::domain::Record`]. Every failure is classified once, here: a record that can never
+//! succeed is [`DecodeError::Poison`] (dead-letter it); a registry that cannot be reached or
+//! answers oddly is [`DecodeError::Transient`] (retry the same record, never dead-letter).
+//!
+//! It does not talk to Kafka or PostgreSQL.
+
+mod avro;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use apache_avro::Schema;
+use schema_registry_converter::async_impl::avro::AvroDecoder;
+use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
+
+use crate::domain::{PaymentEvent, Record, SettlementLine};
+
+pub use avro::{decimal_scales, encode_datum, payment_to_value, settlement_to_value};
+
+/// The Avro schema of a payment event, as shipped in `schemas/`.
+pub const PAYMENT_EVENT_SCHEMA: &str = include_str!("../../schemas/payment_event.avsc");
+/// The Avro schema of a settlement line, as shipped in `schemas/`.
+pub const SETTLEMENT_LINE_SCHEMA: &str = include_str!("../../schemas/settlement_line.avsc");
+
+/// Which input stream a record came from; decides the record type expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Payments,
+    Settlements,
+}
+
+/// Classes of records that can never be applied. Stored as `dead_letters.error_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoisonKind {
+    /// Not the Confluent wire format: empty, shorter than 5 bytes, or first byte not 0.
+    BadMagicByte,
+    /// The registry answered that no schema has this id.
+    UnknownSchemaId,
+    /// The body does not decode with the writer schema named by its id.
+    UndecodableBody,
+    /// The record decoded but a field value breaks a rule (currency, amount, ids, net).
+    InvalidField,
+    /// The record decoded as a type this topic does not carry (e.g. a settlement on payments).
+    WrongRecordType,
+}
+
+impl PoisonKind {
+    /// The stable name stored in PostgreSQL and used as a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PoisonKind::BadMagicByte => "bad_magic_byte",
+            PoisonKind::UnknownSchemaId => "unknown_schema_id",
+            PoisonKind::UndecodableBody => "undecodable_body",
+            PoisonKind::InvalidField => "invalid_field",
+            PoisonKind::WrongRecordType => "wrong_record_type",
+        }
+    }
+}
+
+/// The two dispositions of a decode failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DecodeError {
+    /// The record can never succeed; keep its bytes with this reason and move on.
+    #[error("{}: {message}", kind.as_str())]
+    Poison { kind: PoisonKind, message: String },
+    /// The registry is unreachable or misbehaving; retry the same record later.
+    #[error("schema registry unavailable: {0}")]
+    Transient(String),
+}
+
+impl DecodeError {
+    fn poison(kind: PoisonKind, message: impl Into<String>) -> Self {
+        DecodeError::Poison {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Decimal scales of a writer schema's decimal fields, by field name. Avro decimals carry
+/// their scale in the schema, not in the value, so each writer schema is inspected once.
+type Scales = HashMap<String, u32>;
+
+/// Decodes Confluent-framed Avro records into validated domain records.
+pub struct Codec {
+    /// The crate-provided registry client and its id-keyed schema cache.
+    decoder: AvroDecoder,
+    /// Writer-schema decimal scales by schema id (filled on first sight of an id).
+    scales: RwLock<HashMap<u32, Arc<Scales>>>,
+}
+
+/// Builds registry client settings for `url` with a bounded request timeout, so an
+/// unresponsive registry surfaces as a transient error instead of a hang.
+pub fn registry_settings(url: &str, timeout: Duration) -> Result<SrSettings, DecodeError> {
+    SrSettings::new_builder(url.to_owned())
+        .set_timeout(timeout)
+        .build()
+        .map_err(|e| DecodeError::Transient(e.to_string()))
+}
+
+impl Codec {
+    pub fn new(settings: SrSettings) -> Self {
+        Codec {
+            decoder: AvroDecoder::new(settings),
+            scales: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Decodes and validates one record payload from `stream`.
+    pub async fn decode(
+        &self,
+        stream: Stream,
+        payload: Option<&[u8]>,
+    ) -> Result<Record, DecodeError> {
+        let bytes = payload.unwrap_or_default();
+        if bytes.len() < 5 || bytes[0] != 0 {
+            let detail = match bytes.first() {
+                None => "empty payload".to_owned(),
+                Some(b) if bytes.len() < 5 => format!(
+                    "payload of {} bytes (first byte {b:#04x}) is shorter than the 5-byte header",
+                    bytes.len()
+                ),
+                Some(b) => format!("first byte is {b:#04x}, expected the magic byte 0x00"),
+            };
+            return Err(DecodeError::poison(
+                PoisonKind::BadMagicByte,
+                format!("not Confluent wire format: {detail}"),
+            ));
+        }
+        let schema_id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let decoded = match self.decoder.decode(Some(bytes)).await {
+            Ok(d) => d,
+            Err(e) => return Err(self.classify(schema_id, e)),
+        };
+        let scales = self.scales_for(schema_id).await?;
+        let record = avro::to_record(stream, &decoded.value, &scales)?;
+        let validation = match &record {
+            Record::Payment(p) => PaymentEvent::validate(p),
+            Record::Settlement(s) => SettlementLine::validate(s),
+        };
+        validation.map_err(|e| DecodeError::poison(PoisonKind::InvalidField, e.to_string()))?;
+        Ok(record)
+    }
+
+    /// Maps a converter error to a disposition. Only an answer *from the registry* that the
+    /// id does not exist (Confluent error code 40403) or a body that fails to decode is
+    /// poison; anything else (connection refused, timeouts, 5xx, 401, an unparsable answer)
+    /// is transient, and any cached error is evicted so an outage cannot poison the cache.
+    fn classify(&self, schema_id: u32, e: SRCError) -> DecodeError {
+        let raw = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<RawError>());
+        if raw.is_some_and(|r| r.error_code == 40403) {
+            return DecodeError::poison(
+                PoisonKind::UnknownSchemaId,
+                format!("schema registry has no schema with id {schema_id}"),
+            );
+        }
+        if e.error
+            .starts_with("Could not transform bytes using schema")
+        {
+            return DecodeError::poison(
+                PoisonKind::UndecodableBody,
+                format!(
+                    "body does not decode with writer schema {schema_id}: {}",
+                    e.cause.as_deref().unwrap_or("unknown cause")
+                ),
+            );
+        }
+        self.decoder.remove_errors_from_cache();
+        DecodeError::Transient(e.to_string())
+    }
+
+    async fn scales_for(&self, schema_id: u32) -> Result<Arc<Scales>, DecodeError> {
+        if let Some(s) = self.scales.read().expect("scales lock").get(&schema_id) {
+            return Ok(s.clone());
+        }
+        let schema = self
+            .decoder
+            .get_schema(schema_id)
+            .await
+            .map_err(|e| self.classify(schema_id, e))?;
+        let scales = Arc::new(decimal_scales(&schema.parsed));
+        self.scales
+            .write()
+            .expect("scales lock")
+            .insert(schema_id, scales.clone());
+        Ok(scales)
+    }
+}
+
+/// Frames an Avro datum in the Confluent wire format: magic byte 0, schema id, body.
+pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Encodes records for producers (simulator, tests) with schemas registered under the
+/// topic-name strategy (`<topic>-value`).
+pub struct Encoder {
+    payment: (u32, Schema),
+    settlement: (u32, Schema),
+}
+
+impl Encoder {
+    /// Registers (or looks up) both shipped schemas for the given topics.
+    pub async fn register(
+        settings: &SrSettings,
+        payments_topic: &str,
+        settlements_topic: &str,
+    ) -> anyhow::Result<Self> {
+        let payment = register_schema(settings, payments_topic, PAYMENT_EVENT_SCHEMA).await?;
+        let settlement =
+            register_schema(settings, settlements_topic, SETTLEMENT_LINE_SCHEMA).await?;
+        Ok(Encoder {
+            payment,
+            settlement,
+        })
+    }
+
+    pub fn payment_schema_id(&self) -> u32 {
+        self.payment.0
+    }
+
+    pub fn encode_payment(&self, p: &PaymentEvent) -> anyhow::Result<Vec<u8>> {
+        let body = encode_datum(&self.payment.1, payment_to_value(p))?;
+        Ok(frame(self.payment.0, &body))
+    }
+
+    pub fn encode_settlement(&self, s: &SettlementLine) -> anyhow::Result<Vec<u8>> {
+        let body = encode_datum(&self.settlement.1, settlement_to_value(s))?;
+        Ok(frame(self.settlement.0, &body))
+    }
+}
+
+/// Registers `schema` under `<topic>-value` and returns its id and parsed form.
+pub async fn register_schema(
+    settings: &SrSettings,
+    topic: &str,
+    schema: &str,
+) -> anyhow::Result<(u32, Schema)> {
+    let registered = post_schema(
+        settings,
+        format!("{topic}-value"),
+        SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("registering the schema for {topic}: {e}"))?;
+    Ok((registered.id, Schema::parse_str(schema)?))
+}

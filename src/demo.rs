@@ -1,0 +1,373 @@
+//! `payrecon demo`: the whole main job on one machine with no setup.
+//!
+//! Starts an embedded Kafka (librdkafka's mock cluster; its bootstrap address is printed so
+//! other clients can connect), the embedded Schema Registry, and uses PostgreSQL from
+//! `DATABASE_URL` or the local server (or, if none answers and `initdb`/`pg_ctl` exist, a
+//! throwaway cluster in a temporary directory). Then it simulates traffic, runs the service,
+//! prints progress and a summary checked against the simulator's expected totals, and exits
+//! 0 only when they match.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+use secrecy::SecretString;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::domain::Totals;
+use crate::kafka::LoopEvent;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOptions {
+    /// Payments to simulate (each brings one or two events and settlement lines).
+    #[arg(long, default_value_t = 20_000)]
+    pub payments: u64,
+    /// Malformed records mixed in (they must end in dead_letters).
+    #[arg(long, default_value_t = 12)]
+    pub malformed: u64,
+    /// Partitions per input topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Records per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Keep everything running after the summary (Ctrl-C to stop) to look at metrics/tables.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Give up if the service has not applied everything within this time.
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Database to (re)create on the PostgreSQL server.
+    #[arg(long, default_value = "payrecon_demo")]
+    pub database: String,
+}
+
+/// A PostgreSQL cluster created for the demo; stopped and removed on drop.
+struct ThrowawayCluster {
+    dir: tempfile::TempDir,
+    pg_ctl: std::path::PathBuf,
+    port: u16,
+}
+
+impl Drop for ThrowawayCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(
+            &self.pg_ctl,
+            &[
+                "-D",
+                &self.dir.path().join("data").to_string_lossy(),
+                "-m",
+                "fast",
+                "stop",
+            ],
+        );
+    }
+}
+
+fn as_postgres(program: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::Output> {
+    // initdb refuses to run as root: use the postgres account when we are root.
+    let root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        std::process::Command::new(program)
+    };
+    cmd.args(args).output()
+}
+
+fn find_pg_binary(name: &str) -> Option<std::path::PathBuf> {
+    let mut candidates: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .collect();
+    candidates.sort();
+    candidates.reverse();
+    candidates.into_iter().find(|p| p.exists()).or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.exists())
+        })
+    })
+}
+
+impl ThrowawayCluster {
+    fn start() -> anyhow::Result<Self> {
+        let initdb = find_pg_binary("initdb")
+            .context("no PostgreSQL answered and initdb is not installed")?;
+        let pg_ctl = find_pg_binary("pg_ctl").context("pg_ctl is not installed")?;
+        let dir = tempfile::Builder::new().prefix("payrecon-pg-").tempdir()?;
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres", &dir.path().to_string_lossy()])
+            .output();
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let out = as_postgres(
+            &initdb,
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+            ],
+        )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            dir.path().display()
+        );
+        let out = as_postgres(
+            &pg_ctl,
+            &["-D", &data.to_string_lossy(), "-o", &opts, "-w", "start"],
+        )?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pg_ctl start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(ThrowawayCluster { dir, pg_ctl, port })
+    }
+}
+
+/// Finds a PostgreSQL server: `DATABASE_URL`, the local server, or a throwaway cluster.
+async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayCluster>)> {
+    use sqlx::Connection;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let opts: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
+    match sqlx::PgConnection::connect_with(&opts).await {
+        Ok(c) => {
+            let _ = c.close().await;
+            Ok((opts, None))
+        }
+        Err(e) => {
+            println!(
+                "no PostgreSQL at {} ({e}); starting a throwaway cluster",
+                crate::config::redact_url(&url)
+            );
+            let cluster = ThrowawayCluster::start()?;
+            let opts = PgConnectOptions::new()
+                .host("127.0.0.1")
+                .port(cluster.port)
+                .username("postgres")
+                .database("postgres");
+            Ok((opts, Some(cluster)))
+        }
+    }
+}
+
+/// Runs the demo; the exit code says whether the summary matched.
+pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    // Embedded Kafka.
+    let cluster = MockCluster::new(1).context("starting the embedded Kafka (mock cluster)")?;
+    let bootstrap = cluster.bootstrap_servers();
+    for topic in [
+        &settings.kafka.payments_topic,
+        &settings.kafka.settlements_topic,
+    ] {
+        cluster.create_topic(topic, o.partitions, 1)?;
+    }
+    println!(
+        "embedded Kafka:           {bootstrap}  (topics {}, {}; {} partitions each)",
+        settings.kafka.payments_topic, settings.kafka.settlements_topic, o.partitions
+    );
+    // Embedded registry.
+    let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
+        storage: crate::registry::Storage::Memory,
+    })
+    .await?;
+    println!("embedded schema registry: {registry_url}");
+    // PostgreSQL.
+    let (admin, _throwaway) = postgres_admin().await?;
+    recreate_database(&admin, &o.database).await?;
+    let db = admin.clone().database(&o.database);
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        db.get_username(),
+        db.get_host(),
+        db.get_port(),
+        o.database
+    );
+    println!("PostgreSQL database:      {url}");
+    settings.database.url = SecretString::from(url);
+    settings.kafka.bootstrap_servers = bootstrap.clone();
+    settings.kafka.group_id = "payrecon-demo".into();
+    settings.registry.url = registry_url.clone();
+    println!(
+        "metrics:                  http://{}/metrics",
+        settings.http.listen
+    );
+
+    // The service.
+    let shutdown = CancellationToken::new();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let service = tokio::spawn(crate::app::run(
+        settings.clone(),
+        shutdown.clone(),
+        Some(events_tx),
+    ));
+    // The simulator.
+    let sim = crate::simulate::SimulationOptions {
+        payments: o.payments,
+        malformed: o.malformed,
+        rate: o.rate,
+        ..Default::default()
+    };
+    let sim_settings = settings.clone();
+    let producer =
+        tokio::spawn(async move { crate::cli::simulate(&sim_settings, &sim, None).await });
+
+    let mut expected: Option<Totals> = None;
+    let mut applied: i64 = 0;
+    let mut fenced = 0;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut producer = Some(producer);
+    let outcome = loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Some(LoopEvent::Committed { records, .. }) => applied += records as i64,
+                Some(LoopEvent::Fenced) => fenced += 1,
+                None => break Err(anyhow::anyhow!("the service stopped unexpectedly")),
+            },
+            done = async { producer.as_mut().expect("guarded").await }, if producer.is_some() => {
+                producer = None;
+                expected = Some(done.context("simulator task")??);
+            }
+            _ = ticker.tick() => {
+                println!(
+                    "[{:>5.1}s] applied {applied} records{}",
+                    started.elapsed().as_secs_f64(),
+                    expected.as_ref().map(|e| format!(" of {}", e.records)).unwrap_or_else(|| " (simulator still producing)".into())
+                );
+                if started.elapsed() > o.timeout {
+                    break Err(anyhow::anyhow!("timed out after {:?} with {applied} records applied", o.timeout));
+                }
+            }
+        }
+        if let Some(e) = &expected {
+            if applied >= e.records {
+                break Ok(e.clone());
+            }
+        }
+    };
+    let result = match outcome {
+        Ok(expected) => summarize(&settings, &expected, started.elapsed(), fenced).await,
+        Err(e) => Err(e),
+    };
+    if o.keep_running && result.is_ok() {
+        println!(
+            "still running (Ctrl-C to stop); Kafka at {bootstrap}, registry at {registry_url}"
+        );
+        crate::app::termination_signal().await;
+    }
+    shutdown.cancel();
+    let _ = service.await;
+    drop(cluster);
+    result
+}
+
+async fn recreate_database(admin: &PgConnectOptions, name: &str) -> anyhow::Result<()> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .await?;
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .await?;
+    conn.close().await?;
+    Ok(())
+}
+
+async fn summarize(
+    settings: &Settings,
+    expected: &Totals,
+    elapsed: Duration,
+    fenced: u32,
+) -> anyhow::Result<ExitCode> {
+    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    let running = store.running_totals(&settings.kafka.group_id).await?;
+    let recomputed = store.recomputed_totals(&settings.kafka.group_id).await?;
+    println!();
+    println!("== summary after {:.1}s ==", elapsed.as_secs_f64());
+    println!(
+        "records read:       {} (expected {})",
+        running.records, expected.records
+    );
+    println!(
+        "payment events:     {} (expected {})",
+        running.payment_events, expected.payment_events
+    );
+    println!(
+        "settlement lines:   {} (expected {})",
+        running.settlement_lines, expected.settlement_lines
+    );
+    println!(
+        "dead letters:       {} (expected {})",
+        running.dead_letters, expected.dead_letters
+    );
+    println!("stale batches fenced: {fenced}");
+    println!();
+    println!(
+        "{:<28} {:>8} {:>18}   {:>8} {:>18}",
+        "merchant/currency/kind", "count", "sum", "expected", "expected sum"
+    );
+    for (key, e) in expected.payments.iter().take(12) {
+        let a = running.payments.get(key).cloned().unwrap_or_default();
+        println!(
+            "{key:<28} {:>8} {:>18}   {:>8} {:>18}",
+            a.count, a.sum, e.count, e.sum
+        );
+    }
+    if expected.payments.len() > 12 {
+        println!(
+            "... and {} more (all compared)",
+            expected.payments.len() - 12
+        );
+    }
+    let mut differences = expected.differences(&running);
+    differences.extend(
+        running
+            .differences(&Totals {
+                dead_letters: running.dead_letters,
+                records: running.records,
+                ..recomputed
+            })
+            .into_iter()
+            .map(|d| format!("running totals vs rows: {d}")),
+    );
+    println!();
+    if differences.is_empty() {
+        println!(
+            "RESULT: MATCH: every expected event, line, total and dead letter is in PostgreSQL exactly once"
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("RESULT: MISMATCH ({} differences)", differences.len());
+        for d in differences.iter().take(50) {
+            println!("  {d}");
+        }
+        Ok(ExitCode::from(2))
+    }
+}

@@ -1,0 +1,15 @@
+//! Pure domain types: money, currencies, payment events and settlement lines.
+//!
+//! This module owns the *meaning* of a record and the rules a record must satisfy to be
+//! applied. It does no I/O, knows nothing of Kafka, Avro or PostgreSQL, and never uses floats
+//! for money: amounts are `rust_decimal::Decimal` and always travel with their [`Currency`].
+
+mod currency;
+mod events;
+mod totals;
+
+pub use currency::{Currency, UnknownCurrency};
+pub use events::{
+    InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine, check_amount,
+};
+pub use totals::{PaymentTotal, SettlementTotal, Totals};

@@ -1,0 +1,511 @@
+//! The consumer loop: poll, decode, batch, commit (rows + offsets in one transaction).
+//!
+//! Every failure has one disposition: a record that can never succeed is dead-lettered in
+//! the batch that advances past it; a transient failure (database, registry, broker) is
+//! retried at the same offset with backoff; a permanent database error stops the service.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::assignment::{Assignment, RebalanceContext};
+use crate::codec::{Codec, DecodeError, Stream};
+use crate::config::Settings;
+use crate::domain::Record;
+use crate::store::{Batch, CommitError, DeadLetter, PartitionProgress, Source, Store};
+
+/// What the loop reports to an optional observer (benchmarks, tests, demo progress).
+#[derive(Debug, Clone)]
+pub enum LoopEvent {
+    /// A batch committed: records covered, rows inserted, and per-record broker-timestamp
+    /// to commit latencies.
+    Committed {
+        records: u64,
+        inserted: u64,
+        dead_letters: u64,
+        latencies: Vec<Duration>,
+    },
+    /// A batch lost its offset compare-and-set and was rolled back.
+    Fenced,
+}
+
+/// One service instance's consumer.
+pub struct ConsumerLoop {
+    consumer: StreamConsumer<RebalanceContext>,
+    store: Store,
+    codec: Arc<Codec>,
+    group: String,
+    /// `host/pid`, recorded with each commit.
+    instance: String,
+    payments_topic: String,
+    settlements_topic: String,
+    max_records: usize,
+    linger: Duration,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    assignment: Arc<Mutex<Assignment>>,
+    observer: Option<mpsc::UnboundedSender<LoopEvent>>,
+}
+
+/// Records accumulated for the next transaction.
+struct Pending {
+    batch: Batch,
+    /// Index of each partition in `batch.progress`.
+    index: HashMap<(usize, i32), usize>,
+    /// Broker timestamps, for end-to-end latency after the commit.
+    timestamps: Vec<i64>,
+    /// Assignment generation the batch was built under.
+    generation: u64,
+    /// When the first record arrived (linger deadline base).
+    started: Option<Instant>,
+    decode_time: Duration,
+}
+
+impl Pending {
+    fn new(topics: &[String], generation: u64) -> Self {
+        Pending {
+            batch: Batch {
+                topics: topics.to_vec(),
+                ..Batch::default()
+            },
+            index: HashMap::new(),
+            timestamps: Vec::new(),
+            generation,
+            started: None,
+            decode_time: Duration::ZERO,
+        }
+    }
+}
+
+enum Accepted {
+    Added,
+    /// Already covered by the stored offset or this batch (never move backwards).
+    Skipped,
+    /// Not ours (anymore).
+    NotAssigned,
+}
+
+impl ConsumerLoop {
+    /// Creates the consumer and subscribes to both input topics.
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        codec: Arc<Codec>,
+        shutdown: CancellationToken,
+        observer: Option<mpsc::UnboundedSender<LoopEvent>>,
+    ) -> anyhow::Result<Self> {
+        let assignment = Arc::new(Mutex::new(Assignment::default()));
+        let context = RebalanceContext {
+            store: store.clone(),
+            group: settings.kafka.group_id.clone(),
+            assignment: assignment.clone(),
+            shutdown,
+            retry_backoff: settings.pipeline.retry_initial_backoff,
+        };
+        let consumer: StreamConsumer<RebalanceContext> = settings
+            .kafka
+            .consumer_config()
+            .create_with_context(context)
+            .context("creating the Kafka consumer")?;
+        consumer
+            .subscribe(&[
+                &settings.kafka.payments_topic,
+                &settings.kafka.settlements_topic,
+            ])
+            .context("subscribing to the input topics")?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        Ok(ConsumerLoop {
+            consumer,
+            store,
+            codec,
+            group: settings.kafka.group_id.clone(),
+            instance: format!("{host}/{}", std::process::id()),
+            payments_topic: settings.kafka.payments_topic.clone(),
+            settlements_topic: settings.kafka.settlements_topic.clone(),
+            max_records: settings.pipeline.batch_max_records,
+            linger: settings.pipeline.batch_linger,
+            initial_backoff: settings.pipeline.retry_initial_backoff,
+            max_backoff: settings.pipeline.retry_max_backoff,
+            assignment,
+            observer,
+        })
+    }
+
+    /// The shared assignment (health checks, lag).
+    pub fn assignment(&self) -> Arc<Mutex<Assignment>> {
+        self.assignment.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled. The batch being committed when shutdown arrives
+    /// is finished (or abandoned if it is stuck retrying); a batch still being collected is
+    /// dropped (its records are re-read by the next owner). Leaves the group on return.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let topics = vec![self.payments_topic.clone(), self.settlements_topic.clone()];
+        let mut pending = Pending::new(&topics, self.generation());
+        loop {
+            let deadline = pending
+                .started
+                .map(|s| tokio::time::Instant::from_std(s + self.linger));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.flush(&mut pending, &topics, &shutdown).await?;
+                }
+                message = self.consumer.recv() => match message {
+                    Ok(m) => {
+                        let m = m.detach();
+                        self.accept(&mut pending, &topics, m, &shutdown).await;
+                        if pending.batch.record_count() as usize >= self.max_records {
+                            self.flush(&mut pending, &topics, &shutdown).await?;
+                        }
+                    }
+                    Err(e) => {
+                        crate::metrics::transient_error("broker");
+                        tracing::warn!(error = %e, "Kafka consumer error; continuing");
+                        tokio::time::sleep(self.initial_backoff).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("consumer loop stopping; leaving the group");
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn generation(&self) -> u64 {
+        self.assignment.lock().expect("assignment lock").generation
+    }
+
+    /// Adds one message to the batch (decoding it), after checking it is still ours.
+    async fn accept(
+        &self,
+        pending: &mut Pending,
+        topics: &[String],
+        m: OwnedMessage,
+        shutdown: &CancellationToken,
+    ) {
+        let generation = self.generation();
+        if generation != pending.generation {
+            // A rebalance happened while the batch was collected: its partitions were
+            // revoked (eager protocol) and re-assigned at their stored offsets, so every
+            // buffered record will be delivered again to whoever owns it now.
+            if !pending.batch.is_empty() {
+                tracing::info!(
+                    records = pending.batch.record_count(),
+                    "dropping the batch collected before the rebalance"
+                );
+            }
+            *pending = Pending::new(topics, generation);
+        }
+        let Some(topic_idx) = topics.iter().position(|t| t == m.topic()) else {
+            return;
+        };
+        match self.position(pending, topic_idx, topics, &m) {
+            Accepted::Added => {}
+            Accepted::Skipped | Accepted::NotAssigned => return,
+        }
+        let stream = if topic_idx == 0 {
+            Stream::Payments
+        } else {
+            Stream::Settlements
+        };
+        let source = Source {
+            topic: topic_idx,
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        let broker_ts = m.timestamp().to_millis();
+        let started = Instant::now();
+        let decoded = self.decode_with_retry(stream, m.payload(), shutdown).await;
+        pending.decode_time += started.elapsed();
+        match decoded {
+            Some(Ok(Record::Payment(p))) => pending.batch.payments.push((p, source)),
+            Some(Ok(Record::Settlement(s))) => pending.batch.settlements.push((s, source)),
+            Some(Err(DecodeError::Poison { kind, message })) => {
+                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = kind.as_str(), %message, "dead-lettering a record that can never succeed");
+                pending.batch.dead_letters.push(DeadLetter {
+                    source,
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    error_kind: kind.as_str(),
+                    error_message: message,
+                    broker_timestamp: broker_ts.and_then(DateTime::<Utc>::from_timestamp_millis),
+                });
+            }
+            // Transient errors are retried inside decode_with_retry until shutdown; at
+            // shutdown the batch is abandoned, so nothing is lost.
+            Some(Err(DecodeError::Transient(_))) | None => {
+                *pending = Pending::new(topics, generation);
+                return;
+            }
+        }
+        if let Some(ts) = broker_ts {
+            pending.timestamps.push(ts);
+        }
+        pending.started.get_or_insert_with(Instant::now);
+    }
+
+    /// Updates the partition's progress in the batch; refuses records that are behind.
+    fn position(
+        &self,
+        pending: &mut Pending,
+        topic_idx: usize,
+        topics: &[String],
+        m: &OwnedMessage,
+    ) -> Accepted {
+        let key = (topic_idx, m.partition());
+        let offset = m.offset();
+        if let Some(&i) = pending.index.get(&key) {
+            let p = &mut pending.batch.progress[i];
+            if offset < p.next_offset {
+                return Accepted::Skipped;
+            }
+            p.next_offset = offset + 1;
+            p.records += 1;
+            p.last_record_time = m
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis);
+            return Accepted::Added;
+        }
+        let expected = {
+            let a = self.assignment.lock().expect("assignment lock");
+            match a
+                .partitions
+                .get(&(topics[topic_idx].clone(), m.partition()))
+            {
+                None => return Accepted::NotAssigned,
+                Some(e) => *e,
+            }
+        };
+        if let Some(e) = expected {
+            if offset < e {
+                return Accepted::Skipped;
+            }
+            if offset > e {
+                crate::metrics::offset_gap(m.topic());
+                tracing::warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    stored = e,
+                    first = offset,
+                    "offsets skipped between the stored position and the next record (retention, compaction or transaction markers)"
+                );
+            }
+        }
+        pending.index.insert(key, pending.batch.progress.len());
+        pending.batch.progress.push(PartitionProgress {
+            topic: topics[topic_idx].clone(),
+            partition: m.partition(),
+            expected,
+            next_offset: offset + 1,
+            records: 1,
+            last_record_time: m
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis),
+        });
+        Accepted::Added
+    }
+
+    /// Decodes, retrying transient registry failures with backoff. `None` on shutdown.
+    async fn decode_with_retry(
+        &self,
+        stream: Stream,
+        payload: Option<&[u8]>,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Record, DecodeError>> {
+        let mut backoff = self.initial_backoff;
+        loop {
+            match self.codec.decode(stream, payload).await {
+                Err(DecodeError::Transient(e)) => {
+                    crate::metrics::transient_error("registry");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// Commits the pending batch; retries transient errors; resyncs after a fence.
+    async fn flush(
+        &self,
+        pending: &mut Pending,
+        topics: &[String],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let generation = self.generation();
+        let taken = std::mem::replace(pending, Pending::new(topics, generation));
+        if taken.batch.is_empty() || taken.generation != generation {
+            return Ok(());
+        }
+        let batch = taken.batch;
+        let mut backoff = self.initial_backoff;
+        loop {
+            let started = Instant::now();
+            match self
+                .store
+                .commit_batch(&self.group, &self.instance, &batch)
+                .await
+            {
+                Ok(outcome) => {
+                    let commit_time = started.elapsed();
+                    self.after_commit(
+                        &batch,
+                        &taken.timestamps,
+                        outcome,
+                        commit_time,
+                        taken.decode_time,
+                    );
+                    return Ok(());
+                }
+                Err(CommitError::Fenced { topic, partition }) => {
+                    crate::metrics::batch_fenced();
+                    tracing::warn!(%topic, partition, records = batch.record_count(), "stale batch rejected by the offset compare-and-set; rolled back, resyncing from PostgreSQL");
+                    if let Some(o) = &self.observer {
+                        let _ = o.send(LoopEvent::Fenced);
+                    }
+                    self.resync(shutdown).await;
+                    return Ok(());
+                }
+                Err(CommitError::Transient(e)) => {
+                    crate::metrics::batch_retried();
+                    crate::metrics::transient_error("database");
+                    tracing::warn!(error = %e, retry_in = ?backoff, records = batch.record_count(), "batch commit failed transiently; retrying the same batch");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            tracing::info!("shutdown while retrying; abandoning the uncommitted batch");
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+                Err(e @ CommitError::Permanent(_)) => {
+                    return Err(anyhow::Error::new(e).context(
+                        "batch commit failed permanently; stopping so nothing is skipped",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Bookkeeping after a successful transaction.
+    fn after_commit(
+        &self,
+        batch: &Batch,
+        timestamps: &[i64],
+        outcome: crate::store::CommitOutcome,
+        commit_time: Duration,
+        decode_time: Duration,
+    ) {
+        let records = batch.record_count() as u64;
+        crate::metrics::batch_committed(records, commit_time, decode_time);
+        crate::metrics::records(
+            &batch.topics[0],
+            outcome.payments_inserted,
+            batch.payments.len() as u64 - outcome.payments_inserted,
+        );
+        crate::metrics::records(
+            &batch.topics[1],
+            outcome.settlements_inserted,
+            batch.settlements.len() as u64 - outcome.settlements_inserted,
+        );
+        for d in &batch.dead_letters {
+            crate::metrics::dead_lettered(&batch.topics[d.source.topic], d.error_kind);
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let latencies: Vec<Duration> = timestamps
+            .iter()
+            .map(|ts| Duration::from_millis((now_ms - ts).max(0) as u64))
+            .collect();
+        for l in &latencies {
+            crate::metrics::end_to_end(*l);
+        }
+        // Advance the compare-and-set base and mirror progress to Kafka for lag tools.
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut a = self.assignment.lock().expect("assignment lock");
+            for p in &batch.progress {
+                if let Some(slot) = a.partitions.get_mut(&(p.topic.clone(), p.partition)) {
+                    *slot = Some(p.next_offset);
+                }
+                let _ =
+                    tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.next_offset));
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "mirroring offsets to Kafka failed (progress tracking only)");
+        }
+        if let Some(o) = &self.observer {
+            let _ = o.send(LoopEvent::Committed {
+                records,
+                inserted: outcome.payments_inserted + outcome.settlements_inserted,
+                dead_letters: outcome.dead_letters,
+                latencies,
+            });
+        }
+    }
+
+    /// Re-reads the stored offsets of every assigned partition and seeks to them, so the
+    /// next batch starts exactly where PostgreSQL says (after a fence or ambiguous commit).
+    async fn resync(&self, shutdown: &CancellationToken) {
+        let partitions: Vec<(String, i32)> = {
+            let a = self.assignment.lock().expect("assignment lock");
+            a.partitions.keys().cloned().collect()
+        };
+        let mut backoff = self.initial_backoff;
+        let stored = loop {
+            match self.store.load_offsets(&self.group, &partitions).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    crate::metrics::transient_error("database");
+                    tracing::warn!(error = %e, "cannot read stored offsets for resync; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                }
+            }
+        };
+        let mut a = self.assignment.lock().expect("assignment lock");
+        for tp in partitions {
+            let offset = stored.get(&tp).copied();
+            if let Some(slot) = a.partitions.get_mut(&tp) {
+                *slot = offset;
+            }
+            let target = offset.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = self.consumer.seek(&tp.0, tp.1, target, Duration::ZERO) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek after resync failed");
+            }
+        }
+        // Records already buffered for the old positions are discarded by the new generation.
+        a.generation += 1;
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,41 @@
+//! The consumer side of exactly-once.
+//!
+//! **Delivery guarantee.** Each record's effect is applied exactly once *in PostgreSQL*:
+//! partitions are positioned at the `next_offset` stored in PostgreSQL on every assignment
+//! (never at Kafka's committed offset), each batch commits its rows together with the new
+//! offsets by compare-and-set, and a stale consumer's batch is rolled back. Kafka's committed
+//! offsets are written after the database commit only so external lag tools see progress;
+//! they are never read back. **Limits:** effects outside the transaction (logs, metrics) are
+//! at-least-once; records removed by retention before they were read cannot be applied
+//! (counted in `payrecon_offset_gaps_total`).
+
+mod assignment;
+mod consumer;
+pub mod lag;
+
+pub use assignment::Assignment;
+pub use consumer::{ConsumerLoop, LoopEvent};
+
+/// Creates `topics` with `partitions` partitions if they do not exist (tests, demo, simulate).
+pub async fn ensure_topics(
+    config: &rdkafka::ClientConfig,
+    topics: &[&str],
+    partitions: i32,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Every metric payrecon exports: names, units and help text live here and only here.
+//!
+//! Business code calls one function per event (`batch_committed`, `dead_lettered`, ...);
+//! it never spells a metric name. Units follow Prometheus conventions: base units,
+//! `_seconds`, `_total` for counters.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const RECORDS: &str = "payrecon_records_total";
+pub const BATCHES: &str = "payrecon_batches_total";
+pub const BATCH_RECORDS: &str = "payrecon_batch_records";
+pub const BATCH_COMMIT_SECONDS: &str = "payrecon_batch_commit_duration_seconds";
+pub const BATCH_DECODE_SECONDS: &str = "payrecon_batch_decode_duration_seconds";
+pub const END_TO_END_SECONDS: &str = "payrecon_end_to_end_latency_seconds";
+pub const DEAD_LETTERS: &str = "payrecon_dead_letters_total";
+pub const TRANSIENT_ERRORS: &str = "payrecon_transient_errors_total";
+pub const REBALANCES: &str = "payrecon_rebalances_total";
+pub const ASSIGNED_PARTITIONS: &str = "payrecon_assigned_partitions";
+pub const OFFSET_GAPS: &str = "payrecon_offset_gaps_total";
+pub const COMMIT_LAG: &str = "payrecon_commit_lag";
+pub const COMMIT_LAG_SECONDS: &str = "payrecon_commit_lag_seconds";
+
+/// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+];
+/// Batch size buckets (records).
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed (and every metric described) on first use.
+/// `None` if another recorder was installed first.
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get_or_init(install).clone()
+}
+
+fn install() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .ok()?
+        .set_buckets_for_metric(Matcher::Full(BATCH_RECORDS.into()), SIZE_BUCKETS)
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    describe();
+    Some(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        RECORDS,
+        "Log records consumed, by topic and outcome: applied (new row), duplicate (id already stored) or dead_lettered."
+    );
+    describe_counter!(
+        BATCHES,
+        "Batch transactions, by outcome: committed, fenced (offset compare-and-set lost: stale batch rolled back) or retried (transient error)."
+    );
+    describe_histogram!(BATCH_RECORDS, "Records per committed batch.");
+    describe_histogram!(
+        BATCH_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of one batch transaction (offsets + rows + totals + dead letters), commit included."
+    );
+    describe_histogram!(
+        BATCH_DECODE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time spent decoding and validating the records of one batch."
+    );
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        metrics::Unit::Seconds,
+        "Broker timestamp of a record to the commit of the transaction that applied it."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Records kept in dead_letters because they can never succeed, by topic and reason."
+    );
+    describe_counter!(
+        TRANSIENT_ERRORS,
+        "Transient failures that were retried (never dead-lettered), by source: database, registry, broker."
+    );
+    describe_counter!(
+        REBALANCES,
+        "Consumer group rebalances seen by this instance, by kind: assign, revoke, error."
+    );
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        "Partitions currently assigned to this instance."
+    );
+    describe_counter!(
+        OFFSET_GAPS,
+        "Times a partition's next record was beyond the stored offset (retention deleted records before they were read, or transaction markers)."
+    );
+    describe_gauge!(
+        COMMIT_LAG,
+        "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
+    );
+    describe_gauge!(
+        COMMIT_LAG_SECONDS,
+        "Seconds behind: now minus the broker timestamp of the last record committed in PostgreSQL, 0 when the partition is fully committed. Chosen because it needs no extra fetch of the oldest unread record."
+    );
+}
+
+/// One batch committed.
+pub fn batch_committed(records: u64, commit: Duration, decode: Duration) {
+    counter!(BATCHES, "outcome" => "committed").increment(1);
+    histogram!(BATCH_RECORDS).record(records as f64);
+    histogram!(BATCH_COMMIT_SECONDS).record(commit.as_secs_f64());
+    histogram!(BATCH_DECODE_SECONDS).record(decode.as_secs_f64());
+}
+
+/// Records applied per topic and outcome.
+pub fn records(topic: &str, applied: u64, duplicates: u64) {
+    if applied > 0 {
+        counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "applied").increment(applied);
+    }
+    if duplicates > 0 {
+        counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "duplicate")
+            .increment(duplicates);
+    }
+}
+
+/// A batch was rejected by the offset compare-and-set.
+pub fn batch_fenced() {
+    counter!(BATCHES, "outcome" => "fenced").increment(1);
+}
+
+/// A batch transaction failed transiently and will be retried.
+pub fn batch_retried() {
+    counter!(BATCHES, "outcome" => "retried").increment(1);
+}
+
+/// A transient failure from `source` was retried.
+pub fn transient_error(source: &'static str) {
+    counter!(TRANSIENT_ERRORS, "source" => source).increment(1);
+}
+
+/// A record was dead-lettered.
+pub fn dead_lettered(topic: &str, reason: &'static str) {
+    counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "dead_lettered").increment(1);
+    counter!(DEAD_LETTERS, "topic" => topic.to_owned(), "reason" => reason).increment(1);
+}
+
+/// End-to-end latency of one record.
+pub fn end_to_end(latency: Duration) {
+    histogram!(END_TO_END_SECONDS).record(latency.as_secs_f64());
+}
+
+/// A rebalance event of `kind`; `assigned` is the partition count afterwards.
+pub fn rebalance(kind: &'static str, assigned: usize) {
+    counter!(REBALANCES, "kind" => kind).increment(1);
+    gauge!(ASSIGNED_PARTITIONS).set(assigned as f64);
+}
+
+/// A partition skipped offsets.
+pub fn offset_gap(topic: &str) {
+    counter!(OFFSET_GAPS, "topic" => topic.to_owned()).increment(1);
+}
+
+/// Lag of one partition.
+pub fn commit_lag(topic: &str, partition: i32, records: i64, seconds: f64) {
+    let p = partition.to_string();
+    gauge!(COMMIT_LAG, "topic" => topic.to_owned(), "partition" => p.clone()).set(records as f64);
+    gauge!(COMMIT_LAG_SECONDS, "topic" => topic.to_owned(), "partition" => p).set(seconds);
+}

@@ -1,0 +1,86 @@
+//! Reading totals back: the running totals tables, and the same figures recomputed from the
+//! stored rows (they must always agree).
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+use super::Store;
+use crate::domain::{PaymentTotal, SettlementTotal, Totals};
+
+impl Store {
+    /// Totals as maintained incrementally by the batch transactions.
+    pub async fn running_totals(&self, group: &str) -> Result<Totals, sqlx::Error> {
+        self.totals_from(
+            "SELECT merchant_id, currency, kind, event_count, amount_sum FROM merchant_payment_totals",
+            "SELECT merchant_id, currency, line_count, gross_sum, fee_sum, net_sum FROM merchant_settlement_totals",
+            group,
+        )
+        .await
+    }
+
+    /// The same totals recomputed from `payment_events` and `settlement_lines`.
+    pub async fn recomputed_totals(&self, group: &str) -> Result<Totals, sqlx::Error> {
+        self.totals_from(
+            "SELECT merchant_id, currency, kind, count(*), sum(amount) FROM payment_events GROUP BY 1, 2, 3",
+            "SELECT merchant_id, currency, count(*), sum(gross), sum(fee), sum(net) FROM settlement_lines GROUP BY 1, 2",
+            group,
+        )
+        .await
+    }
+
+    async fn totals_from(
+        &self,
+        payments_sql: &'static str,
+        settlements_sql: &'static str,
+        group: &str,
+    ) -> Result<Totals, sqlx::Error> {
+        let payment_rows: Vec<(String, String, String, i64, Decimal)> =
+            sqlx::query_as(payments_sql).fetch_all(&self.pool).await?;
+        let settlement_rows: Vec<(String, String, i64, Decimal, Decimal, Decimal)> =
+            sqlx::query_as(settlements_sql)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut payments = BTreeMap::new();
+        let mut payment_events = 0;
+        for (m, c, k, count, sum) in payment_rows {
+            payment_events += count;
+            payments.insert(
+                format!("{m}/{}/{k}", c.trim()),
+                PaymentTotal {
+                    count,
+                    sum: sum.normalize(),
+                },
+            );
+        }
+        let mut settlements = BTreeMap::new();
+        let mut settlement_lines = 0;
+        for (m, c, count, gross, fee, net) in settlement_rows {
+            settlement_lines += count;
+            settlements.insert(
+                format!("{m}/{}", c.trim()),
+                SettlementTotal {
+                    count,
+                    gross: gross.normalize(),
+                    fee: fee.normalize(),
+                    net: net.normalize(),
+                },
+            );
+        }
+        let (dead_letters, records): (i64, Option<Decimal>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM dead_letters),
+                    (SELECT sum(records_applied) FROM consumer_offsets WHERE consumer_group = $1)",
+        )
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Totals {
+            payments,
+            settlements,
+            payment_events,
+            settlement_lines,
+            dead_letters,
+            records: records.and_then(|r| r.try_into().ok()).unwrap_or(0),
+        })
+    }
+}

@@ -1,0 +1,21 @@
+//! Structured logging via `tracing`: text or JSON, filter in RUST_LOG syntax.
+//! Logs never carry secrets (URLs are redacted by `config`) or record payloads.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Installs the global subscriber; `RUST_LOG` wins over the configured filter. Safe to call
+/// twice (the second call is ignored).
+pub fn init(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{},librdkafka=warn,rdkafka=warn", settings.filter))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
