@@ -194,7 +194,7 @@ mod tests {
     /// Tiny stand-in for `rust_decimal_macros::dec!` so the tests need no extra crate.
     mod rust_decimal_macros_free {
         macro_rules! dec {
-            ($s:literal) => {
+            ($s:expr) => {
                 $s.parse::<rust_decimal::Decimal>().unwrap()
             };
         }
@@ -229,7 +229,11 @@ mod tests {
             ("1000000001", false),
         ];
         for (amount, ok) in cases {
-            assert_eq!(payment(dec!(amount)).validate().is_ok(), ok, "{amount}");
+            assert_eq!(
+                payment(amount.parse().unwrap()).validate().is_ok(),
+                ok,
+                "{amount}"
+            );
         }
         let jpy = Currency::from_code("JPY").unwrap();
         assert!(check_amount("amount", dec!("100"), jpy, true).is_ok());

@@ -1,0 +1,504 @@
+//! Shared test fixtures: a fresh database per test, an embedded Kafka (mock cluster) that
+//! outlives the service processes, the embedded registry, service child processes that can be
+//! killed, stopped and resumed, and a producer of simulated traffic.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use payrecon::codec::{Encoder, registry_settings};
+use payrecon::domain::Totals;
+use payrecon::simulate::{Generated, SimulationOptions};
+use payrecon::store::Store;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// The PostgreSQL server tests run against.
+pub fn admin_url() -> String {
+    std::env::var("PAYRECON_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A short random suffix for database, topic and group names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+    )
+}
+
+/// A freshly created database, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub store: Store,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = unique("payrecon_test");
+        let admin: PgConnectOptions = admin_url().parse().unwrap();
+        payrecon::store::create_database(&admin, &name)
+            .await
+            .expect("creating the test database");
+        let options = admin.clone().database(&name);
+        let url = format!(
+            "postgres://{}@{}:{}/{}",
+            options.get_username(),
+            options.get_host(),
+            options.get_port(),
+            name
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let store = Store::new(pool);
+        store.migrate().await.expect("migrating the test database");
+        TestDb { name, url, store }
+    }
+
+    /// Stored next_offset per (topic, partition) for `group`.
+    pub async fn offsets(&self, group: &str) -> HashMap<(String, i32), i64> {
+        self.store.group_offsets(group).await.unwrap()
+    }
+
+    /// records_applied per (topic, partition) for `group`.
+    pub async fn records_applied(&self, group: &str) -> HashMap<(String, i32), i64> {
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, records_applied FROM consumer_offsets WHERE consumer_group = $1",
+        )
+        .bind(group)
+        .fetch_all(self.store.pool())
+        .await
+        .unwrap();
+        rows.into_iter().map(|(t, p, n)| ((t, p), n)).collect()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Async drop is not a thing: drop the database from a helper thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::{Connection, Executor};
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = c
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The embedded Kafka with a pair of uniquely named input topics.
+pub struct TestKafka {
+    pub cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    pub bootstrap: String,
+    pub payments_topic: String,
+    pub settlements_topic: String,
+    pub partitions: i32,
+}
+
+impl TestKafka {
+    pub fn new(partitions: i32) -> TestKafka {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let payments_topic = unique("payments");
+        let settlements_topic = unique("settlements");
+        cluster
+            .create_topic(&payments_topic, partitions, 1)
+            .unwrap();
+        cluster
+            .create_topic(&settlements_topic, partitions, 1)
+            .unwrap();
+        TestKafka {
+            cluster,
+            bootstrap,
+            payments_topic,
+            settlements_topic,
+            partitions,
+        }
+    }
+
+    pub fn topics(&self) -> [&str; 2] {
+        [&self.payments_topic, &self.settlements_topic]
+    }
+
+    /// (low, high) watermarks of every partition of both topics.
+    pub fn watermarks(&self) -> HashMap<(String, i32), (i64, i64)> {
+        watermarks(&self.bootstrap, &self.topics(), self.partitions)
+    }
+}
+
+/// (low, high) watermarks of `partitions` partitions of each topic.
+pub fn watermarks(
+    bootstrap: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> HashMap<(String, i32), (i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let mut out = HashMap::new();
+    for t in topics {
+        for p in 0..partitions {
+            let w = consumer
+                .fetch_watermarks(t, p, Duration::from_secs(10))
+                .unwrap();
+            out.insert((t.to_string(), p), w);
+        }
+    }
+    out
+}
+
+/// Everything one scenario needs: database, Kafka, registry, a group name.
+pub struct Fixture {
+    pub db: TestDb,
+    pub kafka: TestKafka,
+    pub registry_url: String,
+    pub registry: payrecon::registry::RegistryHandle,
+    pub group: String,
+    pub logs: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub async fn new(partitions: i32) -> Fixture {
+        let db = TestDb::new().await;
+        let kafka = TestKafka::new(partitions);
+        let (registry_url, registry) =
+            payrecon::registry::spawn_local(payrecon::registry::RegistryConfig {
+                storage: payrecon::registry::Storage::Memory,
+            })
+            .await
+            .unwrap();
+        Fixture {
+            db,
+            kafka,
+            registry_url,
+            registry,
+            group: unique("group"),
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Environment that points a `payrecon run` child at this fixture.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PAYRECON_DATABASE__URL".into(), self.db.url.clone()),
+            (
+                "PAYRECON_KAFKA__BOOTSTRAP_SERVERS".into(),
+                self.kafka.bootstrap.clone(),
+            ),
+            ("PAYRECON_KAFKA__GROUP_ID".into(), self.group.clone()),
+            (
+                "PAYRECON_KAFKA__PAYMENTS_TOPIC".into(),
+                self.kafka.payments_topic.clone(),
+            ),
+            (
+                "PAYRECON_KAFKA__SETTLEMENTS_TOPIC".into(),
+                self.kafka.settlements_topic.clone(),
+            ),
+            ("PAYRECON_KAFKA__SESSION_TIMEOUT".into(), "6s".into()),
+            ("PAYRECON_KAFKA__MAX_POLL_INTERVAL".into(), "10s".into()),
+            ("PAYRECON_REGISTRY__URL".into(), self.registry_url.clone()),
+            ("PAYRECON_PIPELINE__RETRY_MAX_BACKOFF".into(), "1s".into()),
+            (
+                "PAYRECON_PIPELINE__LAG_REFRESH_INTERVAL".into(),
+                "1s".into(),
+            ),
+        ]
+    }
+
+    /// Starts `payrecon run` as a child process.
+    pub fn spawn_service(&self, name: &str, extra: &[(&str, &str)]) -> Service {
+        let mut env = self.service_env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Service::spawn(name, &env, self.logs.path())
+    }
+
+    /// An encoder registered for this fixture's topics.
+    pub async fn encoder(&self) -> Encoder {
+        let sr = registry_settings(&self.registry_url, Duration::from_secs(5)).unwrap();
+        Encoder::register(
+            &sr,
+            &self.kafka.payments_topic,
+            &self.kafka.settlements_topic,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Generates and produces simulated traffic; returns the expected totals.
+    pub async fn produce(&self, options: &SimulationOptions) -> Totals {
+        let encoder = self.encoder().await;
+        let (records, expected) =
+            payrecon::simulate::generate(options, encoder.payment_schema_id()).unwrap();
+        self.produce_records(&encoder, &records, options.rate).await;
+        expected
+    }
+
+    pub async fn produce_records(&self, encoder: &Encoder, records: &[Generated], rate: u64) {
+        let producer = self.producer();
+        payrecon::simulate::produce(
+            &producer,
+            encoder,
+            &self.kafka.payments_topic,
+            &self.kafka.settlements_topic,
+            records,
+            rate,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka.bootstrap)
+            .set("enable.idempotence", "true")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap()
+    }
+
+    /// Waits until every partition's stored next_offset equals its high watermark.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let marks = self.kafka.watermarks();
+            let offsets = self.db.offsets(&self.group).await;
+            let behind: Vec<_> = marks
+                .iter()
+                .filter(|(tp, (_, high))| {
+                    *high > 0 && offsets.get(*tp).copied().unwrap_or(0) != *high
+                })
+                .collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not drained after {timeout:?}: watermarks {marks:?}, stored {offsets:?}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Asserts the exactly-once outcome: totals equal the expected ones, running totals equal
+    /// the totals recomputed from rows, next_offset = high watermark and records_applied =
+    /// next_offset (no offset applied twice) on every partition; log start offsets are 0.
+    pub async fn assert_exact(&self, expected: &Totals) {
+        let running = self.db.store.running_totals(&self.group).await.unwrap();
+        let diffs = expected.differences(&running);
+        assert!(
+            diffs.is_empty(),
+            "totals differ from expected:\n{}",
+            diffs.join("\n")
+        );
+        let recomputed = self.db.store.recomputed_totals(&self.group).await.unwrap();
+        let diffs = running.differences(&recomputed);
+        assert!(
+            diffs.is_empty(),
+            "running totals differ from the rows:\n{}",
+            diffs.join("\n")
+        );
+        let marks = self.kafka.watermarks();
+        let offsets = self.db.offsets(&self.group).await;
+        let applied = self.db.records_applied(&self.group).await;
+        for (tp, (low, high)) in &marks {
+            assert_eq!(
+                *low, 0,
+                "{tp:?}: the mock cluster deleted records (log start offset {low}); the test produced too far ahead"
+            );
+            if *high == 0 {
+                continue;
+            }
+            assert_eq!(
+                offsets.get(tp),
+                Some(high),
+                "{tp:?}: next_offset != high watermark"
+            );
+            assert_eq!(
+                applied.get(tp),
+                Some(high),
+                "{tp:?}: records_applied != next_offset: some offset was applied twice or skipped"
+            );
+        }
+    }
+
+    /// The last lines of every service log (for assertion messages).
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
+            for e in entries.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!("--- {} ---\n", e.path().display()));
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A `payrecon run` child process.
+pub struct Service {
+    pub child: Child,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Service {
+    pub fn spawn(name: &str, env: &[(String, String)], log_dir: &std::path::Path) -> Service {
+        let metrics_port = free_port();
+        let log = log_dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_payrecon"))
+            .arg("run")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PAYRECON_HTTP__LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .env("RUST_LOG", "info,payrecon=info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawning payrecon run");
+        Service {
+            child,
+            log,
+            metrics_port,
+        }
+    }
+
+    fn signal(&self, s: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), s);
+    }
+
+    pub fn sigkill(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn sigstop(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    pub fn sigcont(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub async fn terminate(mut self, timeout: Duration) -> Option<i32> {
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                self.signal(Signal::SIGKILL);
+                let _ = self.child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The body of GET /metrics, if the endpoint answers.
+    pub async fn metrics(&self) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        reqwest::get(url).await.ok()?.text().await.ok()
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let body = self.metrics().await?;
+        Some(metric_value(&body, name, labels))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sums the samples of `name` (exact metric name, any labels containing `labels`).
+pub fn metric_value(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' '))
+        })
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(Signal::SIGCONT);
+            self.signal(Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Default simulation for scenario tests: no malformed records, a few duplicates.
+pub fn simulation(payments: u64, seed: u64) -> SimulationOptions {
+    SimulationOptions {
+        payments,
+        seed,
+        malformed: 0,
+        ..SimulationOptions::default()
+    }
+}

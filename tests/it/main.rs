@@ -1,0 +1,12 @@
+//! payrecon's integration tests: one binary, real PostgreSQL, real Kafka protocol peers
+//! (librdkafka's mock cluster in this process; tansu as a separate broker process), and the
+//! real `payrecon` binary as child processes where crashes are part of the scenario.
+
+mod helpers;
+
+mod bad_input;
+mod crash;
+mod fencing;
+mod outage;
+mod rebalance;
+mod tansu;
