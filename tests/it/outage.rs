@@ -1,1 +1,73 @@
+//! PostgreSQL connections are killed and the broker goes down mid-run; the service retries
+//! and recovers with exact totals.
 
+use std::time::Duration;
+
+use crate::helpers::{Fixture, simulation, wait_for};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminated_database_connections_and_a_broker_outage_are_survived_exactly() {
+    let fx = Fixture::new(4).await;
+    let encoder = fx.encoder().await;
+    let (records, expected) =
+        payrecon::simulate::generate(&simulation(12_000, 5), encoder.payment_schema_id()).unwrap();
+    let service = fx.spawn_service("outage", &[]);
+    let producing = {
+        let producer = fx.producer();
+        let (p, s) = (
+            fx.kafka.payments_topic.clone(),
+            fx.kafka.settlements_topic.clone(),
+        );
+        tokio::spawn(async move {
+            payrecon::simulate::produce(&producer, &encoder, &p, &s, &records, 2_500, |_| {})
+                .await
+                .unwrap();
+        })
+    };
+    wait_for(Duration::from_secs(30), "first commits", || async {
+        !fx.db.offsets(&fx.group).await.is_empty()
+    })
+    .await;
+
+    // Kill every connection of the service, several times, while it commits.
+    let admin = sqlx::PgPool::connect(&crate::helpers::admin_url())
+        .await
+        .unwrap();
+    let mut terminated = 0i64;
+    for _ in 0..5 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name <> 'payrecon-test' AND pid <> pg_backend_pid()",
+        )
+        .bind(&fx.db.name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        terminated += n;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(terminated > 0, "no service connection was terminated");
+
+    // The broker goes down and comes back.
+    fx.kafka.cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fx.kafka.cluster.broker_up(1).unwrap();
+
+    producing.await.unwrap();
+    fx.wait_drained(Duration::from_secs(90)).await;
+    fx.assert_exact(&expected).await;
+    let db_errors = service
+        .metric("payrecon_transient_errors_total", &["source=\"database\""])
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        db_errors >= 1.0,
+        "the terminated connections were never noticed"
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(fx.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "transient failures must never dead-letter");
+    assert_eq!(service.terminate(Duration::from_secs(20)).await, Some(0));
+}

@@ -1,1 +1,130 @@
+//! Several instances in one group: members leave and join mid-stream; a frozen member's
+//! stale batch is rejected when it wakes up.
 
+use std::time::Duration;
+
+use crate::helpers::{Fixture, simulation, wait_for};
+
+/// Produces `records` in the background at `rate` records/s.
+fn produce_in_background(
+    fx: &Fixture,
+    records: Vec<payrecon::simulate::Generated>,
+    encoder: payrecon::codec::Encoder,
+    rate: u64,
+) -> tokio::task::JoinHandle<()> {
+    let producer = fx.producer();
+    let (p, s) = (
+        fx.kafka.payments_topic.clone(),
+        fx.kafka.settlements_topic.clone(),
+    );
+    tokio::spawn(async move {
+        payrecon::simulate::produce(&producer, &encoder, &p, &s, &records, rate, |_| {})
+            .await
+            .unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
+    let fx = Fixture::new(4).await;
+    let encoder = fx.encoder().await;
+    let (records, expected) =
+        payrecon::simulate::generate(&simulation(15_000, 77), encoder.payment_schema_id()).unwrap();
+    let a = fx.spawn_service("rebalance-a", &[]);
+    let b = fx.spawn_service("rebalance-b", &[]);
+    let c = fx.spawn_service("rebalance-c", &[]);
+    let producing = produce_in_background(&fx, records, encoder, 3_000);
+    // Every member gets work once the group has settled.
+    wait_for(
+        Duration::from_secs(30),
+        "three members to share the partitions",
+        || async {
+            let mut members = 0;
+            for s in [&a, &b, &c] {
+                if s.metric("payrecon_assigned_partitions", &[])
+                    .await
+                    .unwrap_or(0.0)
+                    > 0.0
+                {
+                    members += 1;
+                }
+            }
+            members == 3
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One leaves (graceful stop), another joins.
+    assert_eq!(a.terminate(Duration::from_secs(20)).await, Some(0));
+    let d = fx.spawn_service("rebalance-d", &[]);
+    producing.await.unwrap();
+    fx.wait_drained(Duration::from_secs(90)).await;
+    fx.assert_exact(&expected).await;
+    let rebalances = d
+        .metric("payrecon_rebalances_total", &["kind=\"assign\""])
+        .await
+        .unwrap_or(0.0);
+    assert!(rebalances >= 1.0, "the joining member was never assigned");
+    for s in [b, c, d] {
+        assert_eq!(s.terminate(Duration::from_secs(20)).await, Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_member_is_fenced_when_it_resumes() {
+    let fx = Fixture::new(4).await;
+    let encoder = fx.encoder().await;
+    let (records, expected) =
+        payrecon::simulate::generate(&simulation(12_000, 99), encoder.payment_schema_id()).unwrap();
+    // The zombie collects for 2 s per batch, so it is almost always holding one when frozen.
+    let zombie = fx.spawn_service(
+        "zombie",
+        &[
+            ("PAYRECON_PIPELINE__BATCH_LINGER", "2s"),
+            ("PAYRECON_PIPELINE__BATCH_MAX_RECORDS", "1000000"),
+        ],
+    );
+    let healthy = fx.spawn_service("healthy", &[]);
+    let producing = produce_in_background(&fx, records, encoder, 1_500);
+    wait_for(
+        Duration::from_secs(30),
+        "the zombie to commit a batch",
+        || async {
+            zombie
+                .metric("payrecon_batches_total", &["outcome=\"committed\""])
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    zombie.sigstop();
+    // Past the 6 s session timeout the group moves the zombie's partitions to `healthy`,
+    // which commits beyond the offsets the zombie's batch started from.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    zombie.sigcont();
+    wait_for(
+        Duration::from_secs(30),
+        "the zombie's stale batch to be fenced",
+        || async {
+            zombie
+                .metric("payrecon_batches_total", &["outcome=\"fenced\""])
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    producing.await.unwrap();
+    fx.wait_drained(Duration::from_secs(90)).await;
+    fx.assert_exact(&expected).await;
+    assert!(
+        zombie
+            .log_text()
+            .contains("stale batch rejected by the offset compare-and-set")
+    );
+    for s in [zombie, healthy] {
+        assert_eq!(s.terminate(Duration::from_secs(20)).await, Some(0));
+    }
+}
