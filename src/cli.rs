@@ -47,6 +47,9 @@ pub enum Command {
     /// Run the whole job on embedded defaults: mock Kafka, embedded registry, PostgreSQL,
     /// simulator and service; check the result against the simulator's expected totals.
     Demo(crate::demo::DemoOptions),
+    /// Measure the store-only ceiling, end-to-end throughput and latency at a fixed rate
+    /// (embedded Kafka and registry; PostgreSQL from DATABASE_URL or the local server).
+    Bench(crate::bench::BenchOptions),
     /// Inspect and re-drive dead letters.
     DeadLetters {
         #[command(subcommand)]
@@ -148,6 +151,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(options) => crate::demo::run(settings, options).await,
         Command::DeadLetters { action } => dead_letters(&settings, action).await,
+        Command::Bench(options) => {
+            crate::bench::run(settings, options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

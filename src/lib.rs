@@ -27,6 +27,7 @@
 //! - [`config`], [`app`], [`http`], [`metrics`], [`telemetry`], [`cli`]: plumbing.
 
 pub mod app;
+pub mod bench;
 
 pub mod cli;
 pub mod codec;

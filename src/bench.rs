@@ -1,0 +1,243 @@
+//! `payrecon bench`: the figures behind the README's speed claims, measured in one run so
+//! they can be compared as ratios on a shared, noisy machine.
+//!
+//! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
+//!    no decoding): the most the database path can take.
+//! 2. End-to-end: a backlog produced into the embedded Kafka, then consumed by the real
+//!    service loop (decode + validate + batch transaction); records/s from first to last
+//!    commit.
+//! 3. Latency: a fixed offered rate (default 5,000 records/s) while the service runs;
+//!    broker timestamp to commit, p50/p99.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rdkafka::mocking::MockCluster;
+use secrecy::SecretString;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::kafka::LoopEvent;
+use crate::simulate::{Generated, SimulationOptions};
+use crate::store::{Batch, PartitionProgress, Source, Store};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Payments in the backlog for the store-only and end-to-end runs (~2.2 records each).
+    #[arg(long, default_value_t = 45_000)]
+    pub payments: u64,
+    /// Offered rate for the latency run, records/s.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+    /// Duration of the latency run.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub latency_duration: Duration,
+    /// Partitions per input topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub records: usize,
+    pub store_only_records_per_sec: f64,
+    pub end_to_end_records_per_sec: f64,
+    pub ratio: f64,
+    pub latency_rate: u64,
+    pub latency_records: u64,
+    pub latency_p50_ms: u64,
+    pub latency_p99_ms: u64,
+    pub latency_max_ms: u64,
+    pub peak_rss_mib: f64,
+}
+
+async fn fresh_database(admin: &PgConnectOptions, tag: &str) -> anyhow::Result<(String, String)> {
+    let name = format!("payrecon_bench_{tag}_{}", std::process::id());
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
+    conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).await?;
+    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).await?;
+    let url = format!("postgres://{}@{}:{}/{}", admin.get_username(), admin.get_host(), admin.get_port(), name);
+    Ok((name, url))
+}
+
+async fn drop_database(admin: &PgConnectOptions, name: &str) {
+    use sqlx::{Connection, Executor};
+    if let Ok(mut conn) = sqlx::PgConnection::connect_with(admin).await {
+        let _ = conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).await;
+    }
+}
+
+/// Runs all three measurements and prints them.
+pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<BenchReport> {
+    let admin: PgConnectOptions = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .parse()?;
+    let sim = SimulationOptions { payments: o.payments, malformed: 0, ..SimulationOptions::default() };
+    let (records, _) = crate::simulate::generate(&sim, 1)?;
+    println!("payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic", records.len(), o.payments, settings.pipeline.batch_max_records, o.partitions);
+
+    // 1. Store-only ceiling.
+    let (db1, url1) = fresh_database(&admin, "store").await?;
+    let store = Store::new(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url1).await?);
+    store.migrate().await?;
+    let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
+    let started = Instant::now();
+    for b in &batches {
+        store.commit_batch("bench", "bench", b).await.context("store-only commit")?;
+    }
+    let store_rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    store.pool().close().await;
+    drop_database(&admin, &db1).await;
+    println!("store-only ceiling:   {store_rate:>10.0} records/s");
+
+    // 2 + 3. Through Kafka and the real service loop.
+    let cluster = MockCluster::new(1)?;
+    let bootstrap = cluster.bootstrap_servers();
+    let (payments_topic, settlements_topic) = ("bench.payments", "bench.settlements");
+    cluster.create_topic(payments_topic, o.partitions, 1)?;
+    cluster.create_topic(settlements_topic, o.partitions, 1)?;
+    let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig { storage: crate::registry::Storage::Memory }).await?;
+    let (db2, url2) = fresh_database(&admin, "e2e").await?;
+    settings.database.url = SecretString::from(url2);
+    settings.kafka.bootstrap_servers = bootstrap;
+    settings.kafka.payments_topic = payments_topic.into();
+    settings.kafka.settlements_topic = settlements_topic.into();
+    settings.kafka.group_id = "bench".into();
+    settings.registry.url = registry_url;
+    settings.http.listen = "127.0.0.1:0".parse()?;
+    let sr = crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let encoder = crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    crate::simulate::produce(&producer, &encoder, payments_topic, settlements_topic, &records, 0, |_| {}).await?;
+
+    let shutdown = CancellationToken::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let service = tokio::spawn(crate::app::run(settings.clone(), shutdown.clone(), Some(tx)));
+    let mut applied = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut first_batch = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied < records.len() as u64 {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some(LoopEvent::Committed { records, .. })) => {
+                if first.is_none() {
+                    first = Some(Instant::now());
+                    first_batch = records;
+                }
+                applied += records;
+            }
+            Ok(Some(LoopEvent::Fenced)) => {}
+            Ok(None) => anyhow::bail!("the service stopped during the end-to-end run"),
+            Err(_) => anyhow::bail!("end-to-end run timed out with {applied} records applied"),
+        }
+    }
+    // Measured from the first commit (group join excluded); the first batch is not counted.
+    let e2e_rate = (applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64();
+    println!("end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)", 100.0 * e2e_rate / store_rate);
+
+    // 3. Latency at a fixed offered rate.
+    let count = (o.rate as f64 * o.latency_duration.as_secs_f64()) as u64;
+    let sim = SimulationOptions { payments: count / 2 + 1, seed: 7, malformed: 0, ..SimulationOptions::default() };
+    let (mut paced, _) = crate::simulate::generate(&sim, 1)?;
+    paced.truncate(count as usize);
+    let producing = {
+        let paced: Vec<Generated> = paced.clone();
+        let rate = o.rate;
+        tokio::spawn(async move {
+            crate::simulate::produce(&producer, &encoder, payments_topic, settlements_topic, &paced, rate, |_| {}).await
+        })
+    };
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut seen = 0u64;
+    while seen < paced.len() as u64 {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Some(LoopEvent::Committed { records, latencies, .. })) => {
+                seen += records;
+                for l in latencies {
+                    histogram.record(l.as_millis() as u64)?;
+                }
+            }
+            Ok(Some(LoopEvent::Fenced)) => {}
+            _ => anyhow::bail!("latency run stalled with {seen} records applied"),
+        }
+    }
+    producing.await??;
+    shutdown.cancel();
+    service.await??;
+    drop_database(&admin, &db2).await;
+    let report = BenchReport {
+        records: records.len(),
+        store_only_records_per_sec: store_rate.round(),
+        end_to_end_records_per_sec: e2e_rate.round(),
+        ratio: (1000.0 * e2e_rate / store_rate).round() / 1000.0,
+        latency_rate: o.rate,
+        latency_records: histogram.len(),
+        latency_p50_ms: histogram.value_at_quantile(0.50),
+        latency_p99_ms: histogram.value_at_quantile(0.99),
+        latency_max_ms: histogram.max(),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    println!("latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)", o.rate, report.latency_p50_ms, report.latency_p99_ms, report.latency_max_ms, report.latency_records);
+    println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(report)
+}
+
+/// Splits generated records into batches exactly as the consumer would build them.
+fn pre_decoded_batches(records: &[Generated], max: usize, partitions: i32) -> Vec<Batch> {
+    let topics = vec!["bench.payments".to_string(), "bench.settlements".to_string()];
+    let mut next = vec![[0i64; 2]; partitions as usize];
+    let mut started: Vec<[bool; 2]> = vec![[false; 2]; partitions as usize];
+    records
+        .chunks(max)
+        .map(|chunk| {
+            let mut b = Batch { topics: topics.clone(), ..Batch::default() };
+            let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> = Default::default();
+            for (n, r) in chunk.iter().enumerate() {
+                let partition = (n as i32) % partitions;
+                let topic = usize::from(matches!(r, Generated::Settlement(_)));
+                let offset = next[partition as usize][topic];
+                next[partition as usize][topic] += 1;
+                let expected = if started[partition as usize][topic] { Some(offset) } else { None };
+                let p = progress.entry((topic, partition)).or_insert_with(|| PartitionProgress {
+                    topic: topics[topic].clone(),
+                    partition,
+                    expected,
+                    next_offset: offset,
+                    records: 0,
+                    last_record_time: None,
+                });
+                p.next_offset = offset + 1;
+                p.records += 1;
+                let source = Source { topic, partition, offset };
+                match r {
+                    Generated::Payment(e) => b.payments.push((e.clone(), source)),
+                    Generated::Settlement(s) => b.settlements.push((s.clone(), source)),
+                    Generated::Malformed { .. } => {}
+                }
+            }
+            for ((topic, partition), _) in progress.iter() {
+                started[*partition as usize][*topic] = true;
+            }
+            b.progress = progress.into_values().collect();
+            b
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
