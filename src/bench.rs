@@ -57,19 +57,8 @@ pub struct BenchReport {
 
 async fn fresh_database(admin: &PgConnectOptions, tag: &str) -> anyhow::Result<(String, String)> {
     let name = format!("payrecon_bench_{tag}_{}", std::process::id());
-    use sqlx::{Connection, Executor};
-    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
-    conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).await?;
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\""))).await?;
-    let url = format!("postgres://{}@{}:{}/{}", admin.get_username(), admin.get_host(), admin.get_port(), name);
-    Ok((name, url))
-}
-
-async fn drop_database(admin: &PgConnectOptions, name: &str) {
-    use sqlx::{Connection, Executor};
-    if let Ok(mut conn) = sqlx::PgConnection::connect_with(admin).await {
-        let _ = conn.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).await;
-    }
+    crate::store::recreate_database(admin, &name).await?;
+    Ok((name.clone(), crate::store::database_url(admin, &name)))
 }
 
 /// Runs all three measurements and prints them.
@@ -77,22 +66,40 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let admin: PgConnectOptions = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
         .parse()?;
-    let sim = SimulationOptions { payments: o.payments, malformed: 0, ..SimulationOptions::default() };
+    let sim = SimulationOptions {
+        payments: o.payments,
+        malformed: 0,
+        ..SimulationOptions::default()
+    };
     let (records, _) = crate::simulate::generate(&sim, 1)?;
-    println!("payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic", records.len(), o.payments, settings.pipeline.batch_max_records, o.partitions);
+    println!(
+        "payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic",
+        records.len(),
+        o.payments,
+        settings.pipeline.batch_max_records,
+        o.partitions
+    );
 
     // 1. Store-only ceiling.
     let (db1, url1) = fresh_database(&admin, "store").await?;
-    let store = Store::new(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url1).await?);
+    let store = Store::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url1)
+            .await?,
+    );
     store.migrate().await?;
     let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
     let started = Instant::now();
     for b in &batches {
-        store.commit_batch("bench", "bench", b).await.context("store-only commit")?;
+        store
+            .commit_batch("bench", "bench", b)
+            .await
+            .context("store-only commit")?;
     }
     let store_rate = records.len() as f64 / started.elapsed().as_secs_f64();
     store.pool().close().await;
-    drop_database(&admin, &db1).await;
+    let _ = crate::store::drop_database(&admin, &db1).await;
     println!("store-only ceiling:   {store_rate:>10.0} records/s");
 
     // 2 + 3. Through Kafka and the real service loop.
@@ -101,7 +108,10 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let (payments_topic, settlements_topic) = ("bench.payments", "bench.settlements");
     cluster.create_topic(payments_topic, o.partitions, 1)?;
     cluster.create_topic(settlements_topic, o.partitions, 1)?;
-    let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig { storage: crate::registry::Storage::Memory }).await?;
+    let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
+        storage: crate::registry::Storage::Memory,
+    })
+    .await?;
     let (db2, url2) = fresh_database(&admin, "e2e").await?;
     settings.database.url = SecretString::from(url2);
     settings.kafka.bootstrap_servers = bootstrap;
@@ -110,14 +120,29 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     settings.kafka.group_id = "bench".into();
     settings.registry.url = registry_url;
     settings.http.listen = "127.0.0.1:0".parse()?;
-    let sr = crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sr =
+        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     let encoder = crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
     let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
-    crate::simulate::produce(&producer, &encoder, payments_topic, settlements_topic, &records, 0, |_| {}).await?;
+    crate::simulate::produce(
+        &producer,
+        &encoder,
+        payments_topic,
+        settlements_topic,
+        &records,
+        0,
+        |_| {},
+    )
+    .await?;
 
     let shutdown = CancellationToken::new();
     let (tx, mut events) = mpsc::unbounded_channel();
-    let service = tokio::spawn(crate::app::run(settings.clone(), shutdown.clone(), Some(tx)));
+    let service = tokio::spawn(crate::app::run(
+        settings.clone(),
+        shutdown.clone(),
+        Some(tx),
+    ));
     let mut applied = 0u64;
     let mut first: Option<Instant> = None;
     let mut first_batch = 0u64;
@@ -137,26 +162,46 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         }
     }
     // Measured from the first commit (group join excluded); the first batch is not counted.
-    let e2e_rate = (applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64();
-    println!("end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)", 100.0 * e2e_rate / store_rate);
+    let e2e_rate =
+        (applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64();
+    println!(
+        "end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)",
+        100.0 * e2e_rate / store_rate
+    );
 
     // 3. Latency at a fixed offered rate.
     let count = (o.rate as f64 * o.latency_duration.as_secs_f64()) as u64;
-    let sim = SimulationOptions { payments: count / 2 + 1, seed: 7, malformed: 0, ..SimulationOptions::default() };
+    let sim = SimulationOptions {
+        payments: count / 2 + 1,
+        seed: 7,
+        malformed: 0,
+        ..SimulationOptions::default()
+    };
     let (mut paced, _) = crate::simulate::generate(&sim, 1)?;
     paced.truncate(count as usize);
     let producing = {
         let paced: Vec<Generated> = paced.clone();
         let rate = o.rate;
         tokio::spawn(async move {
-            crate::simulate::produce(&producer, &encoder, payments_topic, settlements_topic, &paced, rate, |_| {}).await
+            crate::simulate::produce(
+                &producer,
+                &encoder,
+                payments_topic,
+                settlements_topic,
+                &paced,
+                rate,
+                |_| {},
+            )
+            .await
         })
     };
     let mut histogram = Histogram::<u64>::new(3)?;
     let mut seen = 0u64;
     while seen < paced.len() as u64 {
         match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
-            Ok(Some(LoopEvent::Committed { records, latencies, .. })) => {
+            Ok(Some(LoopEvent::Committed {
+                records, latencies, ..
+            })) => {
                 seen += records;
                 for l in latencies {
                     histogram.record(l.as_millis() as u64)?;
@@ -169,7 +214,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     producing.await??;
     shutdown.cancel();
     service.await??;
-    drop_database(&admin, &db2).await;
+    let _ = crate::store::drop_database(&admin, &db2).await;
     let report = BenchReport {
         records: records.len(),
         store_only_records_per_sec: store_rate.round(),
@@ -182,7 +227,14 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         latency_max_ms: histogram.max(),
         peak_rss_mib: peak_rss_mib(),
     };
-    println!("latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)", o.rate, report.latency_p50_ms, report.latency_p99_ms, report.latency_max_ms, report.latency_records);
+    println!(
+        "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
+        o.rate,
+        report.latency_p50_ms,
+        report.latency_p99_ms,
+        report.latency_max_ms,
+        report.latency_records
+    );
     println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(&report)?);
     Ok(report)
@@ -190,31 +242,48 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
 
 /// Splits generated records into batches exactly as the consumer would build them.
 fn pre_decoded_batches(records: &[Generated], max: usize, partitions: i32) -> Vec<Batch> {
-    let topics = vec!["bench.payments".to_string(), "bench.settlements".to_string()];
+    let topics = vec![
+        "bench.payments".to_string(),
+        "bench.settlements".to_string(),
+    ];
     let mut next = vec![[0i64; 2]; partitions as usize];
     let mut started: Vec<[bool; 2]> = vec![[false; 2]; partitions as usize];
     records
         .chunks(max)
         .map(|chunk| {
-            let mut b = Batch { topics: topics.clone(), ..Batch::default() };
-            let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> = Default::default();
+            let mut b = Batch {
+                topics: topics.clone(),
+                ..Batch::default()
+            };
+            let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> =
+                Default::default();
             for (n, r) in chunk.iter().enumerate() {
                 let partition = (n as i32) % partitions;
                 let topic = usize::from(matches!(r, Generated::Settlement(_)));
                 let offset = next[partition as usize][topic];
                 next[partition as usize][topic] += 1;
-                let expected = if started[partition as usize][topic] { Some(offset) } else { None };
-                let p = progress.entry((topic, partition)).or_insert_with(|| PartitionProgress {
-                    topic: topics[topic].clone(),
-                    partition,
-                    expected,
-                    next_offset: offset,
-                    records: 0,
-                    last_record_time: None,
-                });
+                let expected = if started[partition as usize][topic] {
+                    Some(offset)
+                } else {
+                    None
+                };
+                let p = progress
+                    .entry((topic, partition))
+                    .or_insert_with(|| PartitionProgress {
+                        topic: topics[topic].clone(),
+                        partition,
+                        expected,
+                        next_offset: offset,
+                        records: 0,
+                        last_record_time: None,
+                    });
                 p.next_offset = offset + 1;
                 p.records += 1;
-                let source = Source { topic, partition, offset };
+                let source = Source {
+                    topic,
+                    partition,
+                    offset,
+                };
                 match r {
                     Generated::Payment(e) => b.payments.push((e.clone(), source)),
                     Generated::Settlement(s) => b.settlements.push((s.clone(), source)),

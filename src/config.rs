@@ -179,11 +179,14 @@ impl Settings {
 
 impl DatabaseSettings {
     /// Connection options parsed from the URL (sslmode, sslrootcert ... come from its query).
+    /// Sessions are named `payrecon` so operators can find them in `pg_stat_activity`.
     pub fn connect_options(&self) -> anyhow::Result<PgConnectOptions> {
-        self.url
+        let options = self
+            .url
             .expose_secret()
             .parse::<PgConnectOptions>()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: database.url: {e}"))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: database.url: {e}"))?;
+        Ok(options.application_name("payrecon"))
     }
 
     pub fn pool_options(&self) -> PgPoolOptions {

@@ -200,15 +200,8 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     println!("embedded schema registry: {registry_url}");
     // PostgreSQL.
     let (admin, _throwaway) = postgres_admin().await?;
-    recreate_database(&admin, &o.database).await?;
-    let db = admin.clone().database(&o.database);
-    let url = format!(
-        "postgres://{}@{}:{}/{}",
-        db.get_username(),
-        db.get_host(),
-        db.get_port(),
-        o.database
-    );
+    crate::store::recreate_database(&admin, &o.database).await?;
+    let url = crate::store::database_url(&admin, &o.database);
     println!("PostgreSQL database:      {url}");
     settings.database.url = SecretString::from(url);
     settings.kafka.bootstrap_servers = bootstrap.clone();
@@ -265,10 +258,10 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
                 }
             }
         }
-        if let Some(e) = &expected {
-            if applied >= e.records {
-                break Ok(e.clone());
-            }
+        if let Some(e) = &expected
+            && applied >= e.records
+        {
+            break Ok(e.clone());
         }
     };
     let result = match outcome {
@@ -285,19 +278,6 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     let _ = service.await;
     drop(cluster);
     result
-}
-
-async fn recreate_database(admin: &PgConnectOptions, name: &str) -> anyhow::Result<()> {
-    use sqlx::{Connection, Executor};
-    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
-    conn.execute(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .await?;
-    conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .await?;
-    conn.close().await?;
-    Ok(())
 }
 
 async fn summarize(

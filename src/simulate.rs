@@ -241,6 +241,9 @@ pub fn generate(
     Ok((out, expected))
 }
 
+/// The fields of an Avro record value.
+type AvroFields = Vec<(String, apache_avro::types::Value)>;
+
 /// `count` malformed records cycling through every poison class.
 pub fn malformed_records(count: u64, payment_schema_id: u32, seed: u64) -> Vec<Generated> {
     let schema = apache_avro::Schema::parse_str(crate::codec::PAYMENT_EVENT_SCHEMA)
@@ -255,8 +258,7 @@ pub fn malformed_records(count: u64, payment_schema_id: u32, seed: u64) -> Vec<G
         event_time: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
         psp_reference: None,
     };
-    let encode = |p: &PaymentEvent,
-                  patch: &dyn Fn(&mut Vec<(String, apache_avro::types::Value)>)| {
+    let encode = |p: &PaymentEvent, patch: &dyn Fn(&mut AvroFields)| {
         let apache_avro::types::Value::Record(mut fields) = payment_to_value(p) else {
             unreachable!()
         };

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 
@@ -33,17 +33,7 @@ pub async fn measure(
         kafka.payments_topic.clone(),
         kafka.settlements_topic.clone(),
     ];
-    let rows: Vec<(String, i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT topic, partition, next_offset, last_record_time FROM consumer_offsets
-          WHERE consumer_group = $1",
-    )
-    .bind(&kafka.group_id)
-    .fetch_all(store.pool())
-    .await?;
-    let stored: HashMap<(String, i32), (i64, Option<DateTime<Utc>>)> = rows
-        .into_iter()
-        .map(|(t, p, o, ts)| ((t, p), (o, ts)))
-        .collect();
+    let stored = store.positions(&kafka.group_id).await?;
     let watermarks = tokio::task::block_in_place(|| watermarks(client, &topics))?;
     let now = Utc::now();
     Ok(watermarks
@@ -51,8 +41,7 @@ pub async fn measure(
         .map(|((topic, partition), (low, high))| {
             let (next, last) = stored
                 .get(&(topic.clone(), partition))
-                .copied()
-                .unwrap_or((low, None));
+                .map_or((low, None), |p| (p.next_offset, p.last_record_time));
             let records = (high - next.max(low)).max(0);
             let seconds = match (records, last) {
                 (0, _) => 0.0,

@@ -15,6 +15,7 @@ mod totals;
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
@@ -65,6 +66,14 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
 /// A (topic, partition) pair.
 pub type TopicPartition = (String, i32);
 
+/// Where a partition stands in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPosition {
+    pub next_offset: i64,
+    /// Broker timestamp of the last applied record.
+    pub last_record_time: Option<DateTime<Utc>>,
+}
+
 /// Handle to the payrecon database.
 #[derive(Clone)]
 pub struct Store {
@@ -108,35 +117,89 @@ impl Store {
         Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
     }
 
-    /// Every stored offset of a group (lag computation, reports, tests).
-    pub async fn group_offsets(
+    /// Every stored position of a group, with the broker time of its last applied record
+    /// (commit lag).
+    pub async fn positions(
         &self,
         group: &str,
-    ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-            "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = $1",
+    ) -> Result<HashMap<TopicPartition, StoredPosition>, sqlx::Error> {
+        let rows: Vec<(String, i32, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT topic, partition, next_offset, last_record_time FROM consumer_offsets
+              WHERE consumer_group = $1",
         )
         .bind(group)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(t, p, next_offset, last_record_time)| {
+                (
+                    (t, p),
+                    StoredPosition {
+                        next_offset,
+                        last_record_time,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Every stored offset of a group (reports, tests).
+    pub async fn group_offsets(
+        &self,
+        group: &str,
+    ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+        Ok(self
+            .positions(group)
+            .await?
+            .into_iter()
+            .map(|(tp, p)| (tp, p.next_offset))
+            .collect())
     }
 }
 
-/// Creates database `name` on the server of `admin` if it does not exist (tests, demo).
-pub async fn create_database(admin: &PgConnectOptions, name: &str) -> Result<(), sqlx::Error> {
+/// A connection URL for database `name` on the server (and as the user) of `admin`; a Unix
+/// socket directory becomes a `host=` query parameter.
+pub fn database_url(admin: &PgConnectOptions, name: &str) -> String {
+    let host = admin.get_host();
+    let user = admin.get_username();
+    if host.starts_with('/') {
+        format!(
+            "postgres://{user}@localhost:{}/{name}?host={host}",
+            admin.get_port()
+        )
+    } else {
+        format!("postgres://{user}@{host}:{}/{name}", admin.get_port())
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn admin_execute(admin: &PgConnectOptions, sql: &str) -> Result<(), sqlx::Error> {
     use sqlx::{Connection, Executor};
     let mut conn = sqlx::PgConnection::connect_with(admin).await?;
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-        .bind(name)
-        .fetch_optional(&mut conn)
-        .await?;
-    if exists.is_none() {
-        conn.execute(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{}\"",
-            name.replace('"', "\"\"")
-        )))
-        .await?;
-    }
+    conn.execute(sql).await?;
     conn.close().await
+}
+
+/// Creates database `name` on the server of `admin` (tests, demo, bench).
+pub async fn create_database(admin: &PgConnectOptions, name: &str) -> Result<(), sqlx::Error> {
+    admin_execute(admin, &format!("CREATE DATABASE {}", quote_ident(name))).await
+}
+
+/// Drops database `name`, disconnecting its sessions (tests, demo, bench).
+pub async fn drop_database(admin: &PgConnectOptions, name: &str) -> Result<(), sqlx::Error> {
+    admin_execute(
+        admin,
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name)),
+    )
+    .await
+}
+
+/// Drops and creates database `name`.
+pub async fn recreate_database(admin: &PgConnectOptions, name: &str) -> Result<(), sqlx::Error> {
+    drop_database(admin, name).await?;
+    create_database(admin, name).await
 }

@@ -50,13 +50,7 @@ impl TestDb {
             .await
             .expect("creating the test database");
         let options = admin.clone().database(&name);
-        let url = format!(
-            "postgres://{}@{}:{}/{}",
-            options.get_username(),
-            options.get_host(),
-            options.get_port(),
-            name
-        );
+        let url = payrecon::store::database_url(&admin, &name);
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -94,16 +88,8 @@ impl Drop for TestDb {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
-                use sqlx::{Connection, Executor};
-                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = c
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-                        )))
-                        .await;
-                }
-            });
+            let admin: PgConnectOptions = admin_url().parse().unwrap();
+            let _ = rt.block_on(payrecon::store::drop_database(&admin, &name));
         })
         .join();
     }

@@ -104,18 +104,22 @@ async fn a_frozen_member_is_fenced_when_it_resumes() {
     // which commits beyond the offsets the zombie's batch started from.
     tokio::time::sleep(Duration::from_secs(12)).await;
     zombie.sigcont();
-    wait_for(
-        Duration::from_secs(30),
-        "the zombie's stale batch to be fenced",
-        || async {
-            zombie
-                .metric("payrecon_batches_total", &["outcome=\"fenced\""])
-                .await
-                .unwrap_or(0.0)
-                >= 1.0
-        },
-    )
-    .await;
+    let mut fenced = 0.0;
+    for _ in 0..100 {
+        fenced = zombie
+            .metric("payrecon_batches_total", &["outcome=\"fenced\""])
+            .await
+            .unwrap_or(0.0);
+        if fenced >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        fenced >= 1.0,
+        "the zombie's stale batch was not fenced:\n{}",
+        fx.log_tail()
+    );
     producing.await.unwrap();
     fx.wait_drained(Duration::from_secs(90)).await;
     fx.assert_exact(&expected).await;
