@@ -102,7 +102,13 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    // The demo and the benchmark print their own progress; service logs would drown it.
+    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
+        && std::env::var_os("PAYRECON_LOG__FILTER").is_none()
+    {
+        settings.log.filter = "warn".into();
+    }
     crate::telemetry::init(&settings.log);
     match cli.command {
         Command::Run => {

@@ -136,9 +136,20 @@ impl ThrowawayCluster {
             "-p {port} -k {} -c listen_addresses=127.0.0.1",
             dir.path().display()
         );
+        // `-l`: the server must not inherit our output pipes, or waiting for pg_ctl never ends.
+        let log = dir.path().join("postgres.log");
         let out = as_postgres(
             &pg_ctl,
-            &["-D", &data.to_string_lossy(), "-o", &opts, "-w", "start"],
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
         )?;
         anyhow::ensure!(
             out.status.success(),
