@@ -2,6 +2,7 @@
 //! the operations endpoint; runs until the shutdown token is cancelled or a part fails.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -55,6 +56,14 @@ pub async fn run(
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let codec = Arc::new(Codec::new(sr));
+    crate::metrics::handle();
+    crate::metrics::register_zeroes(
+        &[
+            &settings.kafka.payments_topic,
+            &settings.kafka.settlements_topic,
+        ],
+        &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
+    );
     let consumer = ConsumerLoop::new(&settings, store.clone(), codec, shutdown.clone(), observer)?;
 
     let tracker = TaskTracker::new();
@@ -64,10 +73,14 @@ pub async fn run(
         .await
         .with_context(|| format!("binding the HTTP endpoint on {}", settings.http.listen))?;
     tracing::info!(address = %listener.local_addr()?, "serving /metrics and /health");
+    let broker_seen = Arc::new(AtomicI64::new(0));
     let ops = crate::http::OpsState {
         metrics: crate::metrics::handle(),
         store: store.clone(),
         assignment: consumer.assignment(),
+        broker_seen: broker_seen.clone(),
+        broker_max_silence: (settings.pipeline.lag_refresh_interval * 3)
+            .max(Duration::from_secs(15)),
     };
     let http_stop = stop.clone();
     tracker.spawn(async move {
@@ -81,6 +94,7 @@ pub async fn run(
         settings.kafka.clone(),
         store.clone(),
         settings.pipeline.lag_refresh_interval,
+        broker_seen,
         stop.clone(),
     ));
     let consumer_stop = stop.clone();

@@ -1,7 +1,9 @@
 //! The operations endpoint: `/metrics` (Prometheus), `/health/live`, `/health/ready`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -19,8 +21,13 @@ pub struct OpsState {
     pub metrics: Option<PrometheusHandle>,
     /// Readiness needs a database that answers.
     pub store: Store,
-    /// Readiness reports assigned partitions.
+    /// Readiness needs a joined group (partitions assigned, or none because the group has
+    /// more members than partitions).
     pub assignment: Arc<Mutex<Assignment>>,
+    /// Unix ms of the last successful broker round trip (the lag reporter's watermarks).
+    pub broker_seen: Arc<AtomicI64>,
+    /// How old that round trip may be before the broker counts as unreachable.
+    pub broker_max_silence: Duration,
 }
 
 pub fn router(state: OpsState) -> Router {
@@ -52,23 +59,38 @@ async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
+/// Ready when PostgreSQL answers, the broker answered recently, and this instance has
+/// joined the group (it may own no partition when there are more members than partitions).
 async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     let db = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(state.store.pool())
         .await;
-    let assigned = state
+    let (generation, assigned) = state
         .assignment
         .lock()
-        .map(|a| a.partitions.len())
-        .unwrap_or(0);
-    match db {
-        Ok(_) => (
+        .map(|a| (a.generation, a.partitions.len()))
+        .unwrap_or((0, 0));
+    let seen = state.broker_seen.load(Ordering::Relaxed);
+    let silence_ms = chrono::Utc::now().timestamp_millis() - seen;
+    let mut problems = Vec::new();
+    if let Err(e) = db {
+        problems.push(format!("database: {e}"));
+    }
+    if seen == 0 || silence_ms > state.broker_max_silence.as_millis() as i64 {
+        problems.push("broker: no successful round trip recently".to_owned());
+    }
+    if generation == 0 {
+        problems.push("consumer group: not joined yet".to_owned());
+    }
+    if problems.is_empty() {
+        (
             StatusCode::OK,
-            format!("ready: database ok, {assigned} partitions assigned\n"),
-        ),
-        Err(e) => (
+            format!("ready: database ok, broker ok, {assigned} partitions assigned\n"),
+        )
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: database: {e}\n"),
-        ),
+            format!("not ready: {}\n", problems.join("; ")),
+        )
     }
 }

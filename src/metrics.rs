@@ -22,6 +22,9 @@ pub const ASSIGNED_PARTITIONS: &str = "payrecon_assigned_partitions";
 pub const OFFSET_GAPS: &str = "payrecon_offset_gaps_total";
 pub const COMMIT_LAG: &str = "payrecon_commit_lag";
 pub const COMMIT_LAG_SECONDS: &str = "payrecon_commit_lag_seconds";
+pub const PARTITION_ASSIGNED: &str = "payrecon_partition_assigned";
+pub const LAG_REFRESH_ERRORS: &str = "payrecon_commit_lag_refresh_errors_total";
+pub const LAG_REFRESHED: &str = "payrecon_commit_lag_last_refresh_timestamp_seconds";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -98,6 +101,19 @@ fn describe() {
         "Times a partition's next record was beyond the stored offset (retention deleted records before they were read, or transaction markers)."
     );
     describe_gauge!(
+        PARTITION_ASSIGNED,
+        "1 for each partition this instance owns, 0 after it was revoked."
+    );
+    describe_counter!(
+        LAG_REFRESH_ERRORS,
+        "Failed commit-lag refreshes (broker or database unreachable); the lag gauges keep their last value meanwhile."
+    );
+    describe_gauge!(
+        LAG_REFRESHED,
+        metrics::Unit::Seconds,
+        "Unix time of the last successful commit-lag refresh; an old value means the lag gauges are stale."
+    );
+    describe_gauge!(
         COMMIT_LAG,
         "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
     );
@@ -105,6 +121,31 @@ fn describe() {
         COMMIT_LAG_SECONDS,
         "Seconds behind: now minus the broker timestamp of the last record committed in PostgreSQL, 0 when the partition is fully committed. Chosen because it needs no extra fetch of the oldest unread record."
     );
+}
+
+/// Registers every counter with a known label set at zero, so rates and `increase()` see
+/// the first event and dashboards show 0 instead of "no data". `topics` are the input topics.
+pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
+    for outcome in ["committed", "fenced", "retried"] {
+        counter!(BATCHES, "outcome" => outcome).absolute(0);
+    }
+    for source in ["database", "registry", "broker"] {
+        counter!(TRANSIENT_ERRORS, "source" => source).absolute(0);
+    }
+    for kind in ["assign", "revoke", "error"] {
+        counter!(REBALANCES, "kind" => kind).absolute(0);
+    }
+    counter!(LAG_REFRESH_ERRORS).absolute(0);
+    gauge!(ASSIGNED_PARTITIONS).set(0.0);
+    for topic in topics {
+        for outcome in ["applied", "duplicate", "dead_lettered"] {
+            counter!(RECORDS, "topic" => topic.to_string(), "outcome" => outcome).absolute(0);
+        }
+        for reason in dead_letter_reasons {
+            counter!(DEAD_LETTERS, "topic" => topic.to_string(), "reason" => *reason).absolute(0);
+        }
+        counter!(OFFSET_GAPS, "topic" => topic.to_string()).absolute(0);
+    }
 }
 
 /// One batch committed.
@@ -152,10 +193,35 @@ pub fn end_to_end(latency: Duration) {
     histogram!(END_TO_END_SECONDS).record(latency.as_secs_f64());
 }
 
-/// A rebalance event of `kind`; `assigned` is the partition count afterwards.
-pub fn rebalance(kind: &'static str, assigned: usize) {
+/// A rebalance event of `kind`: `revoked` partitions left this instance, `assigned` are
+/// the ones it owns afterwards.
+pub fn rebalance<'a>(
+    kind: &'static str,
+    revoked: impl Iterator<Item = &'a (String, i32)>,
+    assigned: impl Iterator<Item = &'a (String, i32)>,
+) {
     counter!(REBALANCES, "kind" => kind).increment(1);
-    gauge!(ASSIGNED_PARTITIONS).set(assigned as f64);
+    for (topic, partition) in revoked {
+        gauge!(PARTITION_ASSIGNED, "topic" => topic.clone(), "partition" => partition.to_string())
+            .set(0.0);
+    }
+    let mut count = 0u32;
+    for (topic, partition) in assigned {
+        gauge!(PARTITION_ASSIGNED, "topic" => topic.clone(), "partition" => partition.to_string())
+            .set(1.0);
+        count += 1;
+    }
+    gauge!(ASSIGNED_PARTITIONS).set(f64::from(count));
+}
+
+/// A commit-lag refresh failed.
+pub fn lag_refresh_failed() {
+    counter!(LAG_REFRESH_ERRORS).increment(1);
+}
+
+/// A commit-lag refresh succeeded at `unix_seconds`.
+pub fn lag_refreshed(unix_seconds: f64) {
+    gauge!(LAG_REFRESHED).set(unix_seconds);
 }
 
 /// A partition skipped offsets.

@@ -53,6 +53,15 @@ pub enum PoisonKind {
 }
 
 impl PoisonKind {
+    /// Every class, for metrics registration and reports.
+    pub const ALL: [PoisonKind; 5] = [
+        PoisonKind::BadMagicByte,
+        PoisonKind::UnknownSchemaId,
+        PoisonKind::UndecodableBody,
+        PoisonKind::InvalidField,
+        PoisonKind::WrongRecordType,
+    ];
+
     /// The stable name stored in PostgreSQL and used as a metric label.
     pub fn as_str(&self) -> &'static str {
         match self {

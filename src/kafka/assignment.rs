@@ -97,9 +97,9 @@ impl RebalanceContext {
         tpl: Option<&TopicPartitionList>,
         kind: &'static str,
     ) {
-        let count = owned.len();
         {
             let mut a = self.assignment.lock().expect("assignment lock");
+            crate::metrics::rebalance(kind, a.partitions.keys(), owned.keys());
             a.partitions = owned;
             a.generation += 1;
         }
@@ -110,7 +110,6 @@ impl RebalanceContext {
         if let Err(e) = result {
             tracing::error!(error = %e, kind, "applying the assignment failed");
         }
-        crate::metrics::rebalance(kind, count);
     }
 
     /// Reads stored offsets, retrying with backoff until success or shutdown.

@@ -80,11 +80,13 @@ fn watermarks(
     Ok(out)
 }
 
-/// Refreshes the lag gauges every `interval` until `shutdown`.
+/// Refreshes the lag gauges every `interval` until `shutdown`; each success stores the time
+/// (unix ms) in `broker_seen`, which readiness uses as proof that the broker answers.
 pub async fn run(
     kafka: KafkaSettings,
     store: Store,
     interval: Duration,
+    broker_seen: std::sync::Arc<std::sync::atomic::AtomicI64>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client: BaseConsumer = kafka.client_config().create()?;
@@ -99,8 +101,14 @@ pub async fn run(
                 for ((topic, partition), lag) in lags {
                     crate::metrics::commit_lag(&topic, partition, lag.records, lag.seconds);
                 }
+                let now = Utc::now();
+                crate::metrics::lag_refreshed(now.timestamp_millis() as f64 / 1000.0);
+                broker_seen.store(now.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot measure commit lag"),
+            Err(e) => {
+                crate::metrics::lag_refresh_failed();
+                tracing::warn!(error = %e, "cannot measure commit lag");
+            }
         }
     }
 }
