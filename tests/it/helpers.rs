@@ -95,9 +95,11 @@ impl Drop for TestDb {
     }
 }
 
-/// The embedded Kafka with a pair of uniquely named input topics.
+/// A Kafka protocol peer with a pair of uniquely named input topics: the embedded mock
+/// cluster (in this process, so it outlives every service process) or an external broker.
 pub struct TestKafka {
-    pub cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    /// Keeps the embedded broker alive and gives fault injection; `None` for an external one.
+    pub cluster: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     pub bootstrap: String,
     pub payments_topic: String,
     pub settlements_topic: String,
@@ -105,6 +107,7 @@ pub struct TestKafka {
 }
 
 impl TestKafka {
+    /// The embedded mock cluster.
     pub fn new(partitions: i32) -> TestKafka {
         let cluster = MockCluster::new(1).expect("mock cluster");
         let bootstrap = cluster.bootstrap_servers();
@@ -117,12 +120,38 @@ impl TestKafka {
             .create_topic(&settlements_topic, partitions, 1)
             .unwrap();
         TestKafka {
-            cluster,
+            cluster: Some(cluster),
             bootstrap,
             payments_topic,
             settlements_topic,
             partitions,
         }
+    }
+
+    /// A broker running elsewhere (e.g. tansu); the topics are created with CreateTopics.
+    pub async fn external(bootstrap: &str, partitions: i32) -> TestKafka {
+        let payments_topic = unique("payments");
+        let settlements_topic = unique("settlements");
+        let config = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .clone();
+        payrecon::kafka::ensure_topics(&config, &[&payments_topic, &settlements_topic], partitions)
+            .await
+            .expect("creating the input topics");
+        TestKafka {
+            cluster: None,
+            bootstrap: bootstrap.to_owned(),
+            payments_topic,
+            settlements_topic,
+            partitions,
+        }
+    }
+
+    /// The embedded cluster, for fault injection.
+    pub fn mock(&self) -> &MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+        self.cluster
+            .as_ref()
+            .expect("this test needs the embedded mock cluster")
     }
 
     pub fn topics(&self) -> [&str; 2] {
@@ -168,9 +197,14 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// A fixture on the embedded mock cluster.
     pub async fn new(partitions: i32) -> Fixture {
+        Fixture::with_kafka(TestKafka::new(partitions)).await
+    }
+
+    /// A fixture on the given broker.
+    pub async fn with_kafka(kafka: TestKafka) -> Fixture {
         let db = TestDb::new().await;
-        let kafka = TestKafka::new(partitions);
         let (registry_url, registry) =
             payrecon::registry::spawn_local(payrecon::registry::RegistryConfig {
                 storage: payrecon::registry::Storage::Memory,

@@ -55,9 +55,9 @@ async fn terminated_database_connections_and_a_broker_outage_are_survived_exactl
     );
 
     // The broker goes down and comes back.
-    fx.kafka.cluster.broker_down(1).unwrap();
+    fx.kafka.mock().broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    fx.kafka.cluster.broker_up(1).unwrap();
+    fx.kafka.mock().broker_up(1).unwrap();
 
     producing.await.unwrap();
     fx.wait_drained(Duration::from_secs(90)).await;

@@ -5,19 +5,14 @@
 //! CI installs the broker with `cargo install tansu --locked --features libsql`; set
 //! `PAYRECON_SKIP_TANSU=1` to skip this test where it is not installed.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use payrecon::codec::{Encoder, registry_settings};
-use payrecon::domain::Totals;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureProducer;
 
-use crate::helpers::{Service, TestDb, free_port, simulation, unique, wait_for, watermarks};
+use crate::helpers::{Fixture, TestKafka, free_port, simulation, unique, wait_for};
 
 const PARTITIONS: i32 = 4;
 const INSTALL_HINT: &str = "cargo install tansu --locked --features libsql";
@@ -42,7 +37,8 @@ struct TansuBroker {
     child: Child,
     bootstrap: String,
     log: PathBuf,
-    dir: tempfile::TempDir,
+    /// Holds the sqlite storage and the log; removed when the broker is dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl TansuBroker {
@@ -70,7 +66,7 @@ impl TansuBroker {
             child,
             bootstrap: url.trim_start_matches("tcp://").to_owned(),
             log,
-            dir,
+            _dir: dir,
         };
         broker.wait_ready(Duration::from_secs(30));
         broker
@@ -127,168 +123,9 @@ fn tail(name: &str, path: &Path) -> String {
 }
 
 /// What `helpers::Fixture` provides, around a tansu broker instead of the mock cluster.
-struct TansuFixture {
-    db: TestDb,
-    registry_url: String,
-    _registry: payrecon::registry::RegistryHandle,
-    payments_topic: String,
-    settlements_topic: String,
-    group: String,
-    // Dropped last: services first (declared in the test), then the broker.
-    broker: TansuBroker,
-}
-
-impl TansuFixture {
-    async fn new(broker: TansuBroker) -> TansuFixture {
-        let payments_topic = unique("payments");
-        let settlements_topic = unique("settlements");
-        payrecon::kafka::ensure_topics(
-            &broker.client_config(),
-            &[&payments_topic, &settlements_topic],
-            PARTITIONS,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("CreateTopics on tansu: {e:#}\n{}", broker.log_tail()));
-        let (registry_url, registry) =
-            payrecon::registry::spawn_local(payrecon::registry::RegistryConfig {
-                storage: payrecon::registry::Storage::Memory,
-            })
-            .await
-            .unwrap();
-        TansuFixture {
-            db: TestDb::new().await,
-            registry_url,
-            _registry: registry,
-            payments_topic,
-            settlements_topic,
-            group: unique("group"),
-            broker,
-        }
-    }
-
-    fn topics(&self) -> [&str; 2] {
-        [&self.payments_topic, &self.settlements_topic]
-    }
-
-    fn watermarks(&self) -> HashMap<(String, i32), (i64, i64)> {
-        watermarks(&self.broker.bootstrap, &self.topics(), PARTITIONS)
-    }
-
-    /// Same as `Fixture::service_env`, pointed at tansu.
-    fn spawn_service(&self, name: &str) -> Service {
-        let env: Vec<(String, String)> = [
-            ("PAYRECON_DATABASE__URL", self.db.url.as_str()),
-            (
-                "PAYRECON_KAFKA__BOOTSTRAP_SERVERS",
-                self.broker.bootstrap.as_str(),
-            ),
-            ("PAYRECON_KAFKA__GROUP_ID", self.group.as_str()),
-            (
-                "PAYRECON_KAFKA__PAYMENTS_TOPIC",
-                self.payments_topic.as_str(),
-            ),
-            (
-                "PAYRECON_KAFKA__SETTLEMENTS_TOPIC",
-                self.settlements_topic.as_str(),
-            ),
-            ("PAYRECON_KAFKA__SESSION_TIMEOUT", "6s"),
-            ("PAYRECON_KAFKA__MAX_POLL_INTERVAL", "10s"),
-            ("PAYRECON_REGISTRY__URL", self.registry_url.as_str()),
-            ("PAYRECON_PIPELINE__RETRY_MAX_BACKOFF", "1s"),
-            ("PAYRECON_PIPELINE__LAG_REFRESH_INTERVAL", "1s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        Service::spawn(name, &env, self.broker.dir.path())
-    }
-
-    async fn encoder(&self) -> Encoder {
-        let sr = registry_settings(&self.registry_url, Duration::from_secs(5)).unwrap();
-        Encoder::register(&sr, &self.payments_topic, &self.settlements_topic)
-            .await
-            .unwrap()
-    }
-
-    fn producer(&self) -> FutureProducer {
-        self.broker
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("compression.type", "lz4")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap()
-    }
-
-    /// Sum of the stored next_offsets of the group.
-    async fn applied(&self) -> i64 {
-        self.db.offsets(&self.group).await.values().sum()
-    }
-
-    /// Waits until every partition's stored next_offset equals its high watermark.
-    async fn wait_drained(&self, timeout: Duration, services: &[&Service]) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let marks = self.watermarks();
-            let offsets = self.db.offsets(&self.group).await;
-            let behind = marks
-                .iter()
-                .any(|(tp, (_, high))| *high > 0 && offsets.get(tp).copied().unwrap_or(0) != *high);
-            if !behind {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not drained after {timeout:?}: watermarks {marks:?}, stored {offsets:?}\n{}",
-                self.log_tails(services)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// `Fixture::assert_exact` against the broker's watermarks.
-    async fn assert_exact(&self, expected: &Totals) {
-        let running = self.db.store.running_totals(&self.group).await.unwrap();
-        let diffs = expected.differences(&running);
-        assert!(
-            diffs.is_empty(),
-            "totals differ from expected:\n{}",
-            diffs.join("\n")
-        );
-        let recomputed = self.db.store.recomputed_totals(&self.group).await.unwrap();
-        let diffs = running.differences(&recomputed);
-        assert!(
-            diffs.is_empty(),
-            "running totals differ from the rows:\n{}",
-            diffs.join("\n")
-        );
-        let marks = self.watermarks();
-        let offsets = self.db.offsets(&self.group).await;
-        let applied = self.db.records_applied(&self.group).await;
-        assert_eq!(marks.len(), 2 * PARTITIONS as usize);
-        for (tp, (low, high)) in &marks {
-            assert_eq!(*low, 0, "{tp:?}: log start offset {low} on tansu");
-            assert!(*high > 0, "{tp:?}: no records produced to this partition");
-            assert_eq!(
-                offsets.get(tp),
-                Some(high),
-                "{tp:?}: next_offset != high watermark"
-            );
-            assert_eq!(
-                applied.get(tp),
-                Some(high),
-                "{tp:?}: records_applied != next_offset: some offset was applied twice or skipped"
-            );
-        }
-    }
-
-    fn log_tails(&self, services: &[&Service]) -> String {
-        let mut out = self.broker.log_tail();
-        for s in services {
-            out.push_str(&tail("payrecon", &s.log));
-        }
-        out
-    }
+/// Sum of the stored next_offsets of the group.
+async fn applied(fx: &Fixture) -> i64 {
+    fx.db.offsets(&fx.group).await.values().sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -303,7 +140,8 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
         );
     };
     let started = Instant::now();
-    let fx = TansuFixture::new(TansuBroker::start(&binary)).await;
+    let broker = TansuBroker::start(&binary);
+    let fx = Fixture::with_kafka(TestKafka::external(&broker.bootstrap, PARTITIONS).await).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
         payrecon::simulate::generate(&simulation(20_000, 2026), encoder.payment_schema_id())
@@ -311,11 +149,13 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     let total = records.len() as i64;
     assert_eq!(total, expected.records);
 
-    let first = fx.spawn_service("tansu-first");
+    let first = fx.spawn_service("tansu-first", &[]);
     let producing = {
         let producer = fx.producer();
-        let encoder = Arc::new(encoder);
-        let (payments, settlements) = (fx.payments_topic.clone(), fx.settlements_topic.clone());
+        let (payments, settlements) = (
+            fx.kafka.payments_topic.clone(),
+            fx.kafka.settlements_topic.clone(),
+        );
         tokio::spawn(async move {
             payrecon::simulate::produce(
                 &producer,
@@ -335,11 +175,11 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     wait_for(
         Duration::from_secs(45),
         "the first instance to apply a quarter of the records",
-        || async { fx.applied().await >= total / 4 },
+        || async { applied(&fx).await >= total / 4 },
     )
     .await;
     first.sigkill();
-    let at_kill = fx.applied().await;
+    let at_kill = applied(&fx).await;
     assert!(
         at_kill < total,
         "the first instance applied all {total} records before it could be killed; the kill must land mid-stream"
@@ -349,13 +189,13 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
         started.elapsed()
     );
 
-    let second = fx.spawn_service("tansu-second");
+    let second = fx.spawn_service("tansu-second", &[]);
     producing
         .await
         .unwrap()
-        .unwrap_or_else(|e| panic!("producing to tansu: {e:#}\n{}", fx.broker.log_tail()));
+        .unwrap_or_else(|e| panic!("producing to tansu: {e:#}\n{}", broker.log_tail()));
     println!("tansu: {total} records produced ({:?})", started.elapsed());
-    fx.wait_drained(Duration::from_secs(60), &[&second]).await;
+    fx.wait_drained(Duration::from_secs(60)).await;
     println!("tansu: drained ({:?})", started.elapsed());
     fx.assert_exact(&expected).await;
     assert!(
@@ -363,7 +203,7 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
             .log_text()
             .contains("assigned partition at its stored offset"),
         "the second instance never got an assignment\n{}",
-        tail("payrecon", &second.log)
+        fx.log_tail()
     );
     assert_eq!(
         second.terminate(Duration::from_secs(20)).await,
