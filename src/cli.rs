@@ -50,10 +50,25 @@ pub enum Command {
     /// Measure the store-only ceiling, end-to-end throughput and latency at a fixed rate
     /// (embedded Kafka and registry; PostgreSQL from DATABASE_URL or the local server).
     Bench(crate::bench::BenchOptions),
+    /// Manage reference data (merchants, FX rates).
+    Reference {
+        #[command(subcommand)]
+        action: ReferenceAction,
+    },
     /// Inspect and re-drive dead letters.
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReferenceAction {
+    /// Load CSV files of merchant versions or FX rate versions (the header says which; see
+    /// docs/operations.md). Each file loads whole or not at all.
+    Load {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -157,6 +172,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(options) => crate::demo::run(settings, options).await,
         Command::DeadLetters { action } => dead_letters(&settings, action).await,
+        Command::Reference {
+            action: ReferenceAction::Load { files },
+        } => {
+            load_reference(&settings, &files).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(options) => {
             crate::bench::run(settings, options).await?;
             Ok(ExitCode::SUCCESS)
@@ -208,6 +229,28 @@ pub async fn simulate(
         expected.payment_events, expected.settlement_lines, expected.dead_letters
     );
     Ok(expected)
+}
+
+/// `payrecon reference load`: validates every file first, then loads them.
+async fn load_reference(settings: &Settings, files: &[PathBuf]) -> anyhow::Result<()> {
+    use crate::reference::csv::{ReferenceFile, parse};
+    let mut parsed = Vec::new();
+    for path in files {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let content = parse(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        parsed.push((path, content));
+    }
+    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    store.migrate().await?;
+    for (path, content) in parsed {
+        let (kind, n) = match &content {
+            ReferenceFile::Merchants(m) => ("merchant versions", store.upsert_merchants(m).await?),
+            ReferenceFile::Rates(r) => ("FX rate versions", store.upsert_rates(r).await?),
+        };
+        println!("{}: loaded {n} {kind}", path.display());
+    }
+    Ok(())
 }
 
 async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::Result<ExitCode> {

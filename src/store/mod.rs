@@ -11,6 +11,7 @@
 
 mod batch;
 mod dead_letters;
+mod reference;
 mod totals;
 
 use std::collections::HashMap;

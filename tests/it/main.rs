@@ -9,4 +9,5 @@ mod crash;
 mod fencing;
 mod outage;
 mod rebalance;
+mod reference;
 mod tansu;
