@@ -78,13 +78,16 @@ pub struct FxRate {
     pub rate: Decimal,
 }
 
+/// A rate and the time it starts to be valid.
+type RateVersion = (DateTime<Utc>, Decimal);
+
 /// An immutable, complete copy of the reference tables, indexed for as-of lookups.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// Versions per merchant, sorted by `valid_from`.
     merchants: HashMap<String, Vec<MerchantVersion>>,
     /// Rate versions per (base, quote), sorted by `valid_from`.
-    rates: HashMap<(Currency, Currency), Vec<(DateTime<Utc>, Decimal)>>,
+    rates: HashMap<(Currency, Currency), Vec<RateVersion>>,
     /// Monotonic load counter: which refresh produced this snapshot.
     pub generation: u64,
     /// When it was loaded (cache age metric).
@@ -110,8 +113,7 @@ impl Snapshot {
         for versions in by_merchant.values_mut() {
             versions.sort_by_key(|v| v.valid_from);
         }
-        let mut by_pair: HashMap<(Currency, Currency), Vec<(DateTime<Utc>, Decimal)>> =
-            HashMap::new();
+        let mut by_pair: HashMap<(Currency, Currency), Vec<RateVersion>> = HashMap::new();
         for r in rates {
             by_pair
                 .entry((r.base, r.quote))

@@ -1,0 +1,696 @@
+//! [`evaluate`]: prices one reference's payment events with its merchant's terms and FX rates,
+//! sums its settlement lines, and decides the [`Status`].
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use super::Status;
+use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
+
+/// Basis points in one whole.
+const BPS: Decimal = Decimal::from_parts(10_000, 0, 0, false, 0);
+
+/// How far a settled amount may be from the expected one and still count as equal:
+/// max(`absolute`, `relative` × |expected|), both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tolerance {
+    /// Floor in settlement currency, so small payments are not flagged over a rounding cent.
+    pub absolute: Decimal,
+    /// Fraction of the expected amount (0.001 = 0.1 %), so large payments allow proportionally
+    /// more.
+    pub relative: Decimal,
+}
+
+/// A merchant's terms as of the payment's time, with the global defaults already filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terms {
+    /// The currency the merchant is paid in: events are converted into it, lines must be in it.
+    pub settlement_currency: Currency,
+    /// Percentage fee per capture, in basis points of the converted amount (150 = 1.50 %).
+    pub fee_bps: Decimal,
+    /// Fixed fee per capture, in settlement currency.
+    pub fee_fixed: Decimal,
+    /// How far settled gross and fee may be from expected and still match.
+    pub tolerance: Tolerance,
+    /// How long after the last payment event's time its settlement may arrive.
+    pub settlement_deadline: Duration,
+    /// How long after a settlement line's time its payment event may arrive.
+    pub payment_deadline: Duration,
+}
+
+/// A payment event with the rate that converts it into the settlement currency.
+#[derive(Debug, Clone, Copy)]
+pub struct PricedEvent<'a> {
+    /// The event as stored.
+    pub event: &'a PaymentEvent,
+    /// 1 unit of the event's currency = `fx_rate` units of settlement currency, as of the
+    /// event's own time; `None` when no rate is known for then. Ignored (rate 1) when the event
+    /// is already in the settlement currency.
+    pub fx_rate: Option<Decimal>,
+}
+
+/// Gross, fee and net in one currency: one side of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amounts {
+    /// The currency of all three amounts.
+    pub currency: Currency,
+    /// Signed money movement: captures add, refunds and chargebacks subtract.
+    pub gross: Decimal,
+    /// What the acquirer keeps.
+    pub fee: Decimal,
+    /// What reaches the merchant: gross − fee.
+    pub net: Decimal,
+}
+
+/// Which reference data is missing, so the caller knows what to wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingData {
+    /// No terms for the merchant as of the payment's time.
+    Merchant { merchant_id: String },
+    /// No rate converting `from` into `to` as of `at`, the event's time.
+    FxRate {
+        from: Currency,
+        to: Currency,
+        at: DateTime<Utc>,
+    },
+}
+
+/// The verdict on one payment reference, with the numbers behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// The verdict; compare it with the stored one through [`super::transition`].
+    pub status: Status,
+    /// What should have been settled; `None` when reference data is missing.
+    pub expected: Option<Amounts>,
+    /// The sums of the lines; `None` when there are no lines or they mix currencies.
+    pub settled: Option<Amounts>,
+    /// For MISSING_REFERENCE: the data to wait for before evaluating again.
+    pub missing_reference: Option<MissingData>,
+    /// For EXPECTED: once the watermark is past this instant the status changes even if no
+    /// record arrives, so the caller evaluates again then.
+    pub deadline: Option<DateTime<Utc>>,
+    /// For people: the verdict with its numbers.
+    pub reason: String,
+}
+
+/// Decides the status of one payment reference from all its payment events and settlement
+/// lines, the merchant's terms (`None`: unknown merchant) and the event-time `watermark`.
+pub fn evaluate(
+    events: &[PricedEvent<'_>],
+    lines: &[&SettlementLine],
+    terms: Option<&Terms>,
+    watermark: DateTime<Utc>,
+) -> Evaluation {
+    let settled = settled(lines);
+    let verdict = |status, expected, deadline, reason| Evaluation {
+        status,
+        expected,
+        settled,
+        missing_reference: None,
+        deadline,
+        reason,
+    };
+    let missing = |missing: MissingData| Evaluation {
+        reason: format!("{missing}; evaluated again when it arrives"),
+        missing_reference: Some(missing),
+        ..verdict(Status::MissingReference, None, None, String::new())
+    };
+    let Some(terms) = terms else {
+        let merchant_id = (events.first().map(|e| &e.event.merchant_id))
+            .or(lines.first().map(|l| &l.merchant_id));
+        return missing(MissingData::Merchant {
+            merchant_id: merchant_id.cloned().unwrap_or_default(),
+        });
+    };
+    let expected = match expected(events, terms) {
+        Ok(expected) => expected,
+        Err(reference) => return missing(reference),
+    };
+    let currency = terms.settlement_currency;
+    if let Some(line) = lines.iter().find(|l| l.currency != currency) {
+        let reason = format!(
+            "line {} is in {}, but merchant {} is settled in {currency}",
+            line.line_id, line.currency, line.merchant_id
+        );
+        return verdict(Status::CurrencyMismatch, Some(expected), None, reason);
+    }
+    let got = settled.unwrap_or(Amounts::zero(currency));
+    let tolerance = terms.tolerance;
+    let gross_diff = difference("gross", expected.gross, got.gross, tolerance, currency);
+    let fee_diff = difference("fee", expected.fee, got.fee, tolerance, currency);
+    let deadline = deadline(events, lines, terms);
+    let capture_lines = lines.iter().filter(|l| l.gross > Decimal::ZERO).count();
+    let captures = (events.iter())
+        .filter(|e| e.event.kind == PaymentEventKind::Capture)
+        .count();
+
+    // In the precedence order of the module doc.
+    let status =
+        if !events.is_empty() && !lines.is_empty() && gross_diff.is_none() && fee_diff.is_none() {
+            Status::Matched
+        } else if deadline.is_none_or(|d| watermark <= d) {
+            Status::Expected
+        } else if lines.is_empty() {
+            Status::MissingSettlement
+        } else if events.is_empty() {
+            Status::UnexpectedSettlement
+        } else if gross_diff.is_some() && capture_lines > captures && got.gross > expected.gross {
+            Status::OverSettled
+        } else if gross_diff.is_some() {
+            Status::AmountMismatch
+        } else {
+            Status::FeeMismatch
+        };
+
+    let until = deadline.map_or_else(String::new, |d| d.to_rfc3339());
+    let settled_text = settled.map_or_else(|| "nothing".to_owned(), |s| s.to_string());
+    let [gross_diff, fee_diff] = [gross_diff, fee_diff].map(Option::unwrap_or_default);
+    let reason = match status {
+        Status::Matched => format!("settled {got} matches {expected}"),
+        Status::Expected if deadline.is_none() => "no payment event and no settlement line".into(),
+        Status::Expected => {
+            format!("expected {expected}, settled {settled_text}; in time until {until}")
+        }
+        Status::MissingSettlement => {
+            format!("nothing settled of {expected}; deadline {until} passed")
+        }
+        Status::UnexpectedSettlement => {
+            format!("settled {got} with no payment; deadline {until} passed")
+        }
+        Status::OverSettled => {
+            format!("more capture lines ({capture_lines}) than captures ({captures}); {gross_diff}")
+        }
+        Status::AmountMismatch => gross_diff,
+        _ => fee_diff, // FEE_MISMATCH: the other statuses returned above
+    };
+    let deadline = deadline.filter(|_| status == Status::Expected);
+    verdict(status, Some(expected), deadline, reason)
+}
+
+/// Rounds to the currency's minor units, half away from zero (the acquirers' convention).
+fn round(amount: Decimal, currency: Currency) -> Decimal {
+    amount.round_dp_with_strategy(
+        currency.minor_units(),
+        RoundingStrategy::MidpointAwayFromZero,
+    )
+}
+
+/// What the events call for in settlement currency, or the reference data that is missing.
+fn expected(events: &[PricedEvent<'_>], terms: &Terms) -> Result<Amounts, MissingData> {
+    let currency = terms.settlement_currency;
+    let mut amounts = Amounts::zero(currency);
+    for &PricedEvent { event, fx_rate } in events {
+        let rate = match fx_rate {
+            _ if event.currency == currency => Decimal::ONE,
+            Some(rate) => rate,
+            None => {
+                return Err(MissingData::FxRate {
+                    from: event.currency,
+                    to: currency,
+                    at: event.event_time,
+                });
+            }
+        };
+        let gross = round(event.signed_amount() * rate, currency);
+        amounts.gross += gross;
+        if event.kind == PaymentEventKind::Capture {
+            // Rounding after adding the fixed fee equals adding it after rounding whenever it
+            // is in whole minor units, and stays representable if it is not.
+            amounts.fee += round(gross * terms.fee_bps / BPS + terms.fee_fixed, currency);
+        }
+    }
+    amounts.net = amounts.gross - amounts.fee;
+    Ok(amounts)
+}
+
+/// The sums of the lines, if there are any and they share one currency.
+fn settled(lines: &[&SettlementLine]) -> Option<Amounts> {
+    let currency = lines.first()?.currency;
+    lines.iter().try_fold(Amounts::zero(currency), |sum, l| {
+        (l.currency == currency).then(|| Amounts {
+            gross: sum.gross + l.gross,
+            fee: sum.fee + l.fee,
+            net: sum.net + l.net,
+            ..sum
+        })
+    })
+}
+
+/// When the reference becomes due: the later of the two deadlines, each counted from the
+/// latest record on its side; `None` without any record.
+fn deadline(
+    events: &[PricedEvent<'_>],
+    lines: &[&SettlementLine],
+    terms: &Terms,
+) -> Option<DateTime<Utc>> {
+    let after =
+        |t: DateTime<Utc>, d: Duration| t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC);
+    let settlement = (events.iter().map(|e| e.event.event_time).max())
+        .map(|t| after(t, terms.settlement_deadline));
+    let payment =
+        (lines.iter().map(|l| l.event_time).max()).map(|t| after(t, terms.payment_deadline));
+    settlement.max(payment)
+}
+
+/// `Some(explanation)` when `settled` is further from `expected` than the tolerance allows.
+fn difference(
+    what: &str,
+    expected: Decimal,
+    settled: Decimal,
+    tolerance: Tolerance,
+    currency: Currency,
+) -> Option<String> {
+    // Both sides are in whole minor units, so truncating the allowance to them changes no
+    // verdict and prints it the way an operator would write it.
+    let allowed = tolerance.absolute.max(tolerance.relative * expected.abs());
+    let allowed = allowed.round_dp_with_strategy(currency.minor_units(), RoundingStrategy::ToZero);
+    let diff = settled - expected;
+    (diff.abs() > allowed).then(|| {
+        let [settled, expected, diff, allowed] =
+            [settled, expected, diff, allowed].map(|a| money(a, currency));
+        format!(
+            "{what}: settled {settled} {currency}, expected {expected} {currency}, \
+             difference {diff} beyond tolerance {allowed}"
+        )
+    })
+}
+
+/// An amount with at least its currency's decimals, e.g. `0.00`.
+fn money(amount: Decimal, currency: Currency) -> String {
+    let mut amount = amount;
+    if amount.scale() < currency.minor_units() {
+        amount.rescale(currency.minor_units());
+    }
+    amount.to_string()
+}
+
+impl Amounts {
+    fn zero(currency: Currency) -> Self {
+        Amounts {
+            currency,
+            gross: Decimal::ZERO,
+            fee: Decimal::ZERO,
+            net: Decimal::ZERO,
+        }
+    }
+}
+
+impl fmt::Display for Amounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [gross, fee, net] = [self.gross, self.fee, self.net].map(|a| money(a, self.currency));
+        write!(f, "gross {gross} fee {fee} net {net} {}", self.currency)
+    }
+}
+
+impl fmt::Display for MissingData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MissingData::Merchant { merchant_id } => {
+                write!(f, "no terms for merchant {merchant_id:?}")
+            }
+            MissingData::FxRate { from, to, at } => {
+                write!(f, "no {from}->{to} rate as of {}", at.to_rfc3339())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::PaymentEventKind::{Capture, Chargeback, Refund};
+    use crate::reconcile::transition;
+    use Status::*;
+
+    const S: Duration = Duration::seconds(1);
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    /// `"12.50 EUR"` as an amount and its currency.
+    fn money_of(s: &str) -> (Decimal, Currency) {
+        let (amount, code) = s.split_once(' ').unwrap();
+        (d(amount), Currency::from_code(code).unwrap())
+    }
+
+    /// `hours` after the start of every scenario.
+    fn at(hours: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::hours(hours)
+    }
+
+    /// A payment event on reference `p1` and its FX rate (`None` until [`Ev::fx`]).
+    struct Ev(PaymentEvent, Option<Decimal>);
+
+    impl Ev {
+        fn fx(self, rate: &str) -> Ev {
+            Ev(self.0, Some(d(rate)))
+        }
+    }
+
+    fn ev(kind: PaymentEventKind, money: &str, hour: i64) -> Ev {
+        let (amount, currency) = money_of(money);
+        Ev(
+            PaymentEvent {
+                event_id: format!("e-{}-{hour}", kind.as_str()),
+                payment_reference: "p1".into(),
+                merchant_id: "m1".into(),
+                kind,
+                amount,
+                currency,
+                event_time: at(hour),
+                psp_reference: None,
+            },
+            None,
+        )
+    }
+
+    fn cap(money: &str, hour: i64) -> Ev {
+        ev(Capture, money, hour)
+    }
+
+    /// A settlement line of `gross` (with currency) and `fee` (same currency).
+    fn line(gross: &str, fee: &str, hour: i64) -> SettlementLine {
+        let (gross, currency) = money_of(gross);
+        SettlementLine {
+            line_id: format!("l-{gross}-{hour}"),
+            batch_id: format!("b-{hour}"),
+            payment_reference: "p1".into(),
+            merchant_id: "m1".into(),
+            gross,
+            fee: d(fee),
+            net: gross - d(fee),
+            currency,
+            settlement_date: at(hour).date_naive(),
+            event_time: at(hour),
+        }
+    }
+
+    /// 1.50 % per capture, no fixed fee, no tolerance, 48 hours for either side.
+    fn terms(currency: &str) -> Terms {
+        Terms {
+            settlement_currency: Currency::from_code(currency).unwrap(),
+            fee_bps: d("150"),
+            fee_fixed: Decimal::ZERO,
+            tolerance: Tolerance::default(),
+            settlement_deadline: Duration::hours(48),
+            payment_deadline: Duration::hours(48),
+        }
+    }
+
+    fn eur() -> Option<Terms> {
+        Some(terms("EUR"))
+    }
+
+    /// EUR terms with 0.50 EUR or 1 % tolerance.
+    fn tolerant() -> Option<Terms> {
+        let tolerance = Tolerance {
+            absolute: d("0.50"),
+            relative: d("0.01"),
+        };
+        Some(Terms {
+            tolerance,
+            ..terms("EUR")
+        })
+    }
+
+    struct Case {
+        name: &'static str,
+        events: Vec<Ev>,
+        lines: Vec<SettlementLine>,
+        terms: Option<Terms>,
+        watermark: DateTime<Utc>,
+        expected_status: Status,
+    }
+
+    impl Case {
+        fn run(&self) -> Evaluation {
+            let events: Vec<_> = (self.events.iter())
+                .map(|Ev(event, fx_rate)| PricedEvent {
+                    event,
+                    fx_rate: *fx_rate,
+                })
+                .collect();
+            let lines: Vec<_> = self.lines.iter().collect();
+            evaluate(&events, &lines, self.terms.as_ref(), self.watermark)
+        }
+    }
+
+    #[rustfmt::skip]
+    fn cases() -> Vec<Case> {
+        let kwd = Some(Terms { fee_fixed: d("0.100"), ..terms("KWD") });
+        vec![
+            // Matching, at once.
+            Case { name: "a capture settled exactly matches at once",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(25), expected_status: Matched },
+            Case { name: "partial captures and a refund settled line by line match",
+                events: vec![cap("60.00 EUR", 0), cap("40.00 EUR", 1), ev(Refund, "30.00 EUR", 2)],
+                lines: vec![line("60.00 EUR", "0.90", 24), line("40.00 EUR", "0.60", 24),
+                            line("-30.00 EUR", "0", 26)],
+                terms: eur(), watermark: at(30), expected_status: Matched },
+            Case { name: "a chargeback settled back as a negative line matches",
+                events: vec![cap("100.00 EUR", 0), ev(Chargeback, "100.00 EUR", 10)],
+                lines: vec![line("100.00 EUR", "1.50", 24), line("-100.00 EUR", "0", 34)],
+                terms: eur(), watermark: at(40), expected_status: Matched },
+            Case { name: "one capture split over two lines that add up matches",
+                events: vec![cap("100.00 EUR", 0)],
+                lines: vec![line("60.00 EUR", "0.90", 24), line("40.00 EUR", "0.60", 24)],
+                terms: eur(), watermark: at(25), expected_status: Matched },
+            // Rounding at the settlement currency's precision, half away from zero.
+            Case { name: "a EUR fee of half a cent rounds up (0.045 -> 0.05)",
+                events: vec![cap("3.00 EUR", 0)], lines: vec![line("3.00 EUR", "0.05", 24)],
+                terms: eur(), watermark: at(25), expected_status: Matched },
+            Case { name: "a EUR fee rounded half to even (0.04) is a fee mismatch when due",
+                events: vec![cap("3.00 EUR", 0)], lines: vec![line("3.00 EUR", "0.04", 24)],
+                terms: eur(), watermark: at(72) + S, expected_status: FeeMismatch },
+            Case { name: "a JPY fee rounds to whole yen (16.5 -> 17)",
+                events: vec![cap("1100 JPY", 0)], lines: vec![line("1100 JPY", "17", 24)],
+                terms: Some(terms("JPY")), watermark: at(25), expected_status: Matched },
+            Case { name: "a JPY fee of 16 instead of 17 is a fee mismatch when due",
+                events: vec![cap("1100 JPY", 0)], lines: vec![line("1100 JPY", "16", 24)],
+                terms: Some(terms("JPY")), watermark: at(72) + S, expected_status: FeeMismatch },
+            Case { name: "a KWD fee keeps three decimals and adds the fixed fee (0.155 + 0.100)",
+                events: vec![cap("10.300 KWD", 0)], lines: vec![line("10.300 KWD", "0.255", 24)],
+                terms: kwd.clone(), watermark: at(25), expected_status: Matched },
+            Case { name: "a KWD fee one fils short is a fee mismatch when due",
+                events: vec![cap("10.300 KWD", 0)], lines: vec![line("10.300 KWD", "0.254", 24)],
+                terms: kwd, watermark: at(72) + S, expected_status: FeeMismatch },
+            // FX conversion into the settlement currency.
+            Case { name: "a USD payment is settled in EUR at its rate (92.35, fee 1.39)",
+                events: vec![cap("100.00 USD", 0).fx("0.9235")],
+                lines: vec![line("92.35 EUR", "1.39", 24)],
+                terms: eur(), watermark: at(25), expected_status: Matched },
+            Case { name: "each event is converted at its own rate (90.00 - 47.50)",
+                events: vec![cap("100.00 USD", 0).fx("0.90"),
+                             ev(Refund, "50.00 USD", 5).fx("0.95")],
+                lines: vec![line("90.00 EUR", "1.35", 24), line("-47.50 EUR", "0", 29)],
+                terms: eur(), watermark: at(30), expected_status: Matched },
+            Case { name: "each event is rounded before summing (0.505 -> 0.51, twice)",
+                events: vec![cap("1.01 USD", 0).fx("0.5"), cap("1.01 USD", 1).fx("0.5")],
+                lines: vec![line("0.51 EUR", "0.01", 24), line("0.51 EUR", "0.01", 25)],
+                terms: eur(), watermark: at(26), expected_status: Matched },
+            Case { name: "a payment in the settlement currency ignores any rate given",
+                events: vec![cap("100.00 EUR", 0).fx("2")],
+                lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(25), expected_status: Matched },
+            Case { name: "a USD line for a EUR merchant is a currency mismatch at once",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("100.00 USD", "1.50", 24)],
+                terms: eur(), watermark: at(25), expected_status: CurrencyMismatch },
+            Case { name: "a currency mismatch outranks an amount mismatch",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("120.00 USD", "1.50", 24)],
+                terms: eur(), watermark: at(200), expected_status: CurrencyMismatch },
+            // Tolerance edges: max(0.50 EUR, 1 % of expected), both ends included.
+            Case { name: "gross over by exactly the absolute tolerance matches",
+                events: vec![cap("10.00 EUR", 0)], lines: vec![line("10.50 EUR", "0.15", 24)],
+                terms: tolerant(), watermark: at(25), expected_status: Matched },
+            Case { name: "gross short by exactly the absolute tolerance matches",
+                events: vec![cap("10.00 EUR", 0)], lines: vec![line("9.50 EUR", "0.15", 24)],
+                terms: tolerant(), watermark: at(25), expected_status: Matched },
+            Case { name: "gross one cent beyond the absolute tolerance is an amount mismatch",
+                events: vec![cap("10.00 EUR", 0)], lines: vec![line("10.51 EUR", "0.15", 24)],
+                terms: tolerant(), watermark: at(72) + S, expected_status: AmountMismatch },
+            Case { name: "gross over by exactly the relative tolerance matches",
+                events: vec![cap("1000.00 EUR", 0)], lines: vec![line("1010.00 EUR", "15.00", 24)],
+                terms: tolerant(), watermark: at(25), expected_status: Matched },
+            Case { name: "gross one cent beyond the relative tolerance is an amount mismatch",
+                events: vec![cap("1000.00 EUR", 0)], lines: vec![line("1010.01 EUR", "15.00", 24)],
+                terms: tolerant(), watermark: at(72) + S, expected_status: AmountMismatch },
+            Case { name: "a fee off by exactly the tolerance matches",
+                events: vec![cap("10.00 EUR", 0)], lines: vec![line("10.00 EUR", "0.65", 24)],
+                terms: tolerant(), watermark: at(25), expected_status: Matched },
+            Case { name: "a fee one cent beyond the tolerance is a fee mismatch",
+                events: vec![cap("10.00 EUR", 0)], lines: vec![line("10.00 EUR", "0.66", 24)],
+                terms: tolerant(), watermark: at(72) + S, expected_status: FeeMismatch },
+            // Deadlines against the watermark: due only strictly after the deadline.
+            Case { name: "an unsettled capture is expected just before its deadline",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![],
+                terms: eur(), watermark: at(48) - S, expected_status: Expected },
+            Case { name: "an unsettled capture is still expected at its deadline",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![],
+                terms: eur(), watermark: at(48), expected_status: Expected },
+            Case { name: "an unsettled capture is missing just after its deadline",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![],
+                terms: eur(), watermark: at(48) + S, expected_status: MissingSettlement },
+            Case { name: "a later refund restarts the settlement deadline",
+                events: vec![cap("100.00 EUR", 0), ev(Refund, "20.00 EUR", 24)], lines: vec![],
+                terms: eur(), watermark: at(72), expected_status: Expected },
+            Case { name: "a line without payment is expected at its deadline",
+                events: vec![], lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(72), expected_status: Expected },
+            Case { name: "a line without payment is unexpected just after its deadline",
+                events: vec![], lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(72) + S, expected_status: UnexpectedSettlement },
+            Case { name: "a difference waits for the later deadline (the line's)",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("101.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(72), expected_status: Expected },
+            Case { name: "a difference past the deadline is an amount mismatch",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("101.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(72) + S, expected_status: AmountMismatch },
+            Case { name: "a refund whose line has not come yet is expected",
+                events: vec![cap("100.00 EUR", 0), ev(Refund, "40.00 EUR", 30)],
+                lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(78), expected_status: Expected },
+            Case { name: "a refund never settled is an amount mismatch",
+                events: vec![cap("100.00 EUR", 0), ev(Refund, "40.00 EUR", 30)],
+                lines: vec![line("100.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(78) + S, expected_status: AmountMismatch },
+            // Over-settlement: more capture lines than captures, and too much gross.
+            Case { name: "a capture settled again in a later batch is expected until due",
+                events: vec![cap("100.00 EUR", 0)],
+                lines: vec![line("100.00 EUR", "1.50", 24), line("100.00 EUR", "1.50", 48)],
+                terms: eur(), watermark: at(96), expected_status: Expected },
+            Case { name: "a capture settled again in a later batch is over-settled when due",
+                events: vec![cap("100.00 EUR", 0)],
+                lines: vec![line("100.00 EUR", "1.50", 24), line("100.00 EUR", "1.50", 48)],
+                terms: eur(), watermark: at(96) + S, expected_status: OverSettled },
+            Case { name: "a partial capture settled twice is over-settled",
+                events: vec![cap("60.00 EUR", 0), cap("40.00 EUR", 1)],
+                lines: vec![line("60.00 EUR", "0.90", 24), line("40.00 EUR", "0.60", 24),
+                            line("40.00 EUR", "0.60", 25)],
+                terms: eur(), watermark: at(100), expected_status: OverSettled },
+            Case { name: "too much gross on as many lines as captures is an amount mismatch",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("105.00 EUR", "1.50", 24)],
+                terms: eur(), watermark: at(100), expected_status: AmountMismatch },
+            // Missing reference data outranks everything.
+            Case { name: "an unknown merchant is missing reference data",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![],
+                terms: None, watermark: at(1), expected_status: MissingReference },
+            Case { name: "an unknown merchant outranks a line in another currency",
+                events: vec![cap("100.00 EUR", 0)], lines: vec![line("100.00 USD", "1.50", 24)],
+                terms: None, watermark: at(100), expected_status: MissingReference },
+            Case { name: "a USD payment without a rate is missing reference data",
+                events: vec![cap("100.00 USD", 0)], lines: vec![line("92.35 EUR", "1.39", 24)],
+                terms: eur(), watermark: at(25), expected_status: MissingReference },
+            Case { name: "a missing rate outranks a currency mismatch",
+                events: vec![cap("100.00 USD", 0)], lines: vec![line("92.35 GBP", "1.39", 24)],
+                terms: eur(), watermark: at(25), expected_status: MissingReference },
+        ]
+    }
+
+    #[test]
+    fn every_case_gets_its_status() {
+        let failures: Vec<_> = (cases().iter())
+            .map(|case| (case, case.run()))
+            .filter(|(case, got)| got.status != case.expected_status)
+            .map(|(case, got)| {
+                let (want, status, reason) = (case.expected_status, got.status, got.reason);
+                format!("{}: expected {want}, got {status} ({reason})", case.name)
+            })
+            .collect();
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn the_cases_cover_every_status() {
+        let covered: BTreeSet<_> = cases().iter().map(|c| c.expected_status).collect();
+        assert_eq!(covered, Status::ALL.into_iter().collect());
+    }
+
+    fn find(name: &str) -> Evaluation {
+        cases().into_iter().find(|c| c.name == name).unwrap().run()
+    }
+
+    #[test]
+    fn an_evaluation_names_its_numbers() {
+        let fx = find("a USD payment is settled in EUR at its rate (92.35, fee 1.39)");
+        let eur = Currency::from_code("EUR").unwrap();
+        let expected = Amounts {
+            currency: eur,
+            gross: d("92.35"),
+            fee: d("1.39"),
+            net: d("90.96"),
+        };
+        assert_eq!((fx.expected, fx.settled), (Some(expected), Some(expected)));
+
+        let over = find("gross one cent beyond the absolute tolerance is an amount mismatch");
+        let want =
+            "gross: settled 10.51 EUR, expected 10.00 EUR, difference 0.51 beyond tolerance 0.50";
+        assert_eq!(over.reason, want);
+
+        let twice = find("a capture settled again in a later batch is over-settled when due");
+        assert!(
+            twice
+                .reason
+                .starts_with("more capture lines (2) than captures (1); gross: settled 200.00")
+        );
+    }
+
+    #[test]
+    fn missing_reference_data_says_what_to_wait_for() {
+        let merchant = find("an unknown merchant is missing reference data");
+        let want = MissingData::Merchant {
+            merchant_id: "m1".into(),
+        };
+        assert_eq!(
+            (merchant.missing_reference, merchant.expected),
+            (Some(want), None)
+        );
+
+        let rate = find("a USD payment without a rate is missing reference data");
+        let [usd, eur] = ["USD", "EUR"].map(|c| Currency::from_code(c).unwrap());
+        let want = MissingData::FxRate {
+            from: usd,
+            to: eur,
+            at: at(0),
+        };
+        assert_eq!(rate.missing_reference, Some(want));
+        assert_eq!(
+            rate.reason,
+            "no USD->EUR rate as of 2026-01-01T00:00:00+00:00; evaluated again when it arrives"
+        );
+    }
+
+    #[test]
+    fn only_an_expected_reference_carries_the_deadline_to_evaluate_again_at() {
+        let waiting = find("an unsettled capture is still expected at its deadline");
+        assert_eq!(waiting.deadline, Some(at(48)));
+        let missing = find("an unsettled capture is missing just after its deadline");
+        assert_eq!(missing.deadline, None);
+    }
+
+    #[test]
+    fn a_late_settlement_turns_a_missing_settlement_into_a_match() {
+        let capture = cap("100.00 EUR", 0);
+        let events = [PricedEvent {
+            event: &capture.0,
+            fx_rate: None,
+        }];
+        let terms = terms("EUR");
+        let before = evaluate(&events, &[], Some(&terms), at(48) + S);
+        assert_eq!(before.status, MissingSettlement);
+
+        let late = line("100.00 EUR", "1.50", 60);
+        let after = evaluate(&events, &[&late], Some(&terms), at(61));
+        let t = transition(Some(before.status), after.status).unwrap();
+        assert_eq!((t.from, t.to), (Some(MissingSettlement), Matched));
+        assert!(t.resolves_exception());
+        assert_eq!(transition(Some(after.status), after.status), None);
+    }
+}
