@@ -292,6 +292,26 @@ impl Fixture {
         .unwrap();
     }
 
+    /// Produces `records` in a background task at `rate` records/s (0 = unthrottled); the
+    /// task panics if any record is not acknowledged.
+    pub fn produce_in_background(
+        &self,
+        records: Vec<Generated>,
+        encoder: Encoder,
+        rate: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        let producer = self.producer();
+        let (p, s) = (
+            self.kafka.payments_topic.clone(),
+            self.kafka.settlements_topic.clone(),
+        );
+        tokio::spawn(async move {
+            payrecon::simulate::produce(&producer, &encoder, &p, &s, &records, rate, |_| {})
+                .await
+                .expect("producing the simulated records");
+        })
+    }
+
     pub fn producer(&self) -> FutureProducer {
         ClientConfig::new()
             .set("bootstrap.servers", &self.kafka.bootstrap)

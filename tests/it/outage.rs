@@ -12,18 +12,7 @@ async fn terminated_database_connections_and_a_broker_outage_are_survived_exactl
     let (records, expected) =
         payrecon::simulate::generate(&simulation(12_000, 5), encoder.payment_schema_id()).unwrap();
     let service = fx.spawn_service("outage", &[]);
-    let producing = {
-        let producer = fx.producer();
-        let (p, s) = (
-            fx.kafka.payments_topic.clone(),
-            fx.kafka.settlements_topic.clone(),
-        );
-        tokio::spawn(async move {
-            payrecon::simulate::produce(&producer, &encoder, &p, &s, &records, 2_500, |_| {})
-                .await
-                .unwrap();
-        })
-    };
+    let producing = fx.produce_in_background(records, encoder, 2_500);
     wait_for(Duration::from_secs(30), "first commits", || async {
         !fx.db.offsets(&fx.group).await.is_empty()
     })

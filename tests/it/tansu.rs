@@ -150,25 +150,7 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     assert_eq!(total, expected.records);
 
     let first = fx.spawn_service("tansu-first", &[]);
-    let producing = {
-        let producer = fx.producer();
-        let (payments, settlements) = (
-            fx.kafka.payments_topic.clone(),
-            fx.kafka.settlements_topic.clone(),
-        );
-        tokio::spawn(async move {
-            payrecon::simulate::produce(
-                &producer,
-                &encoder,
-                &payments,
-                &settlements,
-                &records,
-                0,
-                |_| {},
-            )
-            .await
-        })
-    };
+    let producing = fx.produce_in_background(records, encoder, 0);
 
     // SIGKILL the first instance mid-stream, once a quarter of the records are applied (a
     // few batches of 5000 committed, the next one being collected or committed).
@@ -190,10 +172,9 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     );
 
     let second = fx.spawn_service("tansu-second", &[]);
-    producing
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("producing to tansu: {e:#}\n{}", broker.log_tail()));
+    if let Err(e) = producing.await {
+        panic!("producing to tansu failed: {e}\n{}", broker.log_tail());
+    }
     println!("tansu: {total} records produced ({:?})", started.elapsed());
     fx.wait_drained(Duration::from_secs(60)).await;
     println!("tansu: drained ({:?})", started.elapsed());
