@@ -56,6 +56,7 @@ pub async fn run(
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let codec = Arc::new(Codec::new(sr));
+    // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
     crate::metrics::register_zeroes(
         &[
