@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::helpers::{Fixture, simulation, wait_for};
 
+/// Logged by the rebalance callback when partitions are taken away.
+const REVOKED: &str = "partitions revoked; in-flight work for them is dropped";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
     let fx = Fixture::new(4).await;
@@ -59,7 +62,7 @@ async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frozen_member_is_fenced_when_it_resumes() {
+async fn a_frozen_member_cannot_commit_its_stale_batch_when_it_resumes() {
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
@@ -91,31 +94,40 @@ async fn a_frozen_member_is_fenced_when_it_resumes() {
     // Past the 6 s session timeout the group moves the zombie's partitions to `healthy`,
     // which commits beyond the offsets the zombie's batch started from.
     tokio::time::sleep(Duration::from_secs(12)).await;
+    let revokes_before = zombie.log_text().matches(REVOKED).count();
     zombie.sigcont();
-    let mut fenced = 0.0;
-    for _ in 0..100 {
-        fenced = zombie
+    // On waking, the zombie either processes its revocation first and drops the stale batch
+    // (the loop polls the group's events and its linger timer in one select), or tries to
+    // commit it first and loses the offset compare-and-set. Which comes first is a race inside
+    // the resumed process; both leave the batch uncommitted, and the exact totals below
+    // (records_applied == next_offset) prove it. The compare-and-set itself is proven
+    // deterministically in fencing.rs.
+    let mut outcome = None;
+    for _ in 0..150 {
+        let fenced = zombie
             .metric("payrecon_batches_total", &["outcome=\"fenced\""])
             .await
             .unwrap_or(0.0);
         if fenced >= 1.0 {
+            outcome = Some("rejected by the offset compare-and-set");
+            break;
+        }
+        if zombie.log_text().matches(REVOKED).count() > revokes_before {
+            outcome = Some("dropped on revocation");
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        fenced >= 1.0,
-        "the zombie's stale batch was not fenced:\n{}",
-        fx.log_tail()
-    );
+    let outcome = outcome.unwrap_or_else(|| {
+        panic!(
+            "the resumed zombie neither lost its partitions nor was fenced:\n{}",
+            fx.log_tail()
+        )
+    });
+    println!("zombie's stale batch: {outcome}");
     producing.await.unwrap();
     fx.wait_drained(Duration::from_secs(90)).await;
     fx.assert_exact(&expected).await;
-    assert!(
-        zombie
-            .log_text()
-            .contains("stale batch rejected by the offset compare-and-set")
-    );
     for s in [zombie, healthy] {
         assert_eq!(s.terminate(Duration::from_secs(20)).await, Some(0));
     }
