@@ -171,7 +171,11 @@ async fn advance_offsets(
         return Ok(());
     }
     // Name one partition that failed, for the log; the whole batch is rejected either way.
-    let stored = Store::load_offsets_in(tx, group, progress).await?;
+    let partitions: Vec<_> = progress
+        .iter()
+        .map(|p| (p.topic.clone(), p.partition))
+        .collect();
+    let stored = super::stored_offsets(&mut **tx, group, &partitions).await?;
     let stale = progress
         .iter()
         .find(|p| stored.get(&(p.topic.clone(), p.partition)).copied() != Some(p.next_offset))
@@ -180,29 +184,6 @@ async fn advance_offsets(
         topic: stale.topic.clone(),
         partition: stale.partition,
     })
-}
-
-impl Store {
-    async fn load_offsets_in(
-        tx: &mut Transaction<'_, Postgres>,
-        group: &str,
-        progress: &[PartitionProgress],
-    ) -> Result<std::collections::HashMap<(String, i32), i64>, sqlx::Error> {
-        let topics: Vec<String> = progress.iter().map(|p| p.topic.clone()).collect();
-        let parts: Vec<i32> = progress.iter().map(|p| p.partition).collect();
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-            "SELECT o.topic, o.partition, o.next_offset FROM consumer_offsets o
-               JOIN UNNEST($2::text[], $3::int[]) AS p(topic, partition)
-                 ON o.topic = p.topic AND o.partition = p.partition
-              WHERE o.consumer_group = $1",
-        )
-        .bind(group)
-        .bind(&topics)
-        .bind(&parts)
-        .fetch_all(&mut **tx)
-        .await?;
-        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
-    }
 }
 
 /// Inserts payment events (ignoring known ids) and adds the inserted ones to the totals,

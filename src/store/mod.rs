@@ -67,6 +67,29 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
 /// A (topic, partition) pair.
 pub type TopicPartition = (String, i32);
 
+/// Stored `next_offset` of each requested partition, on the pool or inside a transaction
+/// (the batch commit names the partition that lost its compare-and-set).
+pub(crate) async fn stored_offsets<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    group: &str,
+    partitions: &[TopicPartition],
+) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
+    let (topics, parts): (Vec<String>, Vec<i32>) = partitions.iter().cloned().unzip();
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT o.topic, o.partition, o.next_offset
+           FROM consumer_offsets o
+           JOIN UNNEST($2::text[], $3::int[]) AS p(topic, partition)
+             ON o.topic = p.topic AND o.partition = p.partition
+          WHERE o.consumer_group = $1",
+    )
+    .bind(group)
+    .bind(&topics)
+    .bind(&parts)
+    .fetch_all(executor)
+    .await?;
+    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+}
+
 /// Where a partition stands in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredPosition {
@@ -102,20 +125,7 @@ impl Store {
         group: &str,
         partitions: &[TopicPartition],
     ) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
-        let (topics, parts): (Vec<String>, Vec<i32>) = partitions.iter().cloned().unzip();
-        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-            "SELECT o.topic, o.partition, o.next_offset
-               FROM consumer_offsets o
-               JOIN UNNEST($2::text[], $3::int[]) AS p(topic, partition)
-                 ON o.topic = p.topic AND o.partition = p.partition
-              WHERE o.consumer_group = $1",
-        )
-        .bind(group)
-        .bind(&topics)
-        .bind(&parts)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+        stored_offsets(&self.pool, group, partitions).await
     }
 
     /// Every stored position of a group, with the broker time of its last applied record
