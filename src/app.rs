@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::codec::{Codec, registry_settings};
 use crate::config::Settings;
 use crate::kafka::{ConsumerLoop, LoopEvent};
-use crate::store::Store;
+use crate::reference::ReferenceCache;
+use crate::store::{Reconciler, Store};
 
 /// Connects to PostgreSQL, retrying with backoff (the database may start after us) until
 /// `shutdown`.
@@ -65,11 +66,73 @@ pub async fn run(
         ],
         &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
     );
-    let consumer = ConsumerLoop::new(&settings, store.clone(), codec, shutdown.clone(), observer)?;
+    // Reference data is loaded before the first batch, so no batch judges with an empty
+    // cache; afterwards it refreshes in the background.
+    let cache = Arc::new(ReferenceCache::default());
+    let mut backoff = settings.pipeline.retry_initial_backoff;
+    while let Err(e) = cache.reload(&store).await {
+        tracing::warn!(error = %e, retry_in = ?backoff, "cannot load reference data; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("shutdown before reference data loaded"),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
+    }
+    let input_partitions = loop {
+        match crate::kafka::partition_count(
+            &settings.kafka.client_config(),
+            &[
+                &settings.kafka.payments_topic,
+                &settings.kafka.settlements_topic,
+            ],
+        ) {
+            Ok(n) => break n,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot read the input topics' partitions; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("shutdown before the broker answered"),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
+            }
+        }
+    };
+    let reconciler = Reconciler::new(
+        &settings.reconciliation,
+        cache.clone(),
+        Some(input_partitions),
+    );
+    let consumer = ConsumerLoop::new(
+        &settings,
+        store.clone(),
+        codec,
+        reconciler.clone(),
+        shutdown.clone(),
+        observer,
+    )?;
 
     let tracker = TaskTracker::new();
     // A failing part cancels the others through this child token.
     let stop = shutdown.child_token();
+    tracker.spawn(cache.clone().refresh_forever(
+        store.clone(),
+        settings.reconciliation.reference_full_reload,
+        stop.clone(),
+    ));
+    tracker.spawn(reevaluate_in_background(
+        store.clone(),
+        reconciler.clone(),
+        settings.kafka.group_id.clone(),
+        settings.pipeline.retry_max_backoff,
+        stop.clone(),
+    ));
+    if settings.exceptions.relay_enabled {
+        tracker.spawn(crate::outbox::run_relay(
+            settings.clone(),
+            store.clone(),
+            stop.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(settings.http.listen)
         .await
         .with_context(|| format!("binding the HTTP endpoint on {}", settings.http.listen))?;
@@ -118,6 +181,77 @@ pub async fn run(
     }
     store.pool().close().await;
     result
+}
+
+/// `host/pid`: who committed a batch or evaluated an item.
+pub fn instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// Re-evaluates items without waiting for new records: after every reference-data reload
+/// the items that waited for reference data (an unknown merchant or FX rate that has now
+/// arrived), and every second the items the watermark made due beyond what the batches
+/// swept themselves.
+pub async fn reevaluate_in_background(
+    store: Store,
+    reconciler: Reconciler,
+    group: String,
+    max_backoff: Duration,
+    stop: CancellationToken,
+) {
+    let mut reloads = reconciler.cache.subscribe();
+    let instance = instance_id();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let reference_changed = tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = reloads.changed() => {
+                if changed.is_err() { return }
+                true
+            }
+            _ = tick.tick() => false,
+        };
+        let result = if reference_changed {
+            store
+                .reevaluate_missing_reference(&group, &instance, &reconciler, 1000)
+                .await
+        } else {
+            store
+                .reevaluate_due(&group, &instance, &reconciler, 1000)
+                .await
+        };
+        match result {
+            Ok(outcome) => {
+                backoff = Duration::from_millis(100);
+                crate::metrics::reconciled(&outcome);
+                if outcome.evaluated > 0 {
+                    tracing::info!(
+                        evaluated = outcome.evaluated,
+                        opened = outcome.exceptions_opened,
+                        resolved = outcome.exceptions_resolved,
+                        reference_changed,
+                        "re-evaluated waiting items"
+                    );
+                }
+            }
+            Err(e) => {
+                crate::metrics::transient_error("database");
+                tracing::warn!(error = %e, retry_in = ?backoff, "background re-evaluation failed; retrying");
+                if reference_changed {
+                    // Do not lose the reload: evaluate the waiting items again after the pause.
+                    reloads.mark_changed();
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

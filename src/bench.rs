@@ -55,6 +55,24 @@ pub struct BenchReport {
     pub peak_rss_mib: f64,
 }
 
+/// Loads the simulation's reference data and returns a reconciler with a loaded cache.
+async fn load_reference(
+    store: &Store,
+    sim: &SimulationOptions,
+    settings: &Settings,
+) -> anyhow::Result<crate::store::Reconciler> {
+    let (merchants, rates) = crate::simulate::reference_data(sim)?;
+    store.upsert_merchants(&merchants).await?;
+    store.upsert_rates(&rates).await?;
+    let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
+    cache.reload(store).await?;
+    Ok(crate::store::Reconciler::new(
+        &settings.reconciliation,
+        cache,
+        None,
+    ))
+}
+
 async fn fresh_database(admin: &PgConnectOptions, tag: &str) -> anyhow::Result<(String, String)> {
     let name = format!("payrecon_bench_{tag}_{}", std::process::id());
     crate::store::recreate_database(admin, &name).await?;
@@ -89,11 +107,12 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
             .await?,
     );
     store.migrate().await?;
+    let reconciler = load_reference(&store, &sim, &settings).await?;
     let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
     let started = Instant::now();
     for b in &batches {
         store
-            .commit_batch("bench", "bench", b)
+            .commit_batch("bench", "bench", b, &reconciler)
             .await
             .context("store-only commit")?;
     }
@@ -113,6 +132,12 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     })
     .await?;
     let (db2, url2) = fresh_database(&admin, "e2e").await?;
+    {
+        let store = Store::new(sqlx::postgres::PgPoolOptions::new().connect(&url2).await?);
+        store.migrate().await?;
+        load_reference(&store, &sim, &settings).await?;
+        store.pool().close().await;
+    }
     settings.database.url = SecretString::from(url2);
     settings.kafka.bootstrap_servers = bootstrap;
     settings.kafka.payments_topic = payments_topic.into();

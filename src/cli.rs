@@ -43,6 +43,10 @@ pub enum Command {
         /// Create the input topics with this many partitions if missing.
         #[arg(long)]
         create_topics: Option<i32>,
+        /// Load the simulation's reference data (merchants, FX rates) into the configured
+        /// database first, so the records can be priced.
+        #[arg(long)]
+        load_reference: bool,
     },
     /// Run the whole job on embedded defaults: mock Kafka, embedded registry, PostgreSQL,
     /// simulator and service; check the result against the simulator's expected totals.
@@ -166,8 +170,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate {
             options,
             create_topics,
+            load_reference,
         } => {
-            simulate(&settings, &options, create_topics).await?;
+            simulate(&settings, &options, create_topics, load_reference).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(options) => crate::demo::run(settings, options).await,
@@ -190,8 +195,21 @@ pub async fn simulate(
     settings: &Settings,
     options: &crate::simulate::SimulationOptions,
     create_topics: Option<i32>,
+    load_reference: bool,
 ) -> anyhow::Result<crate::domain::Totals> {
     let k = &settings.kafka;
+    let options = &options.clone().with_rules(&settings.reconciliation);
+    if load_reference {
+        let (merchants, rates) = crate::simulate::reference_data(options)?;
+        let store =
+            crate::app::connect_store(settings, &tokio_util::sync::CancellationToken::new())
+                .await?;
+        store.migrate().await?;
+        let m = store.upsert_merchants(&merchants).await?;
+        let r = store.upsert_rates(&rates).await?;
+        println!("loaded reference data: {m} merchant versions, {r} FX rate versions");
+        store.pool().close().await;
+    }
     if let Some(partitions) = create_topics {
         crate::kafka::ensure_topics(
             &k.client_config(),
@@ -291,6 +309,9 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             let codec = crate::codec::Codec::new(sr);
+            let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
+            cache.reload(&store).await?;
+            let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None);
             let (mut applied, mut failing) = (0, 0);
             for (id, topic, partition, offset, payload) in store.open_dead_letters(&ids).await? {
                 let stream = if topic == settings.kafka.settlements_topic {
@@ -301,7 +322,15 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
                 match codec.decode(stream, payload.as_deref()).await {
                     Ok(record) => {
                         store
-                            .apply_replayed(id, &topic, partition, offset, record)
+                            .apply_replayed(
+                                id,
+                                &topic,
+                                partition,
+                                offset,
+                                record,
+                                &settings.kafka.group_id,
+                                &reconciler,
+                            )
                             .await?;
                         applied += 1;
                     }

@@ -31,6 +31,8 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub reconciliation: ReconciliationSettings,
+    pub exceptions: ExceptionsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +86,47 @@ pub struct PipelineSettings {
     pub retry_max_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub lag_refresh_interval: Duration,
+}
+
+/// Global matching rules; a merchant's reference data can override tolerances and deadlines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconciliationSettings {
+    /// Absolute tolerance in settlement currency (a decimal string, e.g. "0.01").
+    #[serde(with = "rust_decimal::serde::str")]
+    pub tolerance_abs: rust_decimal::Decimal,
+    /// Relative tolerance as a fraction of the expected amount (e.g. "0.0001" = 1 bp).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub tolerance_rel: rust_decimal::Decimal,
+    /// How long after its last payment event a reference may still be settled.
+    #[serde(with = "humantime_serde")]
+    pub settlement_deadline: Duration,
+    /// How long after a settlement line its payment event may still arrive.
+    #[serde(with = "humantime_serde")]
+    pub payment_deadline: Duration,
+    /// The event-time watermark is the highest event time seen minus this.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// Items the watermark made due that one batch re-evaluates at most (the rest follow in
+    /// the next batches).
+    pub due_sweep_limit: i64,
+    /// Full reload of the reference cache, besides the reload on every change notification.
+    #[serde(with = "humantime_serde")]
+    pub reference_full_reload: Duration,
+}
+
+/// The exceptions topic and the outbox relay that publishes to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExceptionsSettings {
+    pub topic: String,
+    /// Whether this instance competes for the relay (exactly one instance holds it).
+    pub relay_enabled: bool,
+    /// Outbox rows published per round; the relay marks them published after every ack.
+    pub relay_batch: i64,
+    /// How often the relay looks for new outbox rows when it found none.
+    #[serde(with = "humantime_serde")]
+    pub relay_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -199,6 +199,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     ] {
         cluster.create_topic(topic, o.partitions, 1)?;
     }
+    cluster.create_topic(&settings.exceptions.topic, 1, 1)?;
     println!(
         "embedded Kafka:           {bootstrap}  (topics {}, {}; {} partitions each)",
         settings.kafka.payments_topic, settings.kafka.settlements_topic, o.partitions
@@ -223,6 +224,30 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         settings.http.listen
     );
 
+    // The simulation's reference data (merchants, FX rates), loaded before the service
+    // starts so its first batch prices with it.
+    let sim = crate::simulate::SimulationOptions {
+        payments: o.payments,
+        malformed: o.malformed,
+        rate: o.rate,
+        unknown_merchant_share: 0.0,
+        ..Default::default()
+    }
+    .with_rules(&settings.reconciliation);
+    {
+        let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
+        store.migrate().await?;
+        let (merchants, rates) = crate::simulate::reference_data(&sim)?;
+        store.upsert_merchants(&merchants).await?;
+        store.upsert_rates(&rates).await?;
+        println!(
+            "reference data:           {} merchants, {} FX rate versions",
+            merchants.len(),
+            rates.len()
+        );
+        store.pool().close().await;
+    }
+
     // The service.
     let shutdown = CancellationToken::new();
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -232,15 +257,9 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         Some(events_tx),
     ));
     // The simulator.
-    let sim = crate::simulate::SimulationOptions {
-        payments: o.payments,
-        malformed: o.malformed,
-        rate: o.rate,
-        ..Default::default()
-    };
     let sim_settings = settings.clone();
     let producer =
-        tokio::spawn(async move { crate::cli::simulate(&sim_settings, &sim, None).await });
+        tokio::spawn(async move { crate::cli::simulate(&sim_settings, &sim, None, false).await });
 
     let mut expected: Option<Totals> = None;
     let mut applied: i64 = 0;
@@ -298,6 +317,23 @@ async fn summarize(
     fenced: u32,
 ) -> anyhow::Result<ExitCode> {
     let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    // Everything is consumed; wait for the last due items to be judged and the last
+    // exceptions to be published.
+    let lateness = crate::store::Rules::from_settings(&settings.reconciliation).allowed_lateness;
+    let waited = Instant::now();
+    loop {
+        let backlog = store
+            .reconciliation_backlog(&settings.kafka.group_id, lateness)
+            .await?;
+        if backlog.due == 0 && backlog.unpublished == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(60),
+            "reconciliation did not catch up within 60 s: {backlog:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let running = store.running_totals(&settings.kafka.group_id).await?;
     let recomputed = store.recomputed_totals(&settings.kafka.group_id).await?;
     println!();
@@ -337,7 +373,54 @@ async fn summarize(
             expected.payments.len() - 12
         );
     }
+    println!();
+    println!(
+        "{:<24} {:>8} {:>9}",
+        "reconciliation status", "found", "expected"
+    );
+    let statuses: std::collections::BTreeSet<&String> = expected
+        .statuses
+        .keys()
+        .chain(running.statuses.keys())
+        .collect();
+    for status in statuses {
+        println!(
+            "{status:<24} {:>8} {:>9}",
+            running.statuses.get(status).copied().unwrap_or(0),
+            expected.statuses.get(status).copied().unwrap_or(0)
+        );
+    }
     let mut differences = expected.differences(&running);
+    // The exceptions topic holds every outbox row exactly once.
+    let outbox = store.outbox_seqs().await?;
+    let mut on_topic = crate::outbox::topic_seqs(settings).await?;
+    let published = on_topic.len();
+    on_topic.sort_unstable();
+    on_topic.dedup();
+    println!(
+        "exceptions topic:   {published} messages for {} outbox rows ({} distinct seqs)",
+        outbox.len(),
+        on_topic.len()
+    );
+    if published != on_topic.len() {
+        differences.push(format!(
+            "exceptions topic: {} duplicate messages",
+            published - on_topic.len()
+        ));
+    }
+    if on_topic != outbox {
+        differences.push(format!(
+            "exceptions topic: {} outbox rows, {} distinct seqs published",
+            outbox.len(),
+            on_topic.len()
+        ));
+    }
+    let daily = store.daily_totals_differences().await?;
+    differences.extend(
+        daily
+            .into_iter()
+            .map(|d| format!("merchant_daily_totals vs rows: {d}")),
+    );
     differences.extend(
         running
             .differences(&Totals {
@@ -351,7 +434,7 @@ async fn summarize(
     println!();
     if differences.is_empty() {
         println!(
-            "RESULT: MATCH: every expected event, line, total and dead letter is in PostgreSQL exactly once"
+            "RESULT: MATCH: every expected event, line, total, dead letter and reconciliation status is in PostgreSQL exactly once; every exception is on the topic exactly once"
         );
         Ok(ExitCode::SUCCESS)
     } else {

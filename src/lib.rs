@@ -37,6 +37,7 @@ pub mod domain;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod outbox;
 pub mod reconcile;
 pub mod reference;
 pub mod registry;

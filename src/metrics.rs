@@ -25,6 +25,12 @@ pub const COMMIT_LAG_SECONDS: &str = "payrecon_commit_lag_seconds";
 pub const PARTITION_ASSIGNED: &str = "payrecon_partition_assigned";
 pub const LAG_REFRESH_ERRORS: &str = "payrecon_commit_lag_refresh_errors_total";
 pub const LAG_REFRESHED: &str = "payrecon_commit_lag_last_refresh_timestamp_seconds";
+pub const STATUS_CHANGES: &str = "payrecon_reconciliation_status_changes_total";
+pub const EXCEPTIONS: &str = "payrecon_reconciliation_exceptions_total";
+pub const WATERMARK: &str = "payrecon_reconciliation_watermark_timestamp_seconds";
+pub const EXCEPTIONS_PUBLISHED: &str = "payrecon_exceptions_published_total";
+pub const OUTBOX_PENDING: &str = "payrecon_exceptions_outbox_pending";
+pub const REFERENCE_LOADED: &str = "payrecon_reference_cache_loaded_timestamp_seconds";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -113,6 +119,32 @@ fn describe() {
         metrics::Unit::Seconds,
         "Unix time of the last successful commit-lag refresh; an old value means the lag gauges are stale."
     );
+    describe_counter!(
+        STATUS_CHANGES,
+        "Reconciliation status changes, by the status entered and whether it is an exception (anything but MATCHED and EXPECTED)."
+    );
+    describe_counter!(
+        EXCEPTIONS,
+        "Exceptions opened (an item entered an exception status) and resolved (it left one); each is one message for the exceptions topic."
+    );
+    describe_gauge!(
+        WATERMARK,
+        metrics::Unit::Seconds,
+        "The event-time watermark of the last batch (highest event time seen minus allowed lateness), as Unix time; deadlines are judged against it."
+    );
+    describe_counter!(
+        EXCEPTIONS_PUBLISHED,
+        "Outbox rows published to the exceptions topic by this instance's relay (acknowledged by the broker)."
+    );
+    describe_gauge!(
+        OUTBOX_PENDING,
+        "Outbox rows not yet published, as last seen by the active relay (0 on standby instances)."
+    );
+    describe_gauge!(
+        REFERENCE_LOADED,
+        metrics::Unit::Seconds,
+        "Unix time the reference-data cache was last (re)loaded."
+    );
     describe_gauge!(
         COMMIT_LAG,
         "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
@@ -129,13 +161,22 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
     for outcome in ["committed", "fenced", "retried"] {
         counter!(BATCHES, "outcome" => outcome).absolute(0);
     }
-    for source in ["database", "registry", "broker"] {
+    for source in ["database", "registry", "broker", "relay"] {
         counter!(TRANSIENT_ERRORS, "source" => source).absolute(0);
     }
     for kind in ["assign", "revoke", "error"] {
         counter!(REBALANCES, "kind" => kind).absolute(0);
     }
     counter!(LAG_REFRESH_ERRORS).absolute(0);
+    for status in crate::reconcile::Status::ALL {
+        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(status))
+            .absolute(0);
+    }
+    for event in ["opened", "resolved"] {
+        counter!(EXCEPTIONS, "event" => event).absolute(0);
+    }
+    counter!(EXCEPTIONS_PUBLISHED).absolute(0);
+    gauge!(OUTBOX_PENDING).set(0.0);
     gauge!(ASSIGNED_PARTITIONS).set(0.0);
     for topic in topics {
         for outcome in ["applied", "duplicate", "dead_lettered"] {
@@ -146,6 +187,41 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
         }
         counter!(OFFSET_GAPS, "topic" => topic.to_string()).absolute(0);
     }
+}
+
+fn exception_label(status: crate::reconcile::Status) -> &'static str {
+    if status.is_exception() {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+/// What reconciliation changed in one committed transaction.
+pub fn reconciled(outcome: &crate::store::ReconcileOutcome) {
+    for (status, n) in &outcome.status_changes {
+        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(*status))
+            .increment(*n);
+    }
+    counter!(EXCEPTIONS, "event" => "opened").increment(outcome.exceptions_opened);
+    counter!(EXCEPTIONS, "event" => "resolved").increment(outcome.exceptions_resolved);
+    if let Some(w) = outcome
+        .watermark
+        .filter(|w| *w > chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
+    {
+        gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
+    }
+}
+
+/// The relay published `n` outbox rows; `pending` remain.
+pub fn exceptions_published(n: u64, pending: i64) {
+    counter!(EXCEPTIONS_PUBLISHED).increment(n);
+    gauge!(OUTBOX_PENDING).set(pending as f64);
+}
+
+/// The reference cache was reloaded.
+pub fn reference_loaded(unix_seconds: f64) {
+    gauge!(REFERENCE_LOADED).set(unix_seconds);
 }
 
 /// One batch committed.

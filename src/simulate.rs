@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::{Rng, SeedableRng};
@@ -16,10 +16,14 @@ use rand_chacha::ChaCha8Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rust_decimal::Decimal;
 
+use std::collections::BTreeMap;
+
 use crate::codec::{Encoder, frame, payment_to_value};
 use crate::domain::{
     Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
 };
+use crate::reconcile::Status;
+use crate::reference::{FxRate, MerchantStatus, MerchantVersion, Snapshot};
 
 /// What to generate.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,7 +46,8 @@ pub struct SimulationOptions {
     /// Share of payments partially refunded (0..1).
     #[arg(long, default_value_t = 0.1)]
     pub refund_share: f64,
-    /// Share of payments whose settlement is wrong or missing (0..1).
+    /// Share of payments whose settlement is wrong or missing (0..1): missing, amount, fee,
+    /// settled twice or in the wrong currency, in equal parts.
     #[arg(long, default_value_t = 0.02)]
     pub mismatch_share: f64,
     /// Share of records sent twice (same id: must be applied once).
@@ -60,6 +65,47 @@ pub struct SimulationOptions {
     /// Event time of the first payment (RFC 3339); default 2026-01-01T00:00:00Z.
     #[arg(long)]
     pub start_time: Option<DateTime<Utc>>,
+    /// Event time the payments are spread over.
+    #[arg(long, default_value = "10days", value_parser = humantime::parse_duration)]
+    pub span: Duration,
+    /// Share of settlement lines for payments that never come (UNEXPECTED_SETTLEMENT).
+    #[arg(long, default_value_t = 0.005)]
+    pub unexpected_share: f64,
+    /// Share of payments for merchants missing from the reference data (MISSING_REFERENCE).
+    #[arg(long, default_value_t = 0.0)]
+    pub unknown_merchant_share: f64,
+    /// The service's reconciliation.settlement_deadline, to predict the statuses
+    /// (`payrecon simulate` takes it from the configuration).
+    #[arg(skip = Duration::from_secs(72 * 3600))]
+    pub settlement_deadline: Duration,
+    /// The service's reconciliation.payment_deadline.
+    #[arg(skip = Duration::from_secs(72 * 3600))]
+    pub payment_deadline: Duration,
+    /// The service's reconciliation.allowed_lateness.
+    #[arg(skip = Duration::from_secs(3600))]
+    pub allowed_lateness: Duration,
+}
+
+impl SimulationOptions {
+    /// Predicts statuses with the service's deadlines and lateness.
+    pub fn with_rules(mut self, r: &crate::config::ReconciliationSettings) -> Self {
+        self.settlement_deadline = r.settlement_deadline;
+        self.payment_deadline = r.payment_deadline;
+        self.allowed_lateness = r.allowed_lateness;
+        self
+    }
+
+    fn settlement_deadline_chrono(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.settlement_deadline).unwrap_or(chrono::Duration::MAX)
+    }
+
+    fn payment_deadline_chrono(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.payment_deadline).unwrap_or(chrono::Duration::MAX)
+    }
+
+    fn allowed_lateness_chrono(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.allowed_lateness).unwrap_or(chrono::Duration::zero())
+    }
 }
 
 impl Default for SimulationOptions {
@@ -106,11 +152,44 @@ fn round(amount: Decimal, currency: Currency) -> Decimal {
     )
 }
 
-/// Generates the records (in production order) and their expected totals.
-pub fn generate(
-    o: &SimulationOptions,
-    encoder_payment_schema_id: u32,
-) -> anyhow::Result<(Vec<Generated>, ExpectedTotals)> {
+/// Everything a simulation produces and expects.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    /// The records, in production order.
+    pub records: Vec<Generated>,
+    /// What PostgreSQL must hold once every record is consumed.
+    pub totals: ExpectedTotals,
+    /// The status each payment reference must end in.
+    pub statuses: BTreeMap<String, Status>,
+    /// The reference data the records were priced with (load it before consuming).
+    pub merchants: Vec<MerchantVersion>,
+    pub rates: Vec<FxRate>,
+}
+
+/// A fault injected into one payment; the status it must be found with once due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    MissingSettlement,
+    AmountMismatch,
+    FeeMismatch,
+    OverSettled,
+    CurrencyMismatch,
+}
+
+/// Value of one unit of a currency in EUR, to derive consistent cross rates.
+fn unit_value(c: Currency) -> Decimal {
+    match c.code() {
+        "EUR" => Decimal::ONE,
+        "USD" => Decimal::new(92, 2),
+        "GBP" => Decimal::new(117, 2),
+        "JPY" => Decimal::new(62, 4),
+        "CHF" => Decimal::new(105, 2),
+        _ => Decimal::new(50, 2),
+    }
+}
+
+fn parse_currencies(o: &SimulationOptions) -> anyhow::Result<Vec<Currency>> {
     let currencies: Vec<Currency> = o
         .currencies
         .iter()
@@ -118,21 +197,125 @@ pub fn generate(
         .collect::<Result<_, _>>()?;
     anyhow::ensure!(!currencies.is_empty(), "at least one currency is needed");
     anyhow::ensure!(o.merchants > 0, "at least one merchant is needed");
+    Ok(currencies)
+}
+
+fn start_of(o: &SimulationOptions) -> DateTime<Utc> {
+    o.start_time
+        .unwrap_or_else(|| Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap())
+}
+
+/// The simulation's reference data: `merchant-NNN` settled in the currencies in turn, 150 bps
+/// (plus 0.25 fixed for even merchants whose currency has cents); FX rates for every ordered
+/// pair, valid from a day before the start, and a second version 2% higher from 5 days in
+/// (so events before and after it are priced differently).
+pub fn reference_data(
+    o: &SimulationOptions,
+) -> anyhow::Result<(Vec<MerchantVersion>, Vec<FxRate>)> {
+    let currencies = parse_currencies(o)?;
+    let start = start_of(o);
+    let merchants = (0..o.merchants)
+        .map(|k| {
+            let currency = currencies[k as usize % currencies.len()];
+            MerchantVersion {
+                merchant_id: format!("merchant-{k:03}"),
+                valid_from: start - chrono::Duration::days(1),
+                name: format!("Simulated merchant {k}"),
+                settlement_currency: currency,
+                fee_bps: Decimal::new(150, 0),
+                fee_fixed: if k % 2 == 0 && currency.minor_units() >= 2 {
+                    Decimal::new(25, 2)
+                } else {
+                    Decimal::ZERO
+                },
+                status: MerchantStatus::Active,
+                tolerance_abs: None,
+                tolerance_rel: None,
+                settlement_deadline: None,
+                payment_deadline: None,
+            }
+        })
+        .collect();
+    let mut rates = Vec::new();
+    for &base in &currencies {
+        for &quote in &currencies {
+            if base == quote {
+                continue;
+            }
+            let rate = (unit_value(base) / unit_value(quote)).round_dp(6);
+            rates.push(FxRate {
+                base,
+                quote,
+                valid_from: start - chrono::Duration::days(1),
+                rate,
+            });
+            rates.push(FxRate {
+                base,
+                quote,
+                valid_from: start + chrono::Duration::days(5),
+                rate: (rate * Decimal::new(102, 2)).round_dp(6),
+            });
+        }
+    }
+    Ok((merchants, rates))
+}
+
+/// Generates the records (in production order) and their expected totals.
+pub fn generate(
+    o: &SimulationOptions,
+    encoder_payment_schema_id: u32,
+) -> anyhow::Result<(Vec<Generated>, ExpectedTotals)> {
+    let s = simulate(o, encoder_payment_schema_id)?;
+    Ok((s.records, s.totals))
+}
+
+/// Generates a whole simulation: records, reference data, expected totals and statuses.
+pub fn simulate(
+    o: &SimulationOptions,
+    encoder_payment_schema_id: u32,
+) -> anyhow::Result<Simulation> {
+    let currencies = parse_currencies(o)?;
+    let (merchants, rates) = reference_data(o)?;
+    let snapshot = Snapshot::new(merchants.clone(), rates.clone(), 0);
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
-    let start = o
-        .start_time
-        .unwrap_or_else(|| Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap());
+    let start = start_of(o);
+    let span = chrono::Duration::from_std(o.span).unwrap_or(chrono::Duration::days(10));
+    let spacing = span / (o.payments.max(1) as i32);
     let mut out = Vec::new();
     let mut late = Vec::new();
     let mut expected = ExpectedTotals::default();
-    let fee_bps = Decimal::new(150, 4); // 1.50 %
+    let mut statuses = BTreeMap::new();
+    let faults = [
+        Fault::MissingSettlement,
+        Fault::AmountMismatch,
+        Fault::FeeMismatch,
+        Fault::OverSettled,
+        Fault::CurrencyMismatch,
+    ];
+    // Faults go only into payments whose deadlines every partition's watermark will have
+    // passed by the end (a day to spare): the watermark is the lowest over partitions, which
+    // depends on how keys fall on partitions, so a fault nearer the end could be judged
+    // either way.
+    let last = start + spacing * (o.payments.saturating_sub(1) as i32);
+    let judged_by = last
+        - o.allowed_lateness_chrono()
+        - o.settlement_deadline_chrono()
+            .max(chrono::Duration::hours(24) + o.payment_deadline_chrono())
+        - chrono::Duration::days(1);
     for i in 0..o.payments {
-        let merchant = format!("merchant-{:03}", rng.random_range(0..o.merchants));
+        let t = start + spacing * (i as i32);
+        let in_window = t < judged_by;
+        let unknown = rng.random_bool(o.unknown_merchant_share.clamp(0.0, 1.0));
+        let k = rng.random_range(0..o.merchants);
+        let merchant = if unknown {
+            format!("merchant-unknown-{k:03}")
+        } else {
+            format!("merchant-{k:03}")
+        };
         let currency = currencies[rng.random_range(0..currencies.len())];
         let scale = currency.minor_units();
         let minor: i64 = rng.random_range(100..100_000) * 10i64.pow(scale) / 100;
         let amount = Decimal::new(minor.max(1), scale);
-        let t = start + chrono::Duration::milliseconds(i as i64 * 10);
         let reference = format!("pay-{}-{i}", o.seed);
         let capture = PaymentEvent {
             event_id: format!("evt-{}-{i}-c", o.seed),
@@ -160,31 +343,50 @@ pub fn generate(
                 });
             }
         }
+        let mut fault = if rng.random_bool(o.mismatch_share.clamp(0.0, 1.0)) && in_window {
+            faults[rng.random_range(0..faults.len())]
+        } else {
+            Fault::None
+        };
+        // The acquirer settles in the merchant's currency at the rate of the event's time.
+        let terms = snapshot.merchant_at(&merchant, t).cloned();
+        let settle_in = terms.as_ref().map_or(currency, |m| m.settlement_currency);
+        let other_currency = currencies.iter().copied().find(|c| *c != settle_in);
+        if fault == Fault::CurrencyMismatch && other_currency.is_none() {
+            fault = Fault::AmountMismatch;
+        }
+        let settle_scale = settle_in.minor_units();
         let mut lines = Vec::new();
-        let mismatch = rng.random_bool(o.mismatch_share.clamp(0.0, 1.0));
-        let date = NaiveDate::from_ymd_opt(2026, 1, 2).unwrap()
-            + chrono::Duration::days((i / 100_000) as i64);
+        let date = (t + chrono::Duration::hours(24)).date_naive();
         for (n, e) in events.iter().enumerate() {
-            let mut gross = if e.kind == PaymentEventKind::Capture {
-                e.amount
-            } else {
-                -e.amount
+            if fault == Fault::MissingSettlement {
+                break;
+            }
+            let rate = snapshot
+                .rate_at(e.currency, settle_in, e.event_time)
+                .unwrap_or(Decimal::ONE);
+            let mut line_currency = settle_in;
+            let mut gross = round(e.signed_amount() * rate, settle_in);
+            let mut fee = match (&terms, e.kind) {
+                (Some(m), PaymentEventKind::Capture) => round(
+                    gross * m.fee_bps / Decimal::new(10_000, 0) + m.fee_fixed,
+                    settle_in,
+                ),
+                _ => Decimal::ZERO,
             };
-            if mismatch && n == 0 {
-                match rng.random_range(0..3) {
-                    0 => continue, // settlement missing
-                    1 => gross += Decimal::new(1, scale.min(2)),
+            if n == 0 {
+                match fault {
+                    Fault::AmountMismatch => gross += Decimal::ONE,
+                    Fault::FeeMismatch => fee += Decimal::new(1, settle_scale),
+                    Fault::CurrencyMismatch => {
+                        line_currency = other_currency.expect("checked above");
+                        gross = round(e.signed_amount(), line_currency);
+                        fee = Decimal::ZERO;
+                    }
                     _ => {}
                 }
             }
-            let mut fee = round(gross.abs() * fee_bps, currency);
-            if mismatch && n == 0 && fee > Decimal::ZERO && rng.random_bool(0.5) {
-                fee += Decimal::new(1, scale.min(2)); // fee mismatch
-            }
-            if gross < Decimal::ZERO {
-                fee = Decimal::ZERO;
-            }
-            lines.push(SettlementLine {
+            let line = SettlementLine {
                 line_id: format!("line-{}-{i}-{n}", o.seed),
                 batch_id: format!("batch-{}-{}", o.seed, i / 1000),
                 payment_reference: reference.clone(),
@@ -192,11 +394,30 @@ pub fn generate(
                 gross,
                 fee,
                 net: gross - fee,
-                currency,
+                currency: line_currency,
                 settlement_date: date,
                 event_time: e.event_time + chrono::Duration::hours(24),
-            });
+            };
+            if n == 0 && fault == Fault::OverSettled {
+                // The same capture settled again in a later batch, under a new line id.
+                lines.push(SettlementLine {
+                    line_id: format!("line-{}-{i}-again", o.seed),
+                    batch_id: format!("batch-{}-{}-again", o.seed, i / 1000),
+                    ..line.clone()
+                });
+            }
+            lines.push(line);
         }
+        let status = match fault {
+            _ if unknown => Status::MissingReference,
+            Fault::None => Status::Matched,
+            Fault::MissingSettlement => Status::MissingSettlement,
+            Fault::AmountMismatch => Status::AmountMismatch,
+            Fault::FeeMismatch => Status::FeeMismatch,
+            Fault::OverSettled => Status::OverSettled,
+            Fault::CurrencyMismatch => Status::CurrencyMismatch,
+        };
+        statuses.insert(reference.clone(), status);
         for e in events {
             let k = format!("{}/{}/{}", e.merchant_id, e.currency, e.kind.as_str());
             let t = expected.payments.entry(k).or_default();
@@ -209,26 +430,38 @@ pub fn generate(
             out.push(Generated::Payment(e));
         }
         for l in lines {
-            let t = expected
-                .settlements
-                .entry(format!("{}/{}", l.merchant_id, l.currency))
-                .or_default();
-            t.count += 1;
-            t.gross += l.gross;
-            t.fee += l.fee;
-            t.net += l.net;
-            expected.settlement_lines += 1;
-            if rng.random_bool(o.duplicate_share.clamp(0.0, 1.0)) {
-                out.push(Generated::Settlement(l.clone()));
-            }
-            if rng.random_bool(o.late_share.clamp(0.0, 1.0)) {
-                late.push(Generated::Settlement(l));
-            } else {
-                out.push(Generated::Settlement(l));
-            }
+            push_line(o, &mut rng, l, &mut expected, &mut out, &mut late);
+        }
+        // Now and then a settlement line for a payment that never comes.
+        if rng.random_bool(o.unexpected_share.clamp(0.0, 1.0)) && in_window {
+            let reference = format!("unexpected-{}-{i}", o.seed);
+            // In the merchant's own settlement currency, so nothing but the missing payment
+            // is wrong with it.
+            let settle_k = currencies[k as usize % currencies.len()];
+            let gross = round(amount, settle_k).max(Decimal::ONE);
+            let line = SettlementLine {
+                line_id: format!("line-{}-{i}-unexpected", o.seed),
+                batch_id: format!("batch-{}-{}", o.seed, i / 1000),
+                payment_reference: reference.clone(),
+                merchant_id: format!("merchant-{k:03}"),
+                gross,
+                fee: Decimal::ZERO,
+                net: gross,
+                currency: settle_k,
+                settlement_date: date,
+                event_time: t + chrono::Duration::hours(24),
+            };
+            statuses.insert(reference, Status::UnexpectedSettlement);
+            push_line(o, &mut rng, line, &mut expected, &mut out, &mut late);
         }
     }
     out.extend(late);
+    for status in statuses.values() {
+        *expected
+            .statuses
+            .entry(status.as_str().to_owned())
+            .or_default() += 1;
+    }
     // Spread malformed records evenly through the stream.
     let malformed = malformed_records(o.malformed, encoder_payment_schema_id, o.seed);
     expected.dead_letters = malformed.len() as i64;
@@ -238,7 +471,42 @@ pub fn generate(
         out.insert(at, m);
     }
     expected.records = out.len() as i64;
-    Ok((out, expected))
+    Ok(Simulation {
+        records: out,
+        totals: expected,
+        statuses,
+        merchants,
+        rates,
+    })
+}
+
+/// Counts a settlement line in the expected totals and queues it: sometimes twice
+/// (duplicate), sometimes at the very end (late).
+fn push_line(
+    o: &SimulationOptions,
+    rng: &mut ChaCha8Rng,
+    l: SettlementLine,
+    expected: &mut ExpectedTotals,
+    out: &mut Vec<Generated>,
+    late: &mut Vec<Generated>,
+) {
+    let t = expected
+        .settlements
+        .entry(format!("{}/{}", l.merchant_id, l.currency))
+        .or_default();
+    t.count += 1;
+    t.gross += l.gross;
+    t.fee += l.fee;
+    t.net += l.net;
+    expected.settlement_lines += 1;
+    if rng.random_bool(o.duplicate_share.clamp(0.0, 1.0)) {
+        out.push(Generated::Settlement(l.clone()));
+    }
+    if rng.random_bool(o.late_share.clamp(0.0, 1.0)) {
+        late.push(Generated::Settlement(l));
+    } else {
+        out.push(Generated::Settlement(l));
+    }
 }
 
 /// The fields of an Avro record value.

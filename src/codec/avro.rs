@@ -223,7 +223,7 @@ fn decimal_from_be_bytes(bytes: &[u8], scale: u32) -> Option<Decimal> {
 }
 
 /// A `Decimal` as an Avro decimal at [`WRITE_SCALE`] (minimal two's-complement bytes).
-fn decimal_value(d: Decimal) -> Value {
+pub(crate) fn decimal_value(d: Decimal) -> Value {
     let mut d = d;
     d.rescale(WRITE_SCALE);
     let unscaled = d.mantissa();

@@ -23,6 +23,7 @@ use schema_registry_converter::schema_registry_common::{RawError, SchemaType, Su
 
 use crate::domain::{PaymentEvent, Record, SettlementLine};
 
+pub(crate) use avro::decimal_value;
 pub use avro::{decimal_scales, encode_datum, payment_to_value, settlement_to_value};
 
 /// The Avro schema of a payment event, as shipped in `schemas/`.

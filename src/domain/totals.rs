@@ -36,6 +36,9 @@ pub struct Totals {
     pub dead_letters: i64,
     /// Log records in all: produced (simulator) or applied through the offsets (store).
     pub records: i64,
+    /// Reconciliation items by status (`MATCHED`, `AMOUNT_MISMATCH`, ...).
+    #[serde(default)]
+    pub statuses: BTreeMap<String, i64>,
 }
 
 impl Totals {
@@ -62,6 +65,7 @@ impl Totals {
             &actual.settlements,
             &mut out,
         );
+        diff_maps("statuses", &self.statuses, &actual.statuses, &mut out);
         out
     }
 }

@@ -21,7 +21,7 @@ use super::assignment::{Assignment, RebalanceContext};
 use crate::codec::{Codec, DecodeError, Stream};
 use crate::config::Settings;
 use crate::domain::Record;
-use crate::store::{Batch, CommitError, DeadLetter, PartitionProgress, Source, Store};
+use crate::store::{Batch, CommitError, DeadLetter, PartitionProgress, Reconciler, Source, Store};
 
 /// What the loop reports to an optional observer (benchmarks, tests, demo progress).
 #[derive(Debug, Clone)]
@@ -43,6 +43,7 @@ pub struct ConsumerLoop {
     consumer: StreamConsumer<RebalanceContext>,
     store: Store,
     codec: Arc<Codec>,
+    reconciler: Reconciler,
     group: String,
     /// `host/pid`, recorded with each commit.
     instance: String,
@@ -100,6 +101,7 @@ impl ConsumerLoop {
         settings: &Settings,
         store: Store,
         codec: Arc<Codec>,
+        reconciler: Reconciler,
         shutdown: CancellationToken,
         observer: Option<mpsc::UnboundedSender<LoopEvent>>,
     ) -> anyhow::Result<Self> {
@@ -122,13 +124,13 @@ impl ConsumerLoop {
                 &settings.kafka.settlements_topic,
             ])
             .context("subscribing to the input topics")?;
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
         Ok(ConsumerLoop {
             consumer,
             store,
             codec,
+            reconciler,
             group: settings.kafka.group_id.clone(),
-            instance: format!("{host}/{}", std::process::id()),
+            instance: crate::app::instance_id(),
             payments_topic: settings.kafka.payments_topic.clone(),
             settlements_topic: settings.kafka.settlements_topic.clone(),
             max_records: settings.pipeline.batch_max_records,
@@ -360,7 +362,7 @@ impl ConsumerLoop {
             let started = Instant::now();
             match self
                 .store
-                .commit_batch(&self.group, &self.instance, &batch)
+                .commit_batch(&self.group, &self.instance, &batch, &self.reconciler)
                 .await
             {
                 Ok(outcome) => {
@@ -429,6 +431,7 @@ impl ConsumerLoop {
         for d in &batch.dead_letters {
             crate::metrics::dead_lettered(&batch.topics[d.source.topic], d.error_kind);
         }
+        crate::metrics::reconciled(&outcome.reconciliation);
         let now_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)

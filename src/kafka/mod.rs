@@ -39,3 +39,21 @@ pub async fn ensure_topics(
     }
     Ok(())
 }
+
+/// Partitions of `topics` in all, from the broker's metadata (the watermark waits for every
+/// one of them). A topic that does not exist counts as 0.
+pub fn partition_count(config: &rdkafka::ClientConfig, topics: &[&str]) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = config.create()?;
+    let mut n = 0;
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+        n += metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == *topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i64)
+            .sum::<i64>();
+    }
+    Ok(n)
+}

@@ -168,12 +168,28 @@ impl Snapshot {
 
 /// The shared cache: the current snapshot behind a lock that is only held to clone or swap
 /// an `Arc`, never while loading.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReferenceCache {
     current: RwLock<Arc<Snapshot>>,
+    /// The generation of the current snapshot, for tasks that act on every reload.
+    loaded: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for ReferenceCache {
+    fn default() -> Self {
+        ReferenceCache {
+            current: RwLock::default(),
+            loaded: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl ReferenceCache {
+    /// Notified with the new generation after every reload.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.loaded.subscribe()
+    }
+
     /// The snapshot a batch should use from start to end.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.read().expect("reference cache lock").clone()
@@ -185,6 +201,8 @@ impl ReferenceCache {
         let generation = self.snapshot().generation + 1;
         let snapshot = Arc::new(Snapshot::new(merchants, rates, generation));
         *self.current.write().expect("reference cache lock") = snapshot.clone();
+        self.loaded.send_replace(generation);
+        crate::metrics::reference_loaded(Utc::now().timestamp_millis() as f64 / 1000.0);
         let (m, r) = snapshot.len();
         tracing::info!(
             merchant_versions = m,

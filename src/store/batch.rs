@@ -4,6 +4,12 @@ use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use sqlx::{Postgres, Transaction};
 
+use std::collections::HashMap;
+
+use super::reconcile::{
+    Cause, DailyDeltas, Evaluator, ReconcileOutcome, Reconciler, Targets, due_items,
+    evaluate_targets,
+};
 use super::{CommitError, Store};
 use crate::domain::{PaymentEvent, SettlementLine};
 
@@ -55,12 +61,14 @@ pub struct Batch {
 }
 
 /// What a committed batch changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CommitOutcome {
     /// Payment events newly inserted (re-deliveries excluded).
     pub payments_inserted: u64,
     pub settlements_inserted: u64,
     pub dead_letters: u64,
+    /// What reconciliation changed in the same transaction.
+    pub reconciliation: ReconcileOutcome,
 }
 
 impl Batch {
@@ -76,23 +84,128 @@ impl Batch {
 
 impl Store {
     /// Commits `batch` atomically for consumer group `group`; `instance` is recorded as the
-    /// committer. See the module doc for what the transaction contains.
+    /// committer. See the module doc for what the transaction contains; reconciliation uses
+    /// one snapshot of `reconciler`'s reference cache throughout.
     pub async fn commit_batch(
         &self,
         group: &str,
         instance: &str,
         batch: &Batch,
+        reconciler: &Reconciler,
     ) -> Result<CommitOutcome, CommitError> {
         let mut tx = self.pool.begin().await?;
-        advance_offsets(&mut tx, group, instance, &batch.progress).await?;
-        let outcome = CommitOutcome {
-            payments_inserted: insert_payments(&mut tx, &batch.topics, &batch.payments).await?,
-            settlements_inserted: insert_settlements(&mut tx, &batch.topics, &batch.settlements)
-                .await?,
-            dead_letters: insert_dead_letters(&mut tx, &batch.topics, &batch.dead_letters).await?,
-        };
+        let max_times = batch.max_event_times();
+        advance_offsets(&mut tx, group, instance, &batch.progress, &max_times).await?;
+        let payments = insert_payments(&mut tx, &batch.topics, &batch.payments).await?;
+        let settlements = insert_settlements(&mut tx, &batch.topics, &batch.settlements).await?;
+        let dead_letters = insert_dead_letters(&mut tx, &batch.topics, &batch.dead_letters).await?;
+
+        let reconciliation = reconcile_inserted(
+            &mut tx,
+            group,
+            instance,
+            reconciler,
+            batch,
+            &payments,
+            &settlements,
+        )
+        .await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(CommitOutcome {
+            payments_inserted: payments.len() as u64,
+            settlements_inserted: settlements.len() as u64,
+            dead_letters,
+            reconciliation,
+        })
+    }
+}
+
+/// Reconciles what `batch` inserted (`payments`, `settlements`: the ids actually inserted)
+/// with one reference snapshot: the touched references, then the items the watermark made
+/// due; then the daily totals. Runs inside the caller's transaction.
+pub(crate) async fn reconcile_inserted(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    instance: &str,
+    reconciler: &Reconciler,
+    batch: &Batch,
+    payments: &[String],
+    settlements: &[String],
+) -> Result<ReconcileOutcome, sqlx::Error> {
+    let snapshot = reconciler.cache.snapshot();
+    let mut targets = Targets::default();
+    let mut daily = DailyDeltas::default();
+    record_inserted(batch, payments, settlements, &mut targets, &mut daily);
+    let who = Evaluator {
+        group,
+        instance,
+        rules: &reconciler.rules,
+        snapshot: &snapshot,
+        watermark: reconciler.watermark(tx, group).await?,
+    };
+    let mut outcome = evaluate_targets(tx, &who, targets, &mut daily).await?;
+    // Items the advanced watermark made due; locked ones are another batch's to judge.
+    let due = due_items(tx, who.watermark, reconciler.rules.due_sweep_limit).await?;
+    if !due.is_empty() {
+        let mut targets = Targets::default();
+        for reference in due {
+            targets.other(reference, Cause::Deadline);
+        }
+        outcome.merge(evaluate_targets(tx, &who, targets, &mut daily).await?);
+    }
+    daily.write(tx).await?;
+    Ok(outcome)
+}
+
+/// Adds the rows this transaction inserted (not the re-deliveries) to the references to
+/// evaluate and to the daily totals.
+pub(crate) fn record_inserted(
+    batch: &Batch,
+    payments: &[String],
+    settlements: &[String],
+    targets: &mut Targets,
+    daily: &mut DailyDeltas,
+) {
+    if !payments.is_empty() {
+        let mut by_id: HashMap<&str, &PaymentEvent> = HashMap::with_capacity(batch.payments.len());
+        for (p, _) in &batch.payments {
+            by_id.entry(p.event_id.as_str()).or_insert(p);
+        }
+        for id in payments {
+            if let Some(p) = by_id.get(id.as_str()) {
+                targets.record(&p.payment_reference, &p.event_id);
+                daily.payment(p);
+            }
+        }
+    }
+    if !settlements.is_empty() {
+        let mut by_id: HashMap<&str, &SettlementLine> =
+            HashMap::with_capacity(batch.settlements.len());
+        for (l, _) in &batch.settlements {
+            by_id.entry(l.line_id.as_str()).or_insert(l);
+        }
+        for id in settlements {
+            if let Some(l) = by_id.get(id.as_str()) {
+                targets.record(&l.payment_reference, &l.line_id);
+                daily.settlement(l);
+            }
+        }
+    }
+}
+
+impl Batch {
+    /// The highest event time per partition among the batch's records (the watermark's input).
+    fn max_event_times(&self) -> HashMap<(&str, i32), DateTime<Utc>> {
+        let mut out: HashMap<(&str, i32), DateTime<Utc>> = HashMap::new();
+        let times = (self.payments.iter().map(|(p, s)| (p.event_time, s)))
+            .chain(self.settlements.iter().map(|(l, s)| (l.event_time, s)));
+        for (t, s) in times {
+            let e = out
+                .entry((self.topics[s.topic].as_str(), s.partition))
+                .or_insert(t);
+            *e = (*e).max(t);
+        }
+        out
     }
 }
 
@@ -103,6 +216,7 @@ async fn advance_offsets(
     group: &str,
     instance: &str,
     progress: &[PartitionProgress],
+    max_times: &HashMap<(&str, i32), DateTime<Utc>>,
 ) -> Result<(), CommitError> {
     let (known, new): (Vec<&PartitionProgress>, Vec<&PartitionProgress>) =
         progress.iter().partition(|p| p.expected.is_some());
@@ -116,21 +230,26 @@ async fn advance_offsets(
             ps.iter().map(|p| p.next_offset).collect::<Vec<_>>(),
             ps.iter().map(|p| p.records).collect::<Vec<_>>(),
             ps.iter().map(|p| p.last_record_time).collect::<Vec<_>>(),
+            ps.iter()
+                .map(|p| max_times.get(&(p.topic.as_str(), p.partition)).copied())
+                .collect::<Vec<_>>(),
         )
     };
     let mut advanced = 0usize;
     if !known.is_empty() {
-        let (topics, parts, expected, next, records, times) = cols(&known);
+        let (topics, parts, expected, next, records, times, event_times) = cols(&known);
         advanced += sqlx::query(
             "UPDATE consumer_offsets o
                 SET next_offset = i.next_offset,
                     records_applied = o.records_applied + i.records,
                     batches_committed = o.batches_committed + 1,
                     last_record_time = COALESCE(i.last_time, o.last_record_time),
+                    max_event_time = GREATEST(o.max_event_time, i.event_time),
                     last_committed_by = $8,
                     updated_at = now()
                FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[],
-                           $7::timestamptz[]) AS i(topic, partition, expected, next_offset, records, last_time)
+                           $7::timestamptz[], $9::timestamptz[])
+                    AS i(topic, partition, expected, next_offset, records, last_time, event_time)
               WHERE o.consumer_group = $1 AND o.topic = i.topic AND o.partition = i.partition
                 AND o.next_offset = i.expected AND i.next_offset > o.next_offset",
         )
@@ -142,18 +261,22 @@ async fn advance_offsets(
         .bind(&records)
         .bind(&times)
         .bind(instance)
+        .bind(&event_times)
         .execute(&mut **tx)
         .await?
         .rows_affected() as usize;
     }
     if !new.is_empty() {
-        let (topics, parts, _, next, records, times) = cols(&new);
+        let (topics, parts, _, next, records, times, event_times) = cols(&new);
         advanced += sqlx::query(
             "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset,
-                    records_applied, batches_committed, last_record_time, last_committed_by)
-             SELECT $1, i.topic, i.partition, i.next_offset, i.records, 1, i.last_time, $7
-               FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::timestamptz[])
-                    AS i(topic, partition, next_offset, records, last_time)
+                    records_applied, batches_committed, last_record_time, last_committed_by,
+                    max_event_time)
+             SELECT $1, i.topic, i.partition, i.next_offset, i.records, 1, i.last_time, $7,
+                    i.event_time
+               FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                           $8::timestamptz[])
+                    AS i(topic, partition, next_offset, records, last_time, event_time)
              ON CONFLICT (consumer_group, topic, partition) DO NOTHING",
         )
         .bind(group)
@@ -163,6 +286,7 @@ async fn advance_offsets(
         .bind(&records)
         .bind(&times)
         .bind(instance)
+        .bind(&event_times)
         .execute(&mut **tx)
         .await?
         .rows_affected() as usize;
@@ -189,13 +313,14 @@ async fn advance_offsets(
 /// Inserts payment events (ignoring known ids) and adds the inserted ones to the totals,
 /// in one statement so the totals can only ever count rows this transaction inserted.
 /// Totals are upserted in key order so concurrent batches lock them in the same order.
+/// Returns the ids actually inserted.
 pub(crate) async fn insert_payments(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
     payments: &[(PaymentEvent, Source)],
-) -> Result<u64, sqlx::Error> {
+) -> Result<Vec<String>, sqlx::Error> {
     if payments.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let n = payments.len();
     let mut ids = Vec::with_capacity(n);
@@ -222,14 +347,14 @@ pub(crate) async fn insert_payments(
         src_parts.push(s.partition);
         src_offsets.push(s.offset);
     }
-    let inserted: i64 = sqlx::query_scalar(
+    sqlx::query_scalar(
         "WITH ins AS (
             INSERT INTO payment_events (event_id, payment_reference, merchant_id, kind, amount,
                    currency, event_time, psp_reference, source_topic, source_partition, source_offset)
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
                    $6::text[], $7::timestamptz[], $8::text[], $9::text[], $10::int[], $11::bigint[])
             ON CONFLICT (event_id) DO NOTHING
-            RETURNING merchant_id, currency, kind, amount
+            RETURNING event_id, merchant_id, currency, kind, amount
          ), totals AS (
             INSERT INTO merchant_payment_totals AS t (merchant_id, currency, kind, event_count, amount_sum)
             SELECT merchant_id, currency, kind, count(*), sum(amount)
@@ -239,7 +364,7 @@ pub(crate) async fn insert_payments(
                    amount_sum = t.amount_sum + excluded.amount_sum
             RETURNING event_count
          )
-         SELECT count(*) FROM ins",
+         SELECT event_id FROM ins",
     )
     .bind(&ids)
     .bind(&refs)
@@ -252,9 +377,8 @@ pub(crate) async fn insert_payments(
     .bind(&src_topics)
     .bind(&src_parts)
     .bind(&src_offsets)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(inserted as u64)
+    .fetch_all(&mut **tx)
+    .await
 }
 
 /// Same as [`insert_payments`] for settlement lines.
@@ -262,9 +386,9 @@ pub(crate) async fn insert_settlements(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
     lines: &[(SettlementLine, Source)],
-) -> Result<u64, sqlx::Error> {
+) -> Result<Vec<String>, sqlx::Error> {
     if lines.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let n = lines.len();
     let mut ids = Vec::with_capacity(n);
@@ -295,7 +419,7 @@ pub(crate) async fn insert_settlements(
         src_parts.push(s.partition);
         src_offsets.push(s.offset);
     }
-    let inserted: i64 = sqlx::query_scalar(
+    sqlx::query_scalar(
         "WITH ins AS (
             INSERT INTO settlement_lines (line_id, batch_id, payment_reference, merchant_id, gross,
                    fee, net, currency, settlement_date, event_time, source_topic, source_partition,
@@ -304,7 +428,7 @@ pub(crate) async fn insert_settlements(
                    $6::numeric[], $7::numeric[], $8::text[], $9::date[], $10::timestamptz[],
                    $11::text[], $12::int[], $13::bigint[])
             ON CONFLICT (line_id) DO NOTHING
-            RETURNING merchant_id, currency, gross, fee, net
+            RETURNING line_id, merchant_id, currency, gross, fee, net
          ), totals AS (
             INSERT INTO merchant_settlement_totals AS t (merchant_id, currency, line_count,
                    gross_sum, fee_sum, net_sum)
@@ -317,7 +441,7 @@ pub(crate) async fn insert_settlements(
                    net_sum = t.net_sum + excluded.net_sum
             RETURNING line_count
          )
-         SELECT count(*) FROM ins",
+         SELECT line_id FROM ins",
     )
     .bind(&ids)
     .bind(&batch_ids)
@@ -332,9 +456,8 @@ pub(crate) async fn insert_settlements(
     .bind(&src_topics)
     .bind(&src_parts)
     .bind(&src_offsets)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(inserted as u64)
+    .fetch_all(&mut **tx)
+    .await
 }
 
 async fn insert_dead_letters(

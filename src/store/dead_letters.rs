@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::batch::{Source, insert_payments, insert_settlements};
+use super::batch::{Batch, Source, insert_payments, insert_settlements, reconcile_inserted};
+use super::reconcile::{ReconcileOutcome, Reconciler};
 use super::{CommitError, Store};
 use crate::domain::Record;
 
@@ -66,7 +67,9 @@ impl Store {
         .await
     }
 
-    /// Applies a re-decoded record and marks dead letter `id` replayed, in one transaction.
+    /// Applies a re-decoded record (and reconciles its payment reference, as consuming it
+    /// would have) and marks dead letter `id` replayed, in one transaction.
+    #[allow(clippy::too_many_arguments)]
     pub async fn apply_replayed(
         &self,
         id: i64,
@@ -74,18 +77,36 @@ impl Store {
         partition: i32,
         offset: i64,
         record: Record,
-    ) -> Result<(), CommitError> {
+        group: &str,
+        reconciler: &Reconciler,
+    ) -> Result<ReconcileOutcome, CommitError> {
         let mut tx = self.pool.begin().await?;
-        let topics = [topic.to_owned()];
         let source = Source {
             topic: 0,
             partition,
             offset,
         };
-        match record {
-            Record::Payment(p) => insert_payments(&mut tx, &topics, &[(p, source)]).await?,
-            Record::Settlement(s) => insert_settlements(&mut tx, &topics, &[(s, source)]).await?,
+        let mut batch = Batch {
+            topics: vec![topic.to_owned()],
+            ..Batch::default()
         };
+        match record {
+            Record::Payment(p) => batch.payments.push((p, source)),
+            Record::Settlement(s) => batch.settlements.push((s, source)),
+        };
+        let payments = insert_payments(&mut tx, &batch.topics, &batch.payments).await?;
+        let settlements = insert_settlements(&mut tx, &batch.topics, &batch.settlements).await?;
+        let instance = format!("dead-letters-replay/{}", std::process::id());
+        let outcome = reconcile_inserted(
+            &mut tx,
+            group,
+            &instance,
+            reconciler,
+            &batch,
+            &payments,
+            &settlements,
+        )
+        .await?;
         sqlx::query(
             "UPDATE dead_letters SET replayed_at = now(), replay_attempts = replay_attempts + 1,
                     last_replay_error = NULL WHERE id = $1",
@@ -94,7 +115,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(outcome)
     }
 
     /// Records a failed re-drive attempt.

@@ -11,6 +11,7 @@
 
 mod batch;
 mod dead_letters;
+mod reconcile;
 mod reference;
 mod totals;
 
@@ -22,6 +23,7 @@ use sqlx::postgres::PgConnectOptions;
 
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, Source};
 pub use dead_letters::{DeadLetterRow, ReplayResult};
+pub use reconcile::{Backlog, Cause, ReconcileOutcome, Reconciler, Rules};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -74,7 +74,12 @@ impl Store {
         .bind(group)
         .fetch_one(&self.pool)
         .await?;
+        let statuses: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM reconciliation_items GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(Totals {
+            statuses: statuses.into_iter().collect(),
             payments,
             settlements,
             payment_events,
@@ -82,5 +87,37 @@ impl Store {
             dead_letters,
             records: records.and_then(|r| r.try_into().ok()).unwrap_or(0),
         })
+    }
+}
+
+impl Store {
+    /// Rows where `merchant_daily_totals` differs from the same figures recomputed from the
+    /// stored events, lines and items (the view `merchant_daily_totals_recomputed`); empty
+    /// when the incremental totals are exact. All-zero rows (every item moved on to another
+    /// bucket) count as absent.
+    pub async fn daily_totals_differences(&self) -> Result<Vec<String>, sqlx::Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "WITH running AS (
+                SELECT * FROM merchant_daily_totals
+                 WHERE (captured_count, captured, refunded_count, refunded, charged_back_count,
+                        charged_back, settled_count, settled_gross, settled_fees, settled_net,
+                        matched_count, expected_count, exception_count)
+                       IS DISTINCT FROM (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+                  recomputed AS (SELECT * FROM merchant_daily_totals_recomputed)
+             SELECT coalesce(a.merchant_id, b.merchant_id) || '/' ||
+                    coalesce(a.business_date, b.business_date)::text || '/' ||
+                    trim(coalesce(a.currency, b.currency)),
+                    coalesce(to_jsonb(a)::text, 'missing') || ' vs ' ||
+                    coalesce(to_jsonb(b)::text, 'missing')
+               FROM running a
+               FULL JOIN recomputed b
+                 ON a.merchant_id = b.merchant_id AND a.business_date = b.business_date
+                AND a.currency = b.currency
+              WHERE a IS DISTINCT FROM b
+              ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(k, v)| format!("{k}: {v}")).collect())
     }
 }

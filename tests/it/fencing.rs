@@ -53,19 +53,25 @@ fn batch(expected: Option<i64>, first_offset: i64, ids: &[&str]) -> Batch {
 async fn a_stale_batch_is_rejected_and_rolls_back_entirely() {
     let db = TestDb::new().await;
     let store = &db.store;
+    let r = db.reconciler().await;
     // Instance A commits offsets 0..2.
     store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]))
+        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]), &r)
         .await
         .unwrap();
     // Instance B took over from offset 2 and committed 2..4.
     store
-        .commit_batch("g", "b", &batch(Some(2), 2, &["e2", "e3"]))
+        .commit_batch("g", "b", &batch(Some(2), 2, &["e2", "e3"]), &r)
         .await
         .unwrap();
     // A zombie that also started from 2 (with a different event) must be rejected whole.
     let err = store
-        .commit_batch("g", "zombie", &batch(Some(2), 2, &["e2", "zombie-only"]))
+        .commit_batch(
+            "g",
+            "zombie",
+            &batch(Some(2), 2, &["e2", "zombie-only"]),
+            &r,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -74,7 +80,7 @@ async fn a_stale_batch_is_rejected_and_rolls_back_entirely() {
     );
     // A second first-time commit of the partition is rejected too.
     let err = store
-        .commit_batch("g", "zombie", &batch(None, 0, &["zombie-first"]))
+        .commit_batch("g", "zombie", &batch(None, 0, &["zombie-first"]), &r)
         .await
         .unwrap_err();
     assert!(matches!(err, CommitError::Fenced { .. }), "{err:?}");
@@ -104,13 +110,14 @@ async fn a_stale_batch_is_rejected_and_rolls_back_entirely() {
 async fn a_redelivered_event_changes_nothing_and_is_not_double_counted() {
     let db = TestDb::new().await;
     let store = &db.store;
+    let r = db.reconciler().await;
     store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]))
+        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]), &r)
         .await
         .unwrap();
     // The same event ids arrive again at later offsets (a producer retry without idempotence).
     let outcome = store
-        .commit_batch("g", "a", &batch(Some(2), 2, &["e0", "e1", "e2"]))
+        .commit_batch("g", "a", &batch(Some(2), 2, &["e0", "e1", "e2"]), &r)
         .await
         .unwrap();
     assert_eq!(outcome.payments_inserted, 1);
@@ -127,15 +134,16 @@ async fn a_redelivered_event_changes_nothing_and_is_not_double_counted() {
 async fn an_offset_never_moves_backwards() {
     let db = TestDb::new().await;
     let store = &db.store;
+    let r = db.reconciler().await;
     store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1", "e2"]))
+        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1", "e2"]), &r)
         .await
         .unwrap();
     // A batch claiming to start at 3 but ending at 2 is refused.
     let mut b = batch(Some(3), 3, &["x"]);
     b.progress[0].next_offset = 2;
     assert!(matches!(
-        store.commit_batch("g", "a", &b).await,
+        store.commit_batch("g", "a", &b, &r).await,
         Err(CommitError::Fenced { .. })
     ));
     assert_eq!(db.offsets("g").await[&("payments".to_string(), 0)], 3);

@@ -58,7 +58,21 @@ impl TestDb {
             .unwrap();
         let store = Store::new(pool);
         store.migrate().await.expect("migrating the test database");
+        // The simulator's reference data, so simulated traffic is priced like in production.
+        let (merchants, rates) = payrecon::simulate::reference_data(&SimulationOptions::default())
+            .expect("the simulation's reference data");
+        store.upsert_merchants(&merchants).await.unwrap();
+        store.upsert_rates(&rates).await.unwrap();
         TestDb { name, url, store }
+    }
+
+    /// A reconciler on the default rules with the reference cache loaded from this database
+    /// (store-level tests; the watermark counts the partitions committed so far).
+    pub async fn reconciler(&self) -> payrecon::store::Reconciler {
+        let cache = std::sync::Arc::new(payrecon::reference::ReferenceCache::default());
+        cache.reload(&self.store).await.unwrap();
+        let settings = payrecon::config::Settings::load(None).unwrap();
+        payrecon::store::Reconciler::new(&settings.reconciliation, cache, None)
     }
 
     /// Stored next_offset per (topic, partition) for `group`.

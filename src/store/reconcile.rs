@@ -1,0 +1,926 @@
+//! Reconciliation inside a transaction: lock the payment references to evaluate, read all
+//! their events and lines, run the pure matcher ([`crate::reconcile::evaluate`]) with one
+//! reference-data [`Snapshot`], and write the verdicts, the history of status changes, the
+//! exceptions outbox and the daily totals.
+//!
+//! ## Why concurrent instances cannot miss a match
+//! Two instances may insert a payment and its settlement line in concurrent transactions
+//! (the topics are partitioned independently). Each transaction inserts its records
+//! *first*, then locks the items of the references it touched (in key order, so two
+//! transactions cannot deadlock on them), and only *then* reads the references' events and
+//! lines. Under READ COMMITTED every statement sees what was committed before it started, so
+//! the transaction that gets the lock second sees the other's records: the last evaluation
+//! of a reference always sees all of its records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use sqlx::{Postgres, Transaction};
+
+use crate::config::ReconciliationSettings;
+use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
+use crate::reconcile::{Evaluation, PricedEvent, Status, Terms, Tolerance, evaluate, transition};
+use crate::reference::{MerchantVersion, ReferenceCache, Snapshot};
+
+/// Global matching rules (the merchant's reference data can override them).
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub tolerance: Tolerance,
+    pub settlement_deadline: chrono::Duration,
+    pub payment_deadline: chrono::Duration,
+    pub allowed_lateness: chrono::Duration,
+    pub due_sweep_limit: i64,
+}
+
+fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+impl Rules {
+    pub fn from_settings(s: &ReconciliationSettings) -> Rules {
+        Rules {
+            tolerance: Tolerance {
+                absolute: s.tolerance_abs,
+                relative: s.tolerance_rel,
+            },
+            settlement_deadline: chrono_duration(s.settlement_deadline),
+            payment_deadline: chrono_duration(s.payment_deadline),
+            allowed_lateness: chrono_duration(s.allowed_lateness),
+            due_sweep_limit: s.due_sweep_limit.max(1),
+        }
+    }
+
+    /// The merchant version's terms with the global defaults filled in.
+    pub fn terms(&self, m: &MerchantVersion) -> Terms {
+        Terms {
+            settlement_currency: m.settlement_currency,
+            fee_bps: m.fee_bps,
+            fee_fixed: m.fee_fixed,
+            tolerance: Tolerance {
+                absolute: m.tolerance_abs.unwrap_or(self.tolerance.absolute),
+                relative: m.tolerance_rel.unwrap_or(self.tolerance.relative),
+            },
+            settlement_deadline: m
+                .settlement_deadline
+                .map_or(self.settlement_deadline, chrono_duration),
+            payment_deadline: m
+                .payment_deadline
+                .map_or(self.payment_deadline, chrono_duration),
+        }
+    }
+}
+
+/// The rules and the reference cache: what a transaction needs to reconcile.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    pub rules: Rules,
+    pub cache: Arc<ReferenceCache>,
+    /// Partitions of the input topics. The watermark stays at its minimum until every one of
+    /// them has applied a record, so the first partitions committed cannot push it ahead of
+    /// the others. `None`: judge by the partitions committed so far (tools that run after the
+    /// service, benchmarks).
+    pub input_partitions: Option<i64>,
+}
+
+impl Reconciler {
+    pub fn new(
+        settings: &ReconciliationSettings,
+        cache: Arc<ReferenceCache>,
+        input_partitions: Option<i64>,
+    ) -> Self {
+        Reconciler {
+            rules: Rules::from_settings(settings),
+            cache,
+            input_partitions,
+        }
+    }
+
+    /// The group's event-time watermark as this reconciler judges it (see [`watermark`]).
+    pub async fn watermark(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        group: &str,
+    ) -> Result<DateTime<Utc>, sqlx::Error> {
+        watermark(
+            tx,
+            group,
+            self.rules.allowed_lateness,
+            self.input_partitions,
+        )
+        .await
+    }
+}
+
+/// Why a reference is evaluated; recorded with every status change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Records of the reference were inserted (their ids are recorded).
+    Records,
+    /// The watermark passed the item's deadline.
+    Deadline,
+    /// Reference data changed while the item waited for it.
+    ReferenceData,
+}
+
+impl Cause {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Cause::Records => "RECORDS",
+            Cause::Deadline => "DEADLINE",
+            Cause::ReferenceData => "REFERENCE_DATA",
+        }
+    }
+}
+
+/// The references to evaluate in one transaction, with why.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// payment_reference → (cause, ids of the records that caused it).
+    refs: BTreeMap<String, (Cause, Vec<String>)>,
+}
+
+impl Targets {
+    /// A record was inserted for `reference`.
+    pub fn record(&mut self, reference: &str, record_id: &str) {
+        let entry = self
+            .refs
+            .entry(reference.to_owned())
+            .or_insert((Cause::Records, Vec::new()));
+        entry.0 = Cause::Records;
+        entry.1.push(record_id.to_owned());
+    }
+
+    /// `reference` is evaluated for `cause` unless records already cause it.
+    pub fn other(&mut self, reference: String, cause: Cause) {
+        self.refs.entry(reference).or_insert((cause, Vec::new()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
+    }
+}
+
+/// What reconciliation changed in one transaction (for metrics and logs).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileOutcome {
+    /// References evaluated.
+    pub evaluated: u64,
+    /// Status changes by the status entered.
+    pub status_changes: BTreeMap<Status, u64>,
+    /// Outbox rows written: exceptions opened and resolved.
+    pub exceptions_opened: u64,
+    pub exceptions_resolved: u64,
+    /// The watermark the evaluations used.
+    pub watermark: Option<DateTime<Utc>>,
+}
+
+impl ReconcileOutcome {
+    pub fn merge(&mut self, other: ReconcileOutcome) {
+        self.evaluated += other.evaluated;
+        for (s, n) in other.status_changes {
+            *self.status_changes.entry(s).or_default() += n;
+        }
+        self.exceptions_opened += other.exceptions_opened;
+        self.exceptions_resolved += other.exceptions_resolved;
+        self.watermark = self.watermark.max(other.watermark);
+    }
+}
+
+/// Per merchant/day/currency increments, applied in one statement in key order at the end of
+/// the transaction (the rows are hot: holding their locks briefly and in one order keeps
+/// concurrent instances from waiting long or deadlocking).
+#[derive(Debug, Default)]
+pub struct DailyDeltas {
+    rows: BTreeMap<(String, NaiveDate, &'static str), [Decimal; 13]>,
+}
+
+/// Column order of [`DailyDeltas`] rows.
+const DAILY_COLUMNS: [&str; 13] = [
+    "captured_count",
+    "captured",
+    "refunded_count",
+    "refunded",
+    "charged_back_count",
+    "charged_back",
+    "settled_count",
+    "settled_gross",
+    "settled_fees",
+    "settled_net",
+    "matched_count",
+    "expected_count",
+    "exception_count",
+];
+
+impl DailyDeltas {
+    fn row(&mut self, merchant: &str, date: NaiveDate, currency: Currency) -> &mut [Decimal; 13] {
+        self.rows
+            .entry((merchant.to_owned(), date, currency.code()))
+            .or_insert([Decimal::ZERO; 13])
+    }
+
+    /// A payment event was inserted.
+    pub fn payment(&mut self, e: &PaymentEvent) {
+        let row = self.row(&e.merchant_id, e.event_time.date_naive(), e.currency);
+        let i = match e.kind {
+            PaymentEventKind::Capture => 0,
+            PaymentEventKind::Refund => 2,
+            PaymentEventKind::Chargeback => 4,
+        };
+        row[i] += Decimal::ONE;
+        row[i + 1] += e.amount;
+    }
+
+    /// A settlement line was inserted.
+    pub fn settlement(&mut self, l: &SettlementLine) {
+        let row = self.row(&l.merchant_id, l.settlement_date, l.currency);
+        row[6] += Decimal::ONE;
+        row[7] += l.gross;
+        row[8] += l.fee;
+        row[9] += l.net;
+    }
+
+    /// An item enters (`sign` 1) or leaves (−1) a bucket with `status`.
+    fn item(&mut self, bucket: &Bucket, status: Status, sign: i64) {
+        let row = self.row(&bucket.merchant_id, bucket.date, bucket.currency);
+        let i = match status {
+            Status::Matched => 10,
+            Status::Expected => 11,
+            _ => 12,
+        };
+        row[i] += Decimal::from(sign);
+    }
+
+    /// Upserts every row with a non-zero change.
+    pub async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+        let rows: Vec<_> = (self.rows.into_iter())
+            .filter(|(_, v)| v.iter().any(|d| !d.is_zero()))
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let merchants: Vec<&str> = rows.iter().map(|((m, _, _), _)| m.as_str()).collect();
+        let dates: Vec<NaiveDate> = rows.iter().map(|((_, d, _), _)| *d).collect();
+        let currencies: Vec<&str> = rows.iter().map(|((_, _, c), _)| *c).collect();
+        let columns: Vec<Vec<Decimal>> = (0..DAILY_COLUMNS.len())
+            .map(|i| rows.iter().map(|(_, v)| v[i]).collect())
+            .collect();
+        let names = DAILY_COLUMNS.join(", ");
+        let casts: Vec<String> = (0..DAILY_COLUMNS.len())
+            .map(|i| format!("${}::numeric[]", i + 4))
+            .collect();
+        let updates: Vec<String> = DAILY_COLUMNS
+            .iter()
+            .map(|c| format!("{c} = t.{c} + excluded.{c}"))
+            .collect();
+        let sql = format!(
+            "INSERT INTO merchant_daily_totals AS t (merchant_id, business_date, currency, {names})
+             SELECT * FROM UNNEST($1::text[], $2::date[], $3::text[], {casts})
+             ON CONFLICT (merchant_id, business_date, currency) DO UPDATE SET {updates}",
+            casts = casts.join(", "),
+            updates = updates.join(", "),
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(&merchants)
+            .bind(&dates)
+            .bind(&currencies);
+        for c in &columns {
+            q = q.bind(c);
+        }
+        q.execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+/// Where an item counts in `merchant_daily_totals`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bucket {
+    merchant_id: String,
+    date: NaiveDate,
+    currency: Currency,
+}
+
+/// The stored state of an item before this evaluation (`None`: new).
+struct Prior {
+    status: Status,
+    bucket: Bucket,
+}
+
+/// The group's event-time watermark: the highest event time applied on each of its
+/// partitions, the lowest of those, minus the allowed lateness. the Unix epoch before every input partition has a record.
+///
+/// The lowest over partitions, because partitions (and the two topics) are consumed
+/// independently: after a backlog, one partition can be days ahead of another, and with the
+/// highest time overall every payment not yet read from a slower partition would look
+/// overdue, opening a false exception for each. This way a deadline is judged only once every
+/// partition has passed it. The price: a partition that stops receiving records holds the
+/// watermark back (watch `payrecon_reconciliation_watermark_timestamp_seconds`).
+pub async fn watermark(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    lateness: chrono::Duration,
+    input_partitions: Option<i64>,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    let (min, partitions): (Option<DateTime<Utc>>, i64) = sqlx::query_as(
+        "SELECT min(max_event_time), count(max_event_time) FROM consumer_offsets
+          WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(&mut **tx)
+    .await?;
+    if input_partitions.is_some_and(|n| partitions < n) {
+        return Ok(DateTime::<Utc>::UNIX_EPOCH);
+    }
+    Ok(min
+        .and_then(|m| m.checked_sub_signed(lateness))
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
+}
+
+/// EXPECTED items whose deadline the watermark passed, oldest first, skipping items another
+/// transaction holds (it evaluates them itself).
+pub async fn due_items(
+    tx: &mut Transaction<'_, Postgres>,
+    watermark: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT payment_reference FROM reconciliation_items
+          WHERE status = 'EXPECTED' AND deadline < $1
+          ORDER BY deadline LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(watermark)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// MISSING_REFERENCE items after `after` in key order (re-evaluation after a reference-data
+/// change), skipping locked ones.
+pub async fn missing_reference_items(
+    tx: &mut Transaction<'_, Postgres>,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT payment_reference FROM reconciliation_items
+          WHERE status = 'MISSING_REFERENCE' AND payment_reference > $1
+          ORDER BY payment_reference LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Who evaluates: recorded in the history.
+pub struct Evaluator<'a> {
+    pub group: &'a str,
+    pub instance: &'a str,
+    pub rules: &'a Rules,
+    pub snapshot: &'a Snapshot,
+    pub watermark: DateTime<Utc>,
+}
+
+type EventRow = (
+    String,
+    String,
+    String,
+    String,
+    Decimal,
+    String,
+    DateTime<Utc>,
+    Option<String>,
+);
+type LineRow = (
+    String,
+    String,
+    String,
+    String,
+    Decimal,
+    Decimal,
+    Decimal,
+    String,
+    NaiveDate,
+    DateTime<Utc>,
+);
+
+fn currency(code: &str) -> Result<Currency, sqlx::Error> {
+    Currency::from_code(code.trim()).map_err(|e| sqlx::Error::Decode(e.to_string().into()))
+}
+
+/// Evaluates `targets` and writes verdicts, history and outbox rows; adds the items' moves
+/// between daily buckets to `daily`.
+pub async fn evaluate_targets(
+    tx: &mut Transaction<'_, Postgres>,
+    who: &Evaluator<'_>,
+    targets: Targets,
+    daily: &mut DailyDeltas,
+) -> Result<ReconcileOutcome, sqlx::Error> {
+    let mut outcome = ReconcileOutcome {
+        watermark: Some(who.watermark),
+        ..Default::default()
+    };
+    if targets.is_empty() {
+        return Ok(outcome);
+    }
+    let refs: Vec<&str> = targets.refs.keys().map(String::as_str).collect();
+
+    // Lock: placeholders for new references (in key order), then every item FOR UPDATE.
+    sqlx::query(
+        "INSERT INTO reconciliation_items (payment_reference, merchant_id, business_date,
+                currency, status, payment_events, settlement_lines, reason, watermark, evaluations)
+         SELECT r, '', DATE '1970-01-01', 'XXX', 'EXPECTED', 0, 0, '', $2, 0
+           FROM UNNEST($1::text[]) AS r ORDER BY r
+         ON CONFLICT (payment_reference) DO NOTHING",
+    )
+    .bind(&refs)
+    .bind(who.watermark)
+    .execute(&mut **tx)
+    .await?;
+    let prior_rows: Vec<(String, String, String, NaiveDate, String, i64)> = sqlx::query_as(
+        "SELECT payment_reference, status, merchant_id, business_date, currency, evaluations
+           FROM reconciliation_items WHERE payment_reference = ANY($1)
+          ORDER BY payment_reference FOR UPDATE",
+    )
+    .bind(&refs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut prior: HashMap<String, Prior> = HashMap::with_capacity(prior_rows.len());
+    for (r, status, merchant_id, date, cur, evaluations) in prior_rows {
+        if evaluations == 0 {
+            continue; // our own placeholder
+        }
+        let status = Status::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?;
+        let bucket = Bucket {
+            merchant_id,
+            date,
+            currency: currency(&cur)?,
+        };
+        prior.insert(r, Prior { status, bucket });
+    }
+
+    // Read everything the references hold, now that no one else can change them.
+    let events: Vec<EventRow> = sqlx::query_as(
+        "SELECT event_id, payment_reference, merchant_id, kind, amount, currency, event_time,
+                psp_reference
+           FROM payment_events WHERE payment_reference = ANY($1)",
+    )
+    .bind(&refs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let lines: Vec<LineRow> = sqlx::query_as(
+        "SELECT line_id, batch_id, payment_reference, merchant_id, gross, fee, net, currency,
+                settlement_date, event_time
+           FROM settlement_lines WHERE payment_reference = ANY($1)",
+    )
+    .bind(&refs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut by_ref: HashMap<String, (Vec<PaymentEvent>, Vec<SettlementLine>)> =
+        HashMap::with_capacity(refs.len());
+    for (event_id, reference, merchant_id, kind, amount, cur, event_time, psp) in events {
+        let kind = PaymentEventKind::parse(&kind)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown kind {kind}").into()))?;
+        by_ref
+            .entry(reference.clone())
+            .or_default()
+            .0
+            .push(PaymentEvent {
+                event_id,
+                payment_reference: reference,
+                merchant_id,
+                kind,
+                amount,
+                currency: currency(&cur)?,
+                event_time,
+                psp_reference: psp,
+            });
+    }
+    for (line_id, batch_id, reference, merchant_id, gross, fee, net, cur, date, event_time) in lines
+    {
+        by_ref
+            .entry(reference.clone())
+            .or_default()
+            .1
+            .push(SettlementLine {
+                line_id,
+                batch_id,
+                payment_reference: reference,
+                merchant_id,
+                gross,
+                fee,
+                net,
+                currency: currency(&cur)?,
+                settlement_date: date,
+                event_time,
+            });
+    }
+
+    let mut updates = ItemUpdates::default();
+    let mut changes = Changes::default();
+    let mut orphans = Vec::new();
+    for (reference, (cause, caused_by)) in &targets.refs {
+        let Some((mut events, mut lines)) = by_ref.remove(reference) else {
+            // No record at all (rows deleted by hand): nothing to judge; a placeholder of
+            // ours is removed again, a stored verdict is left for an audit to flag.
+            if !prior.contains_key(reference) {
+                orphans.push(reference.as_str());
+            }
+            continue;
+        };
+        events.sort_by(|a, b| (a.event_time, &a.event_id).cmp(&(b.event_time, &b.event_id)));
+        lines.sort_by(|a, b| (a.event_time, &a.line_id).cmp(&(b.event_time, &b.line_id)));
+        let (evaluation, bucket) = judge(who, &events, &lines);
+        outcome.evaluated += 1;
+        let before = prior.get(reference);
+        if let Some(p) = before {
+            daily.item(&p.bucket, p.status, -1);
+        }
+        daily.item(&bucket, evaluation.status, 1);
+        if let Some(t) = transition(before.map(|p| p.status), evaluation.status) {
+            *outcome.status_changes.entry(t.to).or_default() += 1;
+            let opened = t.to.is_exception();
+            let publish = opened != t.from.is_some_and(|s| s.is_exception());
+            if publish {
+                if opened {
+                    outcome.exceptions_opened += 1;
+                } else {
+                    outcome.exceptions_resolved += 1;
+                }
+            }
+            changes.push(
+                reference,
+                t.from,
+                t.to,
+                *cause,
+                caused_by,
+                &evaluation,
+                &bucket,
+                publish,
+            );
+        }
+        updates.push(reference, &evaluation, &bucket, events.len(), lines.len());
+    }
+    updates.write(tx, who.watermark).await?;
+    changes.write(tx, who).await?;
+    if !orphans.is_empty() {
+        sqlx::query("DELETE FROM reconciliation_items WHERE payment_reference = ANY($1)")
+            .bind(&orphans)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(outcome)
+}
+
+/// The verdict on one reference and the daily bucket it counts in.
+fn judge(
+    who: &Evaluator<'_>,
+    events: &[PaymentEvent],
+    lines: &[SettlementLine],
+) -> (Evaluation, Bucket) {
+    // The merchant and its terms as of the reference's first payment event (first line when
+    // there is no payment yet).
+    let (merchant_id, anchor, record_currency) = match (events.first(), lines.first()) {
+        (Some(e), _) => (e.merchant_id.as_str(), e.event_time, e.currency),
+        (None, Some(l)) => (l.merchant_id.as_str(), l.event_time, l.currency),
+        (None, None) => unreachable!("judge is only called for references with records"),
+    };
+    let terms = (who.snapshot.merchant_at(merchant_id, anchor)).map(|m| who.rules.terms(m));
+    let priced: Vec<PricedEvent<'_>> = events
+        .iter()
+        .map(|e| PricedEvent {
+            event: e,
+            fx_rate: terms.as_ref().and_then(|t| {
+                who.snapshot
+                    .rate_at(e.currency, t.settlement_currency, e.event_time)
+            }),
+        })
+        .collect();
+    let line_refs: Vec<&SettlementLine> = lines.iter().collect();
+    let evaluation = evaluate(&priced, &line_refs, terms.as_ref(), who.watermark);
+    let currency = (terms.as_ref().map(|t| t.settlement_currency)).unwrap_or(record_currency);
+    let bucket = Bucket {
+        merchant_id: merchant_id.to_owned(),
+        date: anchor.date_naive(),
+        currency,
+    };
+    (evaluation, bucket)
+}
+
+/// Column vectors of the items' new state.
+#[derive(Default)]
+struct ItemUpdates<'a> {
+    refs: Vec<&'a str>,
+    merchants: Vec<String>,
+    dates: Vec<NaiveDate>,
+    currencies: Vec<&'static str>,
+    statuses: Vec<&'static str>,
+    expected: [Vec<Option<Decimal>>; 3],
+    settled_currency: Vec<Option<&'static str>>,
+    settled: [Vec<Option<Decimal>>; 3],
+    event_counts: Vec<i32>,
+    line_counts: Vec<i32>,
+    deadlines: Vec<Option<DateTime<Utc>>>,
+    reasons: Vec<String>,
+}
+
+impl<'a> ItemUpdates<'a> {
+    fn push(
+        &mut self,
+        reference: &'a str,
+        e: &Evaluation,
+        bucket: &Bucket,
+        events: usize,
+        lines: usize,
+    ) {
+        self.refs.push(reference);
+        self.merchants.push(bucket.merchant_id.clone());
+        self.dates.push(bucket.date);
+        self.currencies.push(bucket.currency.code());
+        self.statuses.push(e.status.as_str());
+        let [eg, ef, en] = &mut self.expected;
+        eg.push(e.expected.map(|a| a.gross));
+        ef.push(e.expected.map(|a| a.fee));
+        en.push(e.expected.map(|a| a.net));
+        self.settled_currency
+            .push(e.settled.map(|a| a.currency.code()));
+        let [sg, sf, sn] = &mut self.settled;
+        sg.push(e.settled.map(|a| a.gross));
+        sf.push(e.settled.map(|a| a.fee));
+        sn.push(e.settled.map(|a| a.net));
+        self.event_counts.push(events as i32);
+        self.line_counts.push(lines as i32);
+        self.deadlines.push(e.deadline);
+        self.reasons.push(e.reason.clone());
+    }
+
+    async fn write(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        watermark: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let [eg, ef, en] = self.expected;
+        let [sg, sf, sn] = self.settled;
+        sqlx::query(
+            "UPDATE reconciliation_items i
+                SET merchant_id = u.merchant_id, business_date = u.business_date,
+                    currency = u.currency, status = u.status, expected_gross = u.eg,
+                    expected_fee = u.ef, expected_net = u.en, settled_currency = u.sc,
+                    settled_gross = u.sg, settled_fee = u.sf, settled_net = u.sn,
+                    payment_events = u.events, settlement_lines = u.lines, deadline = u.deadline,
+                    reason = u.reason, watermark = $17, evaluations = i.evaluations + 1,
+                    updated_at = now()
+               FROM UNNEST($1::text[], $2::text[], $3::date[], $4::text[], $5::text[],
+                           $6::numeric[], $7::numeric[], $8::numeric[], $9::text[],
+                           $10::numeric[], $11::numeric[], $12::numeric[], $13::int[],
+                           $14::int[], $15::timestamptz[], $16::text[])
+                    AS u(reference, merchant_id, business_date, currency, status, eg, ef, en,
+                         sc, sg, sf, sn, events, lines, deadline, reason)
+              WHERE i.payment_reference = u.reference",
+        )
+        .bind(&self.refs)
+        .bind(&self.merchants)
+        .bind(&self.dates)
+        .bind(&self.currencies)
+        .bind(&self.statuses)
+        .bind(&eg)
+        .bind(&ef)
+        .bind(&en)
+        .bind(&self.settled_currency)
+        .bind(&sg)
+        .bind(&sf)
+        .bind(&sn)
+        .bind(&self.event_counts)
+        .bind(&self.line_counts)
+        .bind(&self.deadlines)
+        .bind(&self.reasons)
+        .bind(watermark)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Column vectors of the history rows (and which of them go to the outbox).
+#[derive(Default)]
+struct Changes<'a> {
+    refs: Vec<&'a str>,
+    merchants: Vec<String>,
+    from: Vec<Option<&'static str>>,
+    to: Vec<&'static str>,
+    causes: Vec<&'static str>,
+    /// Record ids per change, joined by a unit separator (arrays of arrays must be
+    /// rectangular in PostgreSQL).
+    caused_by: Vec<String>,
+    reasons: Vec<String>,
+    currencies: Vec<&'static str>,
+    expected_gross: Vec<Option<Decimal>>,
+    settled_gross: Vec<Option<Decimal>>,
+    publish: Vec<bool>,
+}
+
+const ID_SEPARATOR: char = '\u{1f}';
+
+impl<'a> Changes<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        reference: &'a str,
+        from: Option<Status>,
+        to: Status,
+        cause: Cause,
+        caused_by: &[String],
+        e: &Evaluation,
+        bucket: &Bucket,
+        publish: bool,
+    ) {
+        self.refs.push(reference);
+        self.merchants.push(bucket.merchant_id.clone());
+        self.from.push(from.map(|s| s.as_str()));
+        self.to.push(to.as_str());
+        self.causes.push(cause.as_str());
+        let mut ids = caused_by.to_vec();
+        ids.sort();
+        ids.dedup();
+        self.caused_by.push(ids.join(&ID_SEPARATOR.to_string()));
+        self.reasons.push(e.reason.clone());
+        self.currencies.push(bucket.currency.code());
+        self.expected_gross.push(e.expected.map(|a| a.gross));
+        self.settled_gross.push(e.settled.map(|a| a.gross));
+        self.publish.push(publish);
+    }
+
+    async fn write(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        who: &Evaluator<'_>,
+    ) -> Result<(), sqlx::Error> {
+        if self.refs.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "WITH c AS (
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                       $6::text[], $7::text[], $8::text[], $9::numeric[], $10::numeric[],
+                       $11::bool[]) WITH ORDINALITY
+                    AS c(reference, merchant_id, from_status, to_status, cause, caused_by,
+                         reason, currency, expected_gross, settled_gross, publish, n)
+             ), h AS (
+                INSERT INTO reconciliation_history (payment_reference, from_status, to_status,
+                       cause, caused_by, watermark, reason, consumer_group, evaluated_by)
+                SELECT reference, from_status, to_status, cause,
+                       CASE WHEN caused_by = '' THEN '{}'::text[]
+                            ELSE string_to_array(caused_by, chr(31)) END,
+                       $12, reason, $13, $14
+                  FROM c ORDER BY n
+                RETURNING id, payment_reference
+             )
+             INSERT INTO exceptions_outbox (history_id, payment_reference, merchant_id,
+                    from_status, to_status, opened, currency, expected_gross, settled_gross,
+                    reason, watermark)
+             SELECT h.id, c.reference, c.merchant_id, c.from_status, c.to_status,
+                    c.to_status NOT IN ('MATCHED', 'EXPECTED'), c.currency, c.expected_gross,
+                    c.settled_gross, c.reason, $12
+               FROM h JOIN c ON c.reference = h.payment_reference
+              WHERE c.publish
+              ORDER BY h.id",
+        )
+        .bind(&self.refs)
+        .bind(&self.merchants)
+        .bind(&self.from)
+        .bind(&self.to)
+        .bind(&self.causes)
+        .bind(&self.caused_by)
+        .bind(&self.reasons)
+        .bind(&self.currencies)
+        .bind(&self.expected_gross)
+        .bind(&self.settled_gross)
+        .bind(&self.publish)
+        .bind(who.watermark)
+        .bind(who.group)
+        .bind(who.instance)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+impl super::Store {
+    /// Re-evaluates every MISSING_REFERENCE item with the cache's current snapshot, in
+    /// transactions of `chunk` items (each with its own history and outbox rows), after
+    /// reference data changed. Items locked by a batch are skipped: that batch evaluates them
+    /// with a snapshot at least as new.
+    pub async fn reevaluate_missing_reference(
+        &self,
+        group: &str,
+        instance: &str,
+        reconciler: &Reconciler,
+        chunk: i64,
+    ) -> Result<ReconcileOutcome, sqlx::Error> {
+        let snapshot = reconciler.cache.snapshot();
+        let mut outcome = ReconcileOutcome::default();
+        let mut after = String::new();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let refs = missing_reference_items(&mut tx, &after, chunk).await?;
+            let Some(last) = refs.last().cloned() else {
+                return Ok(outcome);
+            };
+            let mut targets = Targets::default();
+            for r in refs {
+                targets.other(r, Cause::ReferenceData);
+            }
+            let who = Evaluator {
+                group,
+                instance,
+                rules: &reconciler.rules,
+                snapshot: &snapshot,
+                watermark: reconciler.watermark(&mut tx, group).await?,
+            };
+            let mut daily = DailyDeltas::default();
+            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
+            daily.write(&mut tx).await?;
+            tx.commit().await?;
+            after = last;
+        }
+    }
+}
+
+impl super::Store {
+    /// Evaluates, in transactions of `chunk` items, every EXPECTED item whose deadline the
+    /// group's watermark has passed. Batches sweep a bounded number themselves; this catches
+    /// up the rest, also when no more records arrive (the end of a replay, a quiet night).
+    pub async fn reevaluate_due(
+        &self,
+        group: &str,
+        instance: &str,
+        reconciler: &Reconciler,
+        chunk: i64,
+    ) -> Result<ReconcileOutcome, sqlx::Error> {
+        let snapshot = reconciler.cache.snapshot();
+        let mut outcome = ReconcileOutcome::default();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let wm = reconciler.watermark(&mut tx, group).await?;
+            let refs = due_items(&mut tx, wm, chunk).await?;
+            if refs.is_empty() {
+                return Ok(outcome);
+            }
+            let mut targets = Targets::default();
+            for r in refs {
+                targets.other(r, Cause::Deadline);
+            }
+            let who = Evaluator {
+                group,
+                instance,
+                rules: &reconciler.rules,
+                snapshot: &snapshot,
+                watermark: wm,
+            };
+            let mut daily = DailyDeltas::default();
+            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
+            daily.write(&mut tx).await?;
+            tx.commit().await?;
+        }
+    }
+}
+
+/// How far reconciliation is from caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// EXPECTED items whose deadline the watermark passed (judged within a second).
+    pub due: i64,
+    /// Outbox rows not yet published to the exceptions topic.
+    pub unpublished: i64,
+}
+
+impl super::Store {
+    /// What is still to do for reconciliation to be final for what has been consumed.
+    pub async fn reconciliation_backlog(
+        &self,
+        group: &str,
+        lateness: chrono::Duration,
+    ) -> Result<Backlog, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let wm = watermark(&mut tx, group, lateness, None).await?;
+        let (due, unpublished): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM reconciliation_items
+                      WHERE status = 'EXPECTED' AND deadline < $1),
+                    (SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL)",
+        )
+        .bind(wm)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Backlog { due, unpublished })
+    }
+
+    /// Every outbox seq, published or not (to compare with the exceptions topic).
+    pub async fn outbox_seqs(&self) -> Result<Vec<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT seq FROM exceptions_outbox ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+    }
+}
