@@ -279,7 +279,9 @@ fn difference(
 
 /// An amount with at least its currency's decimals, e.g. `0.00`.
 fn money(amount: Decimal, currency: Currency) -> String {
-    let mut amount = amount;
+    // Stored numerics carry trailing zeros (1.0000); show currency precision, or more digits
+    // only when the amount really has them.
+    let mut amount = amount.normalize();
     if amount.scale() < currency.minor_units() {
         amount.rescale(currency.minor_units());
     }

@@ -190,7 +190,17 @@ async fn a_dead_letter_is_re_driven_once_its_cause_is_fixed() {
         r#"{"name": "channel", "type": "string", "default": "web"},
     {"name": "psp_reference""#,
     );
-    let future_id = encoder.payment_schema_id().max(2) + 1;
+    // The next id the registry will hand out: after both input schemas and the exceptions
+    // schema that the service's relay registers at start-up.
+    let sr = registry_settings(&fx.registry_url, Duration::from_secs(2)).unwrap();
+    let (exception_id, _) = payrecon::codec::register_schema(
+        &sr,
+        &fx.kafka.exceptions_topic,
+        payrecon::outbox::EXCEPTION_SCHEMA,
+    )
+    .await
+    .unwrap();
+    let future_id = encoder.payment_schema_id().max(exception_id) + 1;
     let v2_schema = apache_avro::Schema::parse_str(&v2).unwrap();
     let Generated::Payment(mut p) = records[0].clone() else {
         unreachable!()
@@ -229,7 +239,6 @@ async fn a_dead_letter_is_re_driven_once_its_cause_is_fixed() {
     assert_eq!(kind, "unknown_schema_id");
 
     // The fix: v2 gets registered (and receives the id the producer used).
-    let sr = registry_settings(&fx.registry_url, Duration::from_secs(2)).unwrap();
     let (id, _) = payrecon::codec::register_schema(&sr, &fx.kafka.payments_topic, &v2)
         .await
         .unwrap();

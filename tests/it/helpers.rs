@@ -117,6 +117,8 @@ pub struct TestKafka {
     pub bootstrap: String,
     pub payments_topic: String,
     pub settlements_topic: String,
+    /// Where the service's relay publishes exceptions (one partition).
+    pub exceptions_topic: String,
     pub partitions: i32,
 }
 
@@ -127,17 +129,20 @@ impl TestKafka {
         let bootstrap = cluster.bootstrap_servers();
         let payments_topic = unique("payments");
         let settlements_topic = unique("settlements");
+        let exceptions_topic = unique("exceptions");
         cluster
             .create_topic(&payments_topic, partitions, 1)
             .unwrap();
         cluster
             .create_topic(&settlements_topic, partitions, 1)
             .unwrap();
+        cluster.create_topic(&exceptions_topic, 1, 1).unwrap();
         TestKafka {
             cluster: Some(cluster),
             bootstrap,
             payments_topic,
             settlements_topic,
+            exceptions_topic,
             partitions,
         }
     }
@@ -146,17 +151,22 @@ impl TestKafka {
     pub async fn external(bootstrap: &str, partitions: i32) -> TestKafka {
         let payments_topic = unique("payments");
         let settlements_topic = unique("settlements");
+        let exceptions_topic = unique("exceptions");
         let config = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .clone();
         payrecon::kafka::ensure_topics(&config, &[&payments_topic, &settlements_topic], partitions)
             .await
             .expect("creating the input topics");
+        payrecon::kafka::ensure_topics(&config, &[&exceptions_topic], 1)
+            .await
+            .expect("creating the exceptions topic");
         TestKafka {
             cluster: None,
             bootstrap: bootstrap.to_owned(),
             payments_topic,
             settlements_topic,
+            exceptions_topic,
             partitions,
         }
     }
@@ -252,6 +262,10 @@ impl Fixture {
                 "PAYRECON_KAFKA__SETTLEMENTS_TOPIC".into(),
                 self.kafka.settlements_topic.clone(),
             ),
+            (
+                "PAYRECON_EXCEPTIONS__TOPIC".into(),
+                self.kafka.exceptions_topic.clone(),
+            ),
             ("PAYRECON_KAFKA__SESSION_TIMEOUT".into(), "6s".into()),
             ("PAYRECON_KAFKA__MAX_POLL_INTERVAL".into(), "10s".into()),
             ("PAYRECON_REGISTRY__URL".into(), self.registry_url.clone()),
@@ -268,6 +282,83 @@ impl Fixture {
         let mut env = self.service_env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Service::spawn(name, &env, self.logs.path())
+    }
+
+    /// The service's settings for this fixture (as `payrecon run` gets them from
+    /// [`Fixture::service_env`]).
+    pub fn settings(&self) -> payrecon::config::Settings {
+        let mut s = payrecon::config::Settings::load(None).unwrap();
+        s.database.url = self.db.url.clone().into();
+        s.kafka.bootstrap_servers = self.kafka.bootstrap.clone();
+        s.kafka.group_id = self.group.clone();
+        s.kafka.payments_topic = self.kafka.payments_topic.clone();
+        s.kafka.settlements_topic = self.kafka.settlements_topic.clone();
+        s.exceptions.topic = self.kafka.exceptions_topic.clone();
+        s.registry.url = self.registry_url.clone();
+        s
+    }
+
+    /// Waits until reconciliation has judged every due item and the relay published every
+    /// outbox row, then checks the exceptions topic holds each outbox row exactly once and
+    /// the daily totals equal the rows; returns the outbox seqs.
+    pub async fn assert_exceptions_exact(&self) -> Vec<i64> {
+        let lateness = chrono::Duration::hours(1);
+        let store = &self.db.store;
+        wait_for(
+            Duration::from_secs(60),
+            "reconciliation and the relay to catch up",
+            || async {
+                let b = store
+                    .reconciliation_backlog(&self.group, lateness)
+                    .await
+                    .unwrap();
+                b.due == 0 && b.unpublished == 0
+            },
+        )
+        .await;
+        let outbox = store.outbox_seqs().await.unwrap();
+        let mut on_topic = payrecon::outbox::topic_seqs(&self.settings())
+            .await
+            .unwrap();
+        on_topic.sort_unstable();
+        assert_eq!(
+            on_topic, outbox,
+            "the exceptions topic must hold every outbox row exactly once"
+        );
+        // The history is one unbroken chain per reference ending in its current status, and
+        // every change into or out of an exception has exactly one outbox row.
+        let (broken, wrong_end, outbox_mismatch): (i64, i64, i64) = sqlx::query_as(
+            "WITH h AS (
+                SELECT *, lag(to_status) OVER (PARTITION BY payment_reference ORDER BY id) AS prev
+                  FROM reconciliation_history)
+             SELECT
+               (SELECT count(*) FROM h
+                 WHERE from_status IS DISTINCT FROM prev OR from_status = to_status),
+               (SELECT count(*) FROM reconciliation_items i
+                 WHERE status IS DISTINCT FROM (
+                    SELECT to_status FROM reconciliation_history x
+                     WHERE x.payment_reference = i.payment_reference ORDER BY id DESC LIMIT 1)),
+               (SELECT count(*) FROM h
+                 WHERE (to_status NOT IN ('MATCHED', 'EXPECTED'))
+                       <> coalesce(from_status NOT IN ('MATCHED', 'EXPECTED'), false)
+                   AND (SELECT count(*) FROM exceptions_outbox o WHERE o.history_id = h.id) <> 1)",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            (broken, wrong_end, outbox_mismatch),
+            (0, 0, 0),
+            "history rows out of chain, items whose status is not their last history row, \
+             exception changes without exactly one outbox row"
+        );
+        let daily = store.daily_totals_differences().await.unwrap();
+        assert!(
+            daily.is_empty(),
+            "merchant_daily_totals differ from the rows:\n{}",
+            daily.join("\n")
+        );
+        outbox
     }
 
     /// An encoder registered for this fixture's topics.
@@ -360,10 +451,13 @@ impl Fixture {
         }
     }
 
-    /// Asserts the exactly-once outcome: totals equal the expected ones, running totals equal
-    /// the totals recomputed from rows, next_offset = high watermark and records_applied =
-    /// next_offset (no offset applied twice) on every partition; log start offsets are 0.
+    /// Asserts the exactly-once outcome: reconciliation caught up and the exceptions topic
+    /// holds every outbox row once ([`Fixture::assert_exceptions_exact`]), totals and statuses
+    /// equal the expected ones, running totals equal the totals recomputed from rows,
+    /// next_offset = high watermark and records_applied = next_offset (no offset applied
+    /// twice) on every partition; log start offsets are 0.
     pub async fn assert_exact(&self, expected: &Totals) {
+        self.assert_exceptions_exact().await;
         let running = self.db.store.running_totals(&self.group).await.unwrap();
         let diffs = expected.differences(&running);
         assert!(

@@ -10,5 +10,6 @@ mod fencing;
 mod observability;
 mod outage;
 mod rebalance;
+mod reconciliation;
 mod reference;
 mod tansu;

@@ -422,12 +422,6 @@ impl Drop for Prometheus {
     }
 }
 
-/// Metrics that alert rules use before src/metrics.rs exports them (the same list as the
-/// `planned` set of scripts/check-observability.sh; prometheus/alerts.yml says which rule
-/// depends on them). A measurement that uses one may be empty, and must be: once it returns
-/// data the metric exists and the entry has to go.
-const PLANNED_METRICS: &[&str] = &["payrecon_reconciliation_status_changes_total"];
-
 /// The `prometheus` executable on PATH.
 fn prometheus_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -1135,19 +1129,12 @@ async fn a_real_prometheus_scrapes_the_service_and_every_dashboard_and_alert_exp
         }
         for part in parts {
             measured += 1;
-            let planned = PLANNED_METRICS.iter().find(|m| part.contains(*m));
-            match (prometheus.query(&part).await, planned) {
-                (Ok(0), None) => failures.push(format!(
+            match prometheus.query(&part).await {
+                Ok(0) => failures.push(format!(
                     "alert {name}: empty result for its measurement `{part}`"
                 )),
-                (Ok(0), Some(metric)) => notes.push(format!(
-                    "alert {name}: `{part}` is empty: {metric} is planned, not exported yet (PLANNED_METRICS)"
-                )),
-                (Ok(_), Some(metric)) => failures.push(format!(
-                    "alert {name}: `{part}` returns data, so {metric} is exported now: remove it from PLANNED_METRICS"
-                )),
-                (Ok(_), None) => {}
-                (Err(e), _) => failures.push(format!("alert {name}: {e}: `{part}`")),
+                Ok(_) => {}
+                Err(e) => failures.push(format!("alert {name}: {e}: `{part}`")),
             }
         }
     }
