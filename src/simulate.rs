@@ -349,7 +349,7 @@ pub fn simulate(
             Fault::None
         };
         // The acquirer settles in the merchant's currency at the rate of the event's time.
-        let terms = snapshot.merchant_at(&merchant, t).cloned();
+        let terms = snapshot.merchant_at(&merchant, t);
         let settle_in = terms.as_ref().map_or(currency, |m| m.settlement_currency);
         let other_currency = currencies.iter().copied().find(|c| *c != settle_in);
         if fault == Fault::CurrencyMismatch && other_currency.is_none() {

@@ -12,6 +12,7 @@
 pub mod csv;
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -78,14 +79,231 @@ pub struct FxRate {
     pub rate: Decimal,
 }
 
+/// One version of a merchant's terms with its strings borrowed: what a [`Snapshot`] lookup
+/// returns (the snapshot stores versions packed, not as [`MerchantVersion`]s) and what a load
+/// feeds a [`SnapshotBuilder`] straight from a database row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MerchantVersionRef<'a> {
+    pub merchant_id: &'a str,
+    /// Start of validity; the version ends where the next one starts.
+    pub valid_from: DateTime<Utc>,
+    pub name: &'a str,
+    /// Currency the acquirer pays the merchant in; payments are converted into it.
+    pub settlement_currency: Currency,
+    /// Expected fee per capture: amount * fee_bps / 10000 + fee_fixed.
+    pub fee_bps: Decimal,
+    pub fee_fixed: Decimal,
+    pub status: MerchantStatus,
+    /// Overrides of the global tolerances and deadlines (`None`: use the default).
+    pub tolerance_abs: Option<Decimal>,
+    pub tolerance_rel: Option<Decimal>,
+    pub settlement_deadline: Option<Duration>,
+    pub payment_deadline: Option<Duration>,
+}
+
+impl MerchantVersion {
+    /// This version, borrowed.
+    pub fn view(&self) -> MerchantVersionRef<'_> {
+        MerchantVersionRef {
+            merchant_id: &self.merchant_id,
+            valid_from: self.valid_from,
+            name: &self.name,
+            settlement_currency: self.settlement_currency,
+            fee_bps: self.fee_bps,
+            fee_fixed: self.fee_fixed,
+            status: self.status,
+            tolerance_abs: self.tolerance_abs,
+            tolerance_rel: self.tolerance_rel,
+            settlement_deadline: self.settlement_deadline,
+            payment_deadline: self.payment_deadline,
+        }
+    }
+}
+
+impl MerchantVersionRef<'_> {
+    /// An owned copy.
+    pub fn to_version(&self) -> MerchantVersion {
+        MerchantVersion {
+            merchant_id: self.merchant_id.to_owned(),
+            valid_from: self.valid_from,
+            name: self.name.to_owned(),
+            settlement_currency: self.settlement_currency,
+            fee_bps: self.fee_bps,
+            fee_fixed: self.fee_fixed,
+            status: self.status,
+            tolerance_abs: self.tolerance_abs,
+            tolerance_rel: self.tolerance_rel,
+            settlement_deadline: self.settlement_deadline,
+            payment_deadline: self.payment_deadline,
+        }
+    }
+
+    fn has_overrides(&self) -> bool {
+        self.tolerance_abs.is_some()
+            || self.tolerance_rel.is_some()
+            || self.settlement_deadline.is_some()
+            || self.payment_deadline.is_some()
+    }
+}
+
 /// A rate and the time it starts to be valid.
 type RateVersion = (DateTime<Utc>, Decimal);
 
+/// "No entry" in the `u32` indices below.
+const NONE: u32 = u32::MAX;
+
+/// Strings packed end to end in one buffer: no allocation and no 24-byte header per string.
+/// String `i` is `text[ends[i - 1]..ends[i]]`.
+#[derive(Debug, Default)]
+struct Strings {
+    text: String,
+    ends: Vec<u32>,
+}
+
+impl Strings {
+    fn push(&mut self, s: &str) -> u32 {
+        self.text.push_str(s);
+        let end = u32::try_from(self.text.len()).expect("reference strings exceed 4 GiB");
+        self.ends.push(end);
+        u32::try_from(self.ends.len() - 1).expect("fewer than 2^32 reference strings")
+    }
+
+    fn get(&self, i: u32) -> &str {
+        let i = i as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        self.text.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.text.capacity() + 4 * self.ends.capacity()
+    }
+}
+
+/// Open-addressing hash table from a merchant id to its number (its position in a
+/// [`Strings`]): four bytes per slot where a `HashMap<String, _>` would hold a `String` and
+/// its allocation per key. Linear probing, at most half full.
+#[derive(Debug, Default)]
+struct IdIndex {
+    /// Merchant numbers; `NONE` marks a free slot. Empty or a power of two long.
+    slots: Vec<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl IdIndex {
+    fn slot_of(&self, id: &str) -> usize {
+        self.hasher.hash_one(id) as usize & (self.slots.len() - 1)
+    }
+
+    fn find(&self, ids: &Strings, id: &str) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mut i = self.slot_of(id);
+        loop {
+            match self.slots[i] {
+                NONE => return None,
+                n if ids.get(n) == id => return Some(n),
+                _ => i = (i + 1) & (self.slots.len() - 1),
+            }
+        }
+    }
+
+    /// Indexes merchant `n`, the last one pushed to `ids` (and not indexed yet).
+    fn insert(&mut self, ids: &Strings, n: u32) {
+        if 2 * ids.len() > self.slots.len() {
+            // Rebuilding indexes every id pushed so far, `n` included.
+            self.slots = vec![NONE; (2 * ids.len()).next_power_of_two().max(16)];
+            for m in 0..ids.len() as u32 {
+                self.place(ids.get(m), m);
+            }
+        } else {
+            self.place(ids.get(n), n);
+        }
+    }
+
+    fn place(&mut self, id: &str, n: u32) {
+        let mut i = self.slot_of(id);
+        while self.slots[i] != NONE {
+            i = (i + 1) & (self.slots.len() - 1);
+        }
+        self.slots[i] = n;
+    }
+}
+
+/// A decimal as an `i32` mantissa and a scale, when that represents it exactly (at the
+/// columns' scale of 4, any `fee_bps` or `fee_fixed` up to 214,748.3647): 5 bytes instead
+/// of 16. Wider values go to the side table.
+fn pack_decimal(d: Decimal) -> Option<(i32, u8)> {
+    let mantissa = i32::try_from(d.mantissa()).ok()?;
+    let scale = u8::try_from(d.scale()).ok()?;
+    // Compared bit for bit, so even the sign of a zero survives.
+    (Decimal::new(mantissa.into(), d.scale()).serialize() == d.serialize())
+        .then_some((mantissa, scale))
+}
+
+/// One merchant version as a snapshot stores it: 40 bytes, where a [`MerchantVersion`] takes
+/// 192 plus two string allocations. Strings are numbers into the snapshot's [`Strings`],
+/// the currency a number into its currency table, and what few versions carry (overrides,
+/// a fee too wide to pack) sits in a side table.
+#[derive(Debug, Clone, Copy)]
+struct PackedVersion {
+    /// Mantissas of the fees (`extra == NONE` only; otherwise the fees are in the extra).
+    fee_bps: i32,
+    fee_fixed: i32,
+    valid_from: DateTime<Utc>,
+    /// Merchant number: the versions are sorted by it, then by `valid_from`.
+    merchant: u32,
+    name: u32,
+    /// Index into `Snapshot::extras`, or `NONE`.
+    extra: u32,
+    currency: u16,
+    fee_bps_scale: u8,
+    fee_fixed_scale: u8,
+    status: MerchantStatus,
+}
+
+// The point of the packing: every byte here is a megabyte per million versions.
+const _: () = assert!(std::mem::size_of::<PackedVersion>() <= 40);
+
+/// The rarely present part of a version: overrides are the exception, not the rule.
+#[derive(Debug, Clone, Copy)]
+struct Extra {
+    fee_bps: Decimal,
+    fee_fixed: Decimal,
+    tolerance_abs: Option<Decimal>,
+    tolerance_rel: Option<Decimal>,
+    settlement_deadline: Option<Duration>,
+    payment_deadline: Option<Duration>,
+}
+
 /// An immutable, complete copy of the reference tables, indexed for as-of lookups.
+///
+/// Merchant versions are packed ([`PackedVersion`]) in one vector sorted by merchant, then
+/// start; a lookup hashes the id to its merchant number and binary-searches that merchant's
+/// run. A million versions take about 60 MB of heap (`payrecon bench --reference-versions`)
+/// where a map of [`MerchantVersion`]s took over 250.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Versions per merchant, sorted by `valid_from`.
-    merchants: HashMap<String, Vec<MerchantVersion>>,
+    /// Merchant ids by merchant number.
+    merchant_ids: Strings,
+    merchant_index: IdIndex,
+    /// The versions of merchant `n` are `versions[first_version[n]..first_version[n + 1]]`.
+    first_version: Vec<u32>,
+    versions: Vec<PackedVersion>,
+    /// Merchant names; consecutive versions of a merchant with the same name share one.
+    names: Strings,
+    /// Settlement currencies by number (a few dozen at most).
+    currencies: Vec<Currency>,
+    extras: Vec<Extra>,
     /// Rate versions per (base, quote), sorted by `valid_from`.
     rates: HashMap<(Currency, Currency), Vec<RateVersion>>,
     /// Monotonic load counter: which refresh produced this snapshot.
@@ -94,46 +312,191 @@ pub struct Snapshot {
     pub loaded_at: Option<DateTime<Utc>>,
 }
 
+/// What a snapshot holds, for logs and the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotStats {
+    pub merchants: usize,
+    pub merchant_versions: usize,
+    /// Distinct names stored (a name is stored once per run of versions that share it).
+    pub names: usize,
+    /// Versions with overrides (or a fee too wide to pack).
+    pub extras: usize,
+    pub rate_versions: usize,
+    /// Heap memory the snapshot owns, from its buffers' capacities.
+    pub heap_bytes: usize,
+}
+
 /// The element valid at `at`: the last one whose start is not after `at`.
 fn as_of<T>(versions: &[T], at: DateTime<Utc>, start: impl Fn(&T) -> DateTime<Utc>) -> Option<&T> {
     let idx = versions.partition_point(|v| start(v) <= at);
     idx.checked_sub(1).map(|i| &versions[i])
 }
 
+/// Builds a [`Snapshot`] from versions pushed one at a time in any order, so a load can
+/// stream rows into it without holding them all first.
+#[derive(Debug, Default)]
+pub struct SnapshotBuilder {
+    snapshot: Snapshot,
+    /// Each merchant's last pushed name: a merchant's consecutive versions usually share
+    /// their name, which is then stored once.
+    last_name: Vec<u32>,
+}
+
+impl SnapshotBuilder {
+    pub fn new() -> SnapshotBuilder {
+        SnapshotBuilder::default()
+    }
+
+    pub fn push_merchant(&mut self, m: MerchantVersionRef<'_>) {
+        let s = &mut self.snapshot;
+        let merchant = match s.merchant_index.find(&s.merchant_ids, m.merchant_id) {
+            Some(n) => n,
+            None => {
+                let n = s.merchant_ids.push(m.merchant_id);
+                s.merchant_index.insert(&s.merchant_ids, n);
+                self.last_name.push(NONE);
+                n
+            }
+        };
+        let last = self.last_name[merchant as usize];
+        let name = if last != NONE && s.names.get(last) == m.name {
+            last
+        } else {
+            let n = s.names.push(m.name);
+            self.last_name[merchant as usize] = n;
+            n
+        };
+        let currency = match s
+            .currencies
+            .iter()
+            .position(|c| *c == m.settlement_currency)
+        {
+            Some(i) => i,
+            None => {
+                s.currencies.push(m.settlement_currency);
+                s.currencies.len() - 1
+            }
+        };
+        let packed = match (pack_decimal(m.fee_bps), pack_decimal(m.fee_fixed)) {
+            (Some(bps), Some(fixed)) if !m.has_overrides() => Some((bps, fixed)),
+            _ => None,
+        };
+        let ((fee_bps, fee_bps_scale), (fee_fixed, fee_fixed_scale)) =
+            packed.unwrap_or(((0, 0), (0, 0)));
+        let extra = if packed.is_some() {
+            NONE
+        } else {
+            s.extras.push(Extra {
+                fee_bps: m.fee_bps,
+                fee_fixed: m.fee_fixed,
+                tolerance_abs: m.tolerance_abs,
+                tolerance_rel: m.tolerance_rel,
+                settlement_deadline: m.settlement_deadline,
+                payment_deadline: m.payment_deadline,
+            });
+            u32::try_from(s.extras.len() - 1).expect("fewer than 2^32 merchant versions")
+        };
+        s.versions.push(PackedVersion {
+            fee_bps,
+            fee_fixed,
+            valid_from: m.valid_from,
+            merchant,
+            name,
+            extra,
+            currency: u16::try_from(currency).expect("fewer than 2^16 currencies"),
+            fee_bps_scale,
+            fee_fixed_scale,
+            status: m.status,
+        });
+    }
+
+    pub fn push_rate(&mut self, r: FxRate) {
+        self.snapshot
+            .rates
+            .entry((r.base, r.quote))
+            .or_default()
+            .push((r.valid_from, r.rate));
+    }
+
+    /// The snapshot. Two versions of one merchant with the same start (the tables' primary
+    /// keys rule that out) leave it unspecified which one a lookup sees.
+    pub fn build(self, generation: u64) -> Snapshot {
+        let mut s = self.snapshot;
+        // In place: a stable sort would take a scratch buffer of half the versions.
+        s.versions
+            .sort_unstable_by_key(|v| (v.merchant, v.valid_from));
+        let merchants = s.merchant_ids.len();
+        let mut first_version = vec![0u32; merchants + 1];
+        for v in &s.versions {
+            first_version[v.merchant as usize + 1] += 1;
+        }
+        for n in 0..merchants {
+            first_version[n + 1] += first_version[n];
+        }
+        s.first_version = first_version;
+        s.versions.shrink_to_fit();
+        s.extras.shrink_to_fit();
+        s.merchant_ids.shrink_to_fit();
+        s.names.shrink_to_fit();
+        for versions in s.rates.values_mut() {
+            versions.sort_by_key(|v| v.0);
+        }
+        s.generation = generation;
+        s.loaded_at = Some(Utc::now());
+        s
+    }
+}
+
 impl Snapshot {
     /// Builds a snapshot from loaded rows (any order).
     pub fn new(merchants: Vec<MerchantVersion>, rates: Vec<FxRate>, generation: u64) -> Snapshot {
-        let mut by_merchant: HashMap<String, Vec<MerchantVersion>> = HashMap::new();
-        for m in merchants {
-            by_merchant
-                .entry(m.merchant_id.clone())
-                .or_default()
-                .push(m);
+        let mut builder = SnapshotBuilder::new();
+        for m in &merchants {
+            builder.push_merchant(m.view());
         }
-        for versions in by_merchant.values_mut() {
-            versions.sort_by_key(|v| v.valid_from);
-        }
-        let mut by_pair: HashMap<(Currency, Currency), Vec<RateVersion>> = HashMap::new();
+        drop(merchants);
         for r in rates {
-            by_pair
-                .entry((r.base, r.quote))
-                .or_default()
-                .push((r.valid_from, r.rate));
+            builder.push_rate(r);
         }
-        for versions in by_pair.values_mut() {
-            versions.sort_by_key(|v| v.0);
-        }
-        Snapshot {
-            merchants: by_merchant,
-            rates: by_pair,
-            generation,
-            loaded_at: Some(Utc::now()),
-        }
+        builder.build(generation)
     }
 
     /// The merchant's terms valid at `at`, if any version had started by then.
-    pub fn merchant_at(&self, merchant_id: &str, at: DateTime<Utc>) -> Option<&MerchantVersion> {
-        as_of(self.merchants.get(merchant_id)?, at, |v| v.valid_from)
+    pub fn merchant_at(
+        &self,
+        merchant_id: &str,
+        at: DateTime<Utc>,
+    ) -> Option<MerchantVersionRef<'_>> {
+        let n = self.merchant_index.find(&self.merchant_ids, merchant_id)? as usize;
+        let versions =
+            &self.versions[self.first_version[n] as usize..self.first_version[n + 1] as usize];
+        as_of(versions, at, |v| v.valid_from).map(|v| self.unpack(v))
+    }
+
+    fn unpack(&self, v: &PackedVersion) -> MerchantVersionRef<'_> {
+        let mut m = MerchantVersionRef {
+            merchant_id: self.merchant_ids.get(v.merchant),
+            valid_from: v.valid_from,
+            name: self.names.get(v.name),
+            settlement_currency: self.currencies[usize::from(v.currency)],
+            fee_bps: Decimal::new(v.fee_bps.into(), v.fee_bps_scale.into()),
+            fee_fixed: Decimal::new(v.fee_fixed.into(), v.fee_fixed_scale.into()),
+            status: v.status,
+            tolerance_abs: None,
+            tolerance_rel: None,
+            settlement_deadline: None,
+            payment_deadline: None,
+        };
+        if v.extra != NONE {
+            let e = &self.extras[v.extra as usize];
+            m.fee_bps = e.fee_bps;
+            m.fee_fixed = e.fee_fixed;
+            m.tolerance_abs = e.tolerance_abs;
+            m.tolerance_rel = e.tolerance_rel;
+            m.settlement_deadline = e.settlement_deadline;
+            m.payment_deadline = e.payment_deadline;
+        }
+        m
     }
 
     /// Units of `quote` for one `base` at `at`: 1 for the same currency, the direct rate, or
@@ -155,14 +518,35 @@ impl Snapshot {
 
     /// Merchant versions and rate versions held.
     pub fn len(&self) -> (usize, usize) {
-        (
-            self.merchants.values().map(Vec::len).sum(),
-            self.rates.values().map(Vec::len).sum(),
-        )
+        (self.versions.len(), self.rates.values().map(Vec::len).sum())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.merchants.is_empty() && self.rates.is_empty()
+        self.versions.is_empty() && self.rates.is_empty()
+    }
+
+    pub fn stats(&self) -> SnapshotStats {
+        let (merchant_versions, rate_versions) = self.len();
+        let rates_heap: usize = (self.rates.values())
+            .map(|v| v.capacity() * std::mem::size_of::<RateVersion>())
+            .sum::<usize>()
+            + self.rates.capacity()
+                * std::mem::size_of::<((Currency, Currency), Vec<RateVersion>)>();
+        SnapshotStats {
+            merchants: self.merchant_ids.len(),
+            merchant_versions,
+            names: self.names.len(),
+            extras: self.extras.len(),
+            rate_versions,
+            heap_bytes: self.merchant_ids.heap_bytes()
+                + 4 * self.merchant_index.slots.capacity()
+                + 4 * self.first_version.capacity()
+                + self.versions.capacity() * std::mem::size_of::<PackedVersion>()
+                + self.names.heap_bytes()
+                + self.currencies.capacity() * std::mem::size_of::<Currency>()
+                + self.extras.capacity() * std::mem::size_of::<Extra>()
+                + rates_heap,
+        }
     }
 }
 
@@ -195,11 +579,13 @@ impl ReferenceCache {
         self.current.read().expect("reference cache lock").clone()
     }
 
-    /// Loads the tables into a new snapshot and swaps it in.
+    /// Loads the tables into a new snapshot and swaps it in. The rows stream into the new
+    /// snapshot as they arrive; the previous snapshot stays in use until the swap.
     pub async fn reload(&self, store: &Store) -> Result<Arc<Snapshot>, sqlx::Error> {
-        let (merchants, rates) = store.load_reference().await?;
+        let mut builder = SnapshotBuilder::new();
+        store.load_reference_into(&mut builder).await?;
         let generation = self.snapshot().generation + 1;
-        let snapshot = Arc::new(Snapshot::new(merchants, rates, generation));
+        let snapshot = Arc::new(builder.build(generation));
         *self.current.write().expect("reference cache lock") = snapshot.clone();
         self.loaded.send_replace(generation);
         crate::metrics::reference_loaded(Utc::now().timestamp_millis() as f64 / 1000.0);
@@ -320,6 +706,139 @@ mod tests {
         );
         assert!(
             s.merchant_at("unknown", t("2026-03-01T00:00:00Z"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_packed_snapshot_returns_every_version_whole_at_its_boundaries() {
+        let eur = Currency::from_code("EUR").unwrap();
+        let jpy = Currency::from_code("JPY").unwrap();
+        let version = |id: &str, from: &str, name: &str, fee_bps: i64| MerchantVersion {
+            merchant_id: id.into(),
+            name: name.into(),
+            ..merchant(from, fee_bps)
+        };
+        let with_overrides = MerchantVersion {
+            tolerance_abs: Some(Decimal::new(50, 2)),
+            tolerance_rel: Some(Decimal::new(5, 4)),
+            settlement_deadline: Some(Duration::from_secs(96 * 3600)),
+            payment_deadline: Some(Duration::from_secs(3600)),
+            status: MerchantStatus::Suspended,
+            ..version("m2", "2026-02-01T00:00:00Z", "Two", 100)
+        };
+        let wide_fee = MerchantVersion {
+            // Too wide for the packed form: kept in the side table, exactly.
+            fee_fixed: Decimal::new(123_456_789_012_345, 4),
+            settlement_currency: jpy,
+            ..version("m3", "2026-01-01T00:00:00Z", "Three", 0)
+        };
+        // Out of order, merchants interleaved, as rows come from a table.
+        let versions = vec![
+            version("m1", "2026-03-01T00:00:00Z", "One", 200),
+            with_overrides.clone(),
+            version("m1", "2026-01-01T00:00:00Z", "One", 150),
+            wide_fee.clone(),
+            version("m2", "2026-01-01T00:00:00Z", "Two", 90),
+            version("m1", "2026-06-01T00:00:00Z", "One Ltd", 250),
+            MerchantVersion {
+                // Scale kept: 1.5000 stays 1.5000, not 1.5.
+                fee_bps: Decimal::new(15_000, 4),
+                ..version("m2", "2026-03-01T00:00:00Z", "Two", 0)
+            },
+        ];
+        let s = Snapshot::new(versions.clone(), vec![], 7);
+
+        for v in &versions {
+            let found = s.merchant_at(&v.merchant_id, v.valid_from).unwrap();
+            assert_eq!(found.to_version(), *v);
+            assert_eq!(found.fee_bps.scale(), v.fee_bps.scale());
+            assert_eq!(found.fee_fixed.scale(), v.fee_fixed.scale());
+        }
+        let second = chrono::Duration::seconds(1);
+        let bps = |id: &str, at: DateTime<Utc>| s.merchant_at(id, at).map(|m| m.fee_bps);
+        assert_eq!(bps("m1", t("2026-01-01T00:00:00Z") - second), None);
+        assert_eq!(
+            bps("m1", t("2026-03-01T00:00:00Z") - second),
+            Some(Decimal::new(150, 0))
+        );
+        assert_eq!(
+            bps("m1", t("2026-03-01T00:00:00Z")),
+            Some(Decimal::new(200, 0))
+        );
+        assert_eq!(
+            bps("m1", t("2030-01-01T00:00:00Z")),
+            Some(Decimal::new(250, 0))
+        );
+        assert_eq!(
+            s.merchant_at("m1", t("2030-01-01T00:00:00Z")).unwrap().name,
+            "One Ltd"
+        );
+        assert_eq!(
+            s.merchant_at("m1", t("2026-05-01T00:00:00Z")).unwrap().name,
+            "One"
+        );
+        // The overrides belong to their version only.
+        let m2 = |at: &str| s.merchant_at("m2", t(at)).unwrap();
+        assert_eq!(m2("2026-01-31T23:59:59Z").tolerance_abs, None);
+        assert_eq!(m2("2026-02-15T00:00:00Z").to_version(), with_overrides);
+        assert_eq!(m2("2026-03-01T00:00:00Z").settlement_deadline, None);
+        assert_eq!(m2("2026-03-01T00:00:00Z").status, MerchantStatus::Active);
+        assert_eq!(
+            s.merchant_at("m3", t("2027-01-01T00:00:00Z"))
+                .unwrap()
+                .to_version(),
+            wide_fee
+        );
+        assert!(s.merchant_at("m4", t("2026-03-01T00:00:00Z")).is_none());
+        assert!(s.merchant_at("", t("2026-03-01T00:00:00Z")).is_none());
+
+        let stats = s.stats();
+        assert_eq!((stats.merchants, stats.merchant_versions), (3, 7));
+        // "One" is stored once for m1's first two versions, "Two" once for m2's three.
+        assert_eq!(stats.names, 4);
+        assert_eq!(stats.extras, 2);
+        assert_eq!(s.generation, 7);
+        assert_eq!(
+            s.merchant_at("m3", t("2026-01-01T00:00:00Z"))
+                .unwrap()
+                .settlement_currency,
+            jpy
+        );
+        assert_eq!(
+            s.merchant_at("m1", t("2026-01-01T00:00:00Z"))
+                .unwrap()
+                .settlement_currency,
+            eur
+        );
+    }
+
+    #[test]
+    fn thousands_of_merchants_are_all_found_after_the_index_grows() {
+        let mut builder = SnapshotBuilder::new();
+        for v in 0..3 {
+            for n in 0..5_000i64 {
+                let mut m = merchant("2026-01-01T00:00:00Z", n);
+                m.merchant_id = format!("merchant-{n:06}");
+                m.valid_from += chrono::Duration::days(30 * v);
+                m.fee_fixed = Decimal::new(v, 2);
+                builder.push_merchant(m.view());
+            }
+        }
+        let s = builder.build(1);
+        assert_eq!(s.stats().merchants, 5_000);
+        for n in 0..5_000i64 {
+            let m = s
+                .merchant_at(&format!("merchant-{n:06}"), t("2026-02-15T00:00:00Z"))
+                .unwrap();
+            assert_eq!(m.merchant_id, format!("merchant-{n:06}"));
+            assert_eq!(
+                (m.fee_bps, m.fee_fixed),
+                (Decimal::new(n, 0), Decimal::new(1, 2))
+            );
+        }
+        assert!(
+            s.merchant_at("merchant-005000", t("2026-02-15T00:00:00Z"))
                 .is_none()
         );
     }

@@ -22,7 +22,7 @@ use sqlx::{Postgres, Transaction};
 use crate::config::ReconciliationSettings;
 use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use crate::reconcile::{Evaluation, PricedEvent, Status, Terms, Tolerance, evaluate, transition};
-use crate::reference::{MerchantVersion, ReferenceCache, Snapshot};
+use crate::reference::{MerchantVersionRef, ReferenceCache, Snapshot};
 
 /// Global matching rules (the merchant's reference data can override them).
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ impl Rules {
     }
 
     /// The merchant version's terms with the global defaults filled in.
-    pub fn terms(&self, m: &MerchantVersion) -> Terms {
+    pub fn terms(&self, m: MerchantVersionRef<'_>) -> Terms {
         Terms {
             settlement_currency: m.settlement_currency,
             fee_bps: m.fee_bps,

@@ -1,26 +1,15 @@
 //! Reading and loading the temporal reference tables.
 
-use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
+use futures::TryStreamExt;
 use sqlx::postgres::types::PgInterval;
+use sqlx::postgres::{PgRow, Postgres};
+use sqlx::{Decode, Row, Type};
 
 use super::Store;
 use crate::domain::Currency;
-use crate::reference::{FxRate, MerchantStatus, MerchantVersion};
-
-type MerchantRow = (
-    String,
-    DateTime<Utc>,
-    String,
-    String,
-    Decimal,
-    Decimal,
-    String,
-    Option<Decimal>,
-    Option<Decimal>,
-    Option<PgInterval>,
-    Option<PgInterval>,
-);
+use crate::reference::{
+    FxRate, MerchantStatus, MerchantVersion, MerchantVersionRef, SnapshotBuilder,
+};
 
 fn interval_to_duration(i: PgInterval) -> std::time::Duration {
     // Written from std Durations, so months are 0; days are 24 h (timestamptz arithmetic).
@@ -38,51 +27,96 @@ fn duration_to_interval(d: std::time::Duration) -> PgInterval {
     }
 }
 
+/// Column `i` of a row, with the column named in the error.
+fn column<'r, T>(row: &'r PgRow, i: usize, name: &str) -> Result<T, sqlx::Error>
+where
+    T: Decode<'r, Postgres> + Type<Postgres>,
+{
+    row.try_get(i).map_err(|e| decode(name, e.to_string()))
+}
+
+fn decode(what: &str, e: String) -> sqlx::Error {
+    sqlx::Error::Decode(format!("{what}: {e}").into())
+}
+
 impl Store {
-    /// Every version of every merchant and rate (cache loads).
+    /// Every version of every merchant and rate (tools; the cache streams instead, see
+    /// [`Store::load_reference_into`]).
     pub async fn load_reference(&self) -> Result<(Vec<MerchantVersion>, Vec<FxRate>), sqlx::Error> {
-        let rows: Vec<MerchantRow> = sqlx::query_as(
+        let mut merchants = Vec::new();
+        self.each_merchant_version(|m| merchants.push(m.to_version()))
+            .await?;
+        let mut rates = Vec::new();
+        self.each_rate(|r| rates.push(r)).await?;
+        Ok((merchants, rates))
+    }
+
+    /// Streams every version of every merchant and rate into `builder` (cache loads). Rows
+    /// are decoded one at a time, their strings borrowed from the row, so a load holds the
+    /// packed snapshot and one row, never the whole table as rows.
+    pub async fn load_reference_into(
+        &self,
+        builder: &mut SnapshotBuilder,
+    ) -> Result<(), sqlx::Error> {
+        self.each_merchant_version(|m| builder.push_merchant(m))
+            .await?;
+        self.each_rate(|r| builder.push_rate(r)).await
+    }
+
+    /// Calls `f` with each merchants row, validated, in no particular order.
+    async fn each_merchant_version(
+        &self,
+        mut f: impl FnMut(MerchantVersionRef<'_>) + Send,
+    ) -> Result<(), sqlx::Error> {
+        let mut rows = sqlx::query(
             "SELECT merchant_id, valid_from, name, settlement_currency, fee_bps, fee_fixed, status,
                     tolerance_abs, tolerance_rel, settlement_deadline, payment_deadline
                FROM merchants",
         )
-        .fetch_all(&self.pool)
-        .await?;
-        let decode = |what: &str, e: String| sqlx::Error::Decode(format!("{what}: {e}").into());
-        let mut merchants = Vec::with_capacity(rows.len());
-        for (id, from, name, currency, bps, fixed, status, tabs, trel, sdl, pdl) in rows {
-            merchants.push(MerchantVersion {
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let currency: &str = column(&row, 3, "merchants.settlement_currency")?;
+            let status: &str = column(&row, 6, "merchants.status")?;
+            let interval = |i, name| -> Result<_, sqlx::Error> {
+                Ok(column::<Option<PgInterval>>(&row, i, name)?.map(interval_to_duration))
+            };
+            f(MerchantVersionRef {
+                merchant_id: column(&row, 0, "merchants.merchant_id")?,
+                valid_from: column(&row, 1, "merchants.valid_from")?,
+                name: column(&row, 2, "merchants.name")?,
                 settlement_currency: Currency::from_code(currency.trim())
                     .map_err(|e| decode("merchants.settlement_currency", e.to_string()))?,
-                status: MerchantStatus::parse(&status)
-                    .ok_or_else(|| decode("merchants.status", status.clone()))?,
-                merchant_id: id,
-                valid_from: from,
-                name,
-                fee_bps: bps,
-                fee_fixed: fixed,
-                tolerance_abs: tabs,
-                tolerance_rel: trel,
-                settlement_deadline: sdl.map(interval_to_duration),
-                payment_deadline: pdl.map(interval_to_duration),
+                fee_bps: column(&row, 4, "merchants.fee_bps")?,
+                fee_fixed: column(&row, 5, "merchants.fee_fixed")?,
+                status: MerchantStatus::parse(status)
+                    .ok_or_else(|| decode("merchants.status", status.to_owned()))?,
+                tolerance_abs: column(&row, 7, "merchants.tolerance_abs")?,
+                tolerance_rel: column(&row, 8, "merchants.tolerance_rel")?,
+                settlement_deadline: interval(9, "merchants.settlement_deadline")?,
+                payment_deadline: interval(10, "merchants.payment_deadline")?,
             });
         }
-        let rows: Vec<(String, String, DateTime<Utc>, Decimal)> =
-            sqlx::query_as("SELECT base_currency, quote_currency, valid_from, rate FROM fx_rates")
-                .fetch_all(&self.pool)
-                .await?;
-        let mut rates = Vec::with_capacity(rows.len());
-        for (base, quote, valid_from, rate) in rows {
-            rates.push(FxRate {
+        Ok(())
+    }
+
+    /// Calls `f` with each fx_rates row, validated, in no particular order.
+    async fn each_rate(&self, mut f: impl FnMut(FxRate) + Send) -> Result<(), sqlx::Error> {
+        let mut rows =
+            sqlx::query("SELECT base_currency, quote_currency, valid_from, rate FROM fx_rates")
+                .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let base: &str = column(&row, 0, "fx_rates.base_currency")?;
+            let quote: &str = column(&row, 1, "fx_rates.quote_currency")?;
+            f(FxRate {
                 base: Currency::from_code(base.trim())
                     .map_err(|e| decode("fx_rates.base_currency", e.to_string()))?,
                 quote: Currency::from_code(quote.trim())
                     .map_err(|e| decode("fx_rates.quote_currency", e.to_string()))?,
-                valid_from,
-                rate,
+                valid_from: column(&row, 2, "fx_rates.valid_from")?,
+                rate: column(&row, 3, "fx_rates.rate")?,
             });
         }
-        Ok((merchants, rates))
+        Ok(())
     }
 
     /// Inserts merchant versions in one transaction; a version with the same merchant and
