@@ -18,7 +18,7 @@ export const dashboard = {
       }
     ]
   },
-  "description": "Reconciliation view from PostgreSQL (totals, dead letters, ingestion) plus Prometheus throughput.",
+  "description": "Reconciliation view from PostgreSQL (totals, dead letters, ingestion, reconciliation status and open exceptions) plus Prometheus throughput.",
   "editable": true,
   "fiscalYearStartMonth": 0,
   "graphTooltip": 1,
@@ -1007,6 +1007,501 @@ export const dashboard = {
         "w": 24,
         "x": 0,
         "y": 43
+      }
+    },
+    {
+      "type": "row",
+      "id": 16,
+      "title": "Reconciliation (PostgreSQL reporting views)",
+      "collapsed": false,
+      "gridPos": {
+        "h": 1,
+        "w": 24,
+        "x": 0,
+        "y": 51
+      },
+      "panels": []
+    },
+    {
+      "type": "stat",
+      "title": "Open exceptions",
+      "description": "Payment references in an exception status now (view open_exceptions: every status except MATCHED and EXPECTED). `payrecon report` lists them per business day.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT count(*) AS open FROM open_exceptions",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "unit": "short",
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              },
+              {
+                "color": "orange",
+                "value": 1
+              },
+              {
+                "color": "red",
+                "value": 100
+              }
+            ]
+          },
+          "mappings": [],
+          "decimals": 0
+        },
+        "overrides": []
+      },
+      "options": {
+        "reduceOptions": {
+          "calcs": [
+            "lastNotNull"
+          ],
+          "fields": "",
+          "values": false
+        },
+        "orientation": "auto",
+        "colorMode": "value",
+        "graphMode": "none",
+        "justifyMode": "auto",
+        "textMode": "auto",
+        "wideLayout": true,
+        "showPercentChange": false,
+        "percentChangeColorMode": "standard"
+      },
+      "id": 17,
+      "gridPos": {
+        "h": 8,
+        "w": 6,
+        "x": 0,
+        "y": 52
+      }
+    },
+    {
+      "type": "timeseries",
+      "title": "Exceptions opened and resolved per hour",
+      "description": "View exception_activity: per hour of reconciliation_history.recorded_at (when the batch committed), status changes into an exception status (opened) and out of one (resolved). The same changes are published to the exceptions topic. The view scans the whole history: keep the time range short on a large table.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT hour AS time, opened, resolved\n  FROM exception_activity\n WHERE $__timeFilter(hour)\n ORDER BY 1",
+          "format": "time_series",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "unit": "short",
+          "color": {
+            "mode": "palette-classic"
+          },
+          "custom": {
+            "drawStyle": "bars",
+            "lineInterpolation": "linear",
+            "lineWidth": 1,
+            "fillOpacity": 80,
+            "gradientMode": "none",
+            "showPoints": "never",
+            "pointSize": 4,
+            "spanNulls": false,
+            "axisPlacement": "auto",
+            "axisBorderShow": false,
+            "axisCenteredZero": false,
+            "axisColorMode": "text",
+            "axisLabel": "",
+            "barAlignment": 0,
+            "insertNulls": false,
+            "scaleDistribution": {
+              "type": "linear"
+            },
+            "hideFrom": {
+              "legend": false,
+              "tooltip": false,
+              "viz": false
+            },
+            "stacking": {
+              "group": "A",
+              "mode": "none"
+            },
+            "thresholdsStyle": {
+              "mode": "off"
+            },
+            "lineStyle": {
+              "fill": "solid"
+            }
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "opened"
+            },
+            "properties": [
+              {
+                "id": "color",
+                "value": {
+                  "mode": "fixed",
+                  "fixedColor": "red"
+                }
+              }
+            ]
+          },
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "resolved"
+            },
+            "properties": [
+              {
+                "id": "color",
+                "value": {
+                  "mode": "fixed",
+                  "fixedColor": "green"
+                }
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "legend": {
+          "showLegend": true,
+          "displayMode": "list",
+          "placement": "bottom",
+          "calcs": []
+        },
+        "tooltip": {
+          "mode": "multi",
+          "sort": "desc"
+        }
+      },
+      "id": 18,
+      "gridPos": {
+        "h": 8,
+        "w": 18,
+        "x": 6,
+        "y": 52
+      }
+    },
+    {
+      "type": "table",
+      "title": "Open exceptions (largest differences first)",
+      "description": "View open_exceptions: one row per payment reference in an exception status, all business days. Amounts in the merchant's settlement currency (settled_* in settled_currency); difference = settled_gross - expected_gross, empty when not comparable (missing reference data, other or mixed currencies). since: when the item entered its status.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT payment_reference, merchant_id, business_date, currency, status,\n       expected_gross, expected_fee, settled_currency, settled_gross, settled_fee,\n       difference, since, evaluations, reason\n  FROM open_exceptions\n ORDER BY abs(difference) DESC NULLS LAST, since\n LIMIT 500",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byRegexp",
+              "options": "/^(expected_gross|expected_fee|settled_gross|settled_fee|difference)$/"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "none"
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 19,
+      "gridPos": {
+        "h": 10,
+        "w": 24,
+        "x": 0,
+        "y": 60
+      }
+    },
+    {
+      "type": "table",
+      "title": "Reconciliation status by business day (latest 31)",
+      "description": "View reconciliation_status_summary, all merchants and currencies: items per status and business day (the UTC date of the payment). The 31 latest business days that have items, whatever the time picker says (business days follow the payments' event time).",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT business_date,\n       coalesce(sum(items) FILTER (WHERE exception), 0) AS exceptions,\n       coalesce(sum(items) FILTER (WHERE status = 'MATCHED'), 0) AS matched,\n       coalesce(sum(items) FILTER (WHERE status = 'EXPECTED'), 0) AS expected,\n       coalesce(sum(items) FILTER (WHERE status = 'AMOUNT_MISMATCH'), 0) AS amount_mismatch,\n       coalesce(sum(items) FILTER (WHERE status = 'FEE_MISMATCH'), 0) AS fee_mismatch,\n       coalesce(sum(items) FILTER (WHERE status = 'CURRENCY_MISMATCH'), 0) AS currency_mismatch,\n       coalesce(sum(items) FILTER (WHERE status = 'MISSING_SETTLEMENT'), 0) AS missing_settlement,\n       coalesce(sum(items) FILTER (WHERE status = 'UNEXPECTED_SETTLEMENT'), 0) AS unexpected_settlement,\n       coalesce(sum(items) FILTER (WHERE status = 'OVER_SETTLED'), 0) AS over_settled,\n       coalesce(sum(items) FILTER (WHERE status = 'MISSING_REFERENCE'), 0) AS missing_reference\n  FROM reconciliation_status_summary\n WHERE business_date > (SELECT max(business_date) FROM reconciliation_status_summary) - 31\n GROUP BY business_date\n ORDER BY business_date DESC",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "exceptions"
+            },
+            "properties": [
+              {
+                "id": "custom.cellOptions",
+                "value": {
+                  "type": "color-text"
+                }
+              },
+              {
+                "id": "thresholds",
+                "value": {
+                  "mode": "absolute",
+                  "steps": [
+                    {
+                      "color": "green",
+                      "value": null
+                    },
+                    {
+                      "color": "red",
+                      "value": 1
+                    }
+                  ]
+                }
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 20,
+      "gridPos": {
+        "h": 10,
+        "w": 12,
+        "x": 0,
+        "y": 70
+      }
+    },
+    {
+      "type": "table",
+      "title": "Match rate per merchant (latest 7 business days)",
+      "description": "View merchant_daily_report over the 7 latest business days: matched / (matched + exceptions) per merchant and settlement currency (EXPECTED items, still in time, are not counted), and settled minus expected net of the same items. Lowest match rate first.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT merchant_id AS merchant, currency,\n       sum(matched_count) AS matched,\n       sum(exception_count) AS exceptions,\n       sum(expected_count) AS expected,\n       round(sum(matched_count)::numeric\n             / nullif(sum(matched_count) + sum(exception_count), 0), 4) AS match_rate,\n       sum(items_net_difference) AS net_difference\n  FROM merchant_daily_report\n WHERE business_date > (SELECT max(business_date) FROM merchant_daily_report) - 7\n GROUP BY merchant_id, currency\nHAVING sum(matched_count) + sum(exception_count) + sum(expected_count) > 0\n ORDER BY match_rate NULLS LAST, merchant_id, currency",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "match_rate"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "percentunit"
+              },
+              {
+                "id": "decimals",
+                "value": 2
+              },
+              {
+                "id": "custom.cellOptions",
+                "value": {
+                  "type": "color-text"
+                }
+              },
+              {
+                "id": "thresholds",
+                "value": {
+                  "mode": "absolute",
+                  "steps": [
+                    {
+                      "color": "red",
+                      "value": null
+                    },
+                    {
+                      "color": "orange",
+                      "value": 0.95
+                    },
+                    {
+                      "color": "green",
+                      "value": 0.999
+                    }
+                  ]
+                }
+              }
+            ]
+          },
+          {
+            "matcher": {
+              "id": "byRegexp",
+              "options": "/^net_difference$/"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "none"
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 21,
+      "gridPos": {
+        "h": 10,
+        "w": 12,
+        "x": 12,
+        "y": 70
       }
     }
   ],

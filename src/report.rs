@@ -1,0 +1,578 @@
+//! `payrecon report`: the reconciliation report of one business day, the open exceptions and
+//! the per-merchant totals, read from the reporting views of
+//! `migrations/20261126000004_reporting_views.sql` (`open_exceptions`,
+//! `merchant_daily_report`), printed as aligned tables or as one JSON document. `--verify`
+//! also checks the incrementally maintained `merchant_daily_totals` against the figures
+//! recomputed from the stored rows ([`Store::daily_totals_differences`]).
+//!
+//! It only reads: it never writes, and does not migrate either, so a read-only role can run
+//! it. The report's queries run in one REPEATABLE READ READ ONLY transaction, so exceptions
+//! and totals come from the same snapshot even while the service commits batches.
+//! Money is never a float: amounts are [`Decimal`]s shown with (at least) their currency's
+//! minor units, and JSON carries them as decimal strings.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::domain::Currency;
+use crate::store::Store;
+
+/// The exit codes of `payrecon report`, shown at the end of its `--help`.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  the report was printed (with --verify: merchant_daily_totals equal the stored rows)
+  1  error: database unreachable, or the reporting views are missing (run `payrecon migrate`)
+  2  with --verify: merchant_daily_totals differ from merchant_daily_totals_recomputed (the
+     differing rows are printed). Invalid arguments also exit 2, with a usage message on
+     stderr.";
+
+/// Options of `payrecon report`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportOptions {
+    /// Business day to report, as a UTC date (YYYY-MM-DD). Default: the latest business_date
+    /// in merchant_daily_totals (of --merchant, when given).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    pub date: Option<NaiveDate>,
+    /// Only this merchant.
+    #[arg(long, value_name = "ID")]
+    pub merchant: Option<String>,
+    /// Print one JSON document instead of tables (amounts as decimal strings).
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most this many open exceptions, largest absolute difference first (the total
+    /// is always given).
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(i64).range(0..))]
+    pub limit: i64,
+    /// Also compare merchant_daily_totals with merchant_daily_totals_recomputed (every day,
+    /// every merchant) and exit 2 if they differ.
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// The report of one business day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The day reported; `None` when there is no daily total yet and no `--date` was given.
+    pub business_date: Option<NaiveDate>,
+    /// The merchant filter, if any.
+    pub merchant: Option<String>,
+    /// Open exceptions of the day (and merchant) in all, before the limit: tells a reader
+    /// whether `open_exceptions` is the whole list.
+    pub open_exceptions_total: i64,
+    /// Open exceptions, largest absolute difference first (unknown differences last).
+    pub open_exceptions: Vec<OpenException>,
+    /// One row per merchant and currency with totals on the day, by merchant.
+    pub merchants: Vec<MerchantDay>,
+    /// With `--verify` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// A row of the `open_exceptions` view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OpenException {
+    pub payment_reference: String,
+    pub merchant_id: String,
+    pub business_date: NaiveDate,
+    /// The merchant's settlement currency: expected amounts and the difference are in it.
+    pub currency: String,
+    pub status: String,
+    /// `None` while reference data is missing (MISSING_REFERENCE).
+    pub expected_gross: Option<Decimal>,
+    pub expected_fee: Option<Decimal>,
+    pub expected_net: Option<Decimal>,
+    /// The settled amounts' currency; `None` without lines or with lines in mixed currencies.
+    pub settled_currency: Option<String>,
+    pub settled_gross: Option<Decimal>,
+    pub settled_fee: Option<Decimal>,
+    pub settled_net: Option<Decimal>,
+    /// settled_gross − expected_gross (nothing settled counts as 0); `None` when either side
+    /// is unknown or in another currency.
+    pub difference: Option<Decimal>,
+    pub reason: String,
+    /// When the item entered its current status.
+    pub since: Option<DateTime<Utc>>,
+    pub evaluations: i64,
+}
+
+/// A row of the `merchant_daily_report` view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct MerchantDay {
+    pub business_date: NaiveDate,
+    pub merchant_id: String,
+    pub currency: String,
+    pub captured_count: i64,
+    pub captured: Decimal,
+    pub refunded_count: i64,
+    pub refunded: Decimal,
+    pub charged_back_count: i64,
+    pub charged_back: Decimal,
+    /// captured − refunded − charged_back.
+    pub net_captured: Decimal,
+    /// Settlement lines dated this day.
+    pub settled_count: i64,
+    pub settled_gross: Decimal,
+    pub settled_fees: Decimal,
+    pub settled_net: Decimal,
+    pub matched_count: i64,
+    pub expected_count: i64,
+    pub exception_count: i64,
+    /// matched / (matched + exceptions), 4 decimals; `None` when there is neither.
+    pub match_rate: Option<Decimal>,
+    /// What the day's reconciliation items call for, net of fees.
+    pub items_expected_net: Option<Decimal>,
+    /// What was settled for them, net of fees.
+    pub items_settled_net: Option<Decimal>,
+    pub items_net_difference: Option<Decimal>,
+}
+
+/// The outcome of `--verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// Whether merchant_daily_totals equal the figures recomputed from the stored rows.
+    pub consistent: bool,
+    /// One line per differing merchant/day/currency: both rows as JSON.
+    pub differences: Vec<String>,
+}
+
+/// `payrecon report`: prints the report (and the verification) and returns the exit code
+/// described by [`EXIT_CODES`].
+pub async fn run(settings: &Settings, options: ReportOptions) -> anyhow::Result<ExitCode> {
+    // One attempt, unlike the service's connect_store which waits for the database forever:
+    // a report run by hand or from cron should fail, not hang.
+    let pool = settings
+        .database
+        .pool_options()
+        .max_connections(2)
+        .connect_with(settings.database.connect_options()?)
+        .await
+        .with_context(|| format!("connecting to {}", settings.database.redacted_url()))?;
+    let store = Store::new(pool);
+    let result = report(&store, &options).await;
+    store.pool().close().await;
+    let report = result?;
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(match &report.verification {
+        Some(v) if !v.consistent => ExitCode::from(2),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+async fn report(store: &Store, options: &ReportOptions) -> anyhow::Result<Report> {
+    let mut report = build(
+        store,
+        options.date,
+        options.merchant.as_deref(),
+        options.limit,
+    )
+    .await
+    .map_err(explain)?;
+    if options.verify {
+        report.verification = Some(verify(store).await.map_err(explain)?);
+    }
+    Ok(report)
+}
+
+/// Names the fix when the views are missing (a database migrated by an older payrecon).
+fn explain(e: sqlx::Error) -> anyhow::Error {
+    let undefined_table =
+        matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01"));
+    let e = anyhow::Error::new(e);
+    if undefined_table {
+        e.context("the reporting views are missing: run `payrecon migrate`")
+    } else {
+        e.context("reading the report")
+    }
+}
+
+/// The report of `date` (default: the latest business day, of `merchant` when given), with
+/// at most `limit` open exceptions. Reads one snapshot.
+pub async fn build(
+    store: &Store,
+    date: Option<NaiveDate>,
+    merchant: Option<&str>,
+    limit: i64,
+) -> Result<Report, sqlx::Error> {
+    let mut tx = store.pool().begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let date = match date {
+        Some(d) => Some(d),
+        None => {
+            sqlx::query_scalar(
+                "SELECT max(business_date) FROM merchant_daily_report
+                  WHERE $1::text IS NULL OR merchant_id = $1",
+            )
+            .bind(merchant)
+            .fetch_one(&mut *tx)
+            .await?
+        }
+    };
+    let mut report = Report {
+        business_date: date,
+        merchant: merchant.map(str::to_owned),
+        open_exceptions_total: 0,
+        open_exceptions: Vec::new(),
+        merchants: Vec::new(),
+        verification: None,
+    };
+    let Some(date) = date else {
+        tx.commit().await?;
+        return Ok(report);
+    };
+    report.open_exceptions_total = sqlx::query_scalar(
+        "SELECT count(*) FROM open_exceptions
+          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)",
+    )
+    .bind(date)
+    .bind(merchant)
+    .fetch_one(&mut *tx)
+    .await?;
+    report.open_exceptions = sqlx::query_as::<_, OpenException>(
+        "SELECT payment_reference, merchant_id, business_date, currency, status,
+                expected_gross, expected_fee, expected_net, settled_currency, settled_gross,
+                settled_fee, settled_net, difference, reason, since, evaluations
+           FROM open_exceptions
+          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
+          ORDER BY abs(difference) DESC NULLS LAST, payment_reference
+          LIMIT $3",
+    )
+    .bind(date)
+    .bind(merchant)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(OpenException::in_minor_units)
+    .collect();
+    report.merchants = sqlx::query_as::<_, MerchantDay>(
+        "SELECT business_date, merchant_id, currency, captured_count, captured, refunded_count,
+                refunded, charged_back_count, charged_back, net_captured, settled_count,
+                settled_gross, settled_fees, settled_net, matched_count, expected_count,
+                exception_count, match_rate, items_expected_net, items_settled_net,
+                items_net_difference
+           FROM merchant_daily_report
+          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
+          ORDER BY merchant_id, currency",
+    )
+    .bind(date)
+    .bind(merchant)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(MerchantDay::in_minor_units)
+    .collect();
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// `--verify`: merchant_daily_totals against merchant_daily_totals_recomputed, all days.
+pub async fn verify(store: &Store) -> Result<Verification, sqlx::Error> {
+    let differences = store.daily_totals_differences().await?;
+    Ok(Verification {
+        consistent: differences.is_empty(),
+        differences,
+    })
+}
+
+/// `amount` without the storage's trailing zeros but with at least `currency`'s minor units
+/// (`100.0000` EUR becomes `100.00`; a fee of `0.3750` stays `0.375`). Never rounds.
+fn money(amount: Decimal, currency: &str) -> Decimal {
+    let mut amount = amount.normalize();
+    let minor = Currency::from_code(currency.trim()).map_or(0, |c| c.minor_units());
+    if amount.scale() < minor {
+        amount.rescale(minor);
+    }
+    amount
+}
+
+impl OpenException {
+    fn in_minor_units(mut self) -> Self {
+        self.currency = self.currency.trim().to_owned();
+        self.settled_currency = self.settled_currency.map(|c| c.trim().to_owned());
+        let settled = self
+            .settled_currency
+            .clone()
+            .unwrap_or(self.currency.clone());
+        let c = self.currency.as_str();
+        for a in [
+            &mut self.expected_gross,
+            &mut self.expected_fee,
+            &mut self.expected_net,
+            &mut self.difference,
+        ] {
+            *a = a.map(|a| money(a, c));
+        }
+        for a in [
+            &mut self.settled_gross,
+            &mut self.settled_fee,
+            &mut self.settled_net,
+        ] {
+            *a = a.map(|a| money(a, &settled));
+        }
+        self
+    }
+}
+
+impl MerchantDay {
+    fn in_minor_units(mut self) -> Self {
+        self.currency = self.currency.trim().to_owned();
+        let c = self.currency.as_str();
+        for a in [
+            &mut self.captured,
+            &mut self.refunded,
+            &mut self.charged_back,
+            &mut self.net_captured,
+            &mut self.settled_gross,
+            &mut self.settled_fees,
+            &mut self.settled_net,
+        ] {
+            *a = money(*a, c);
+        }
+        for a in [
+            &mut self.items_expected_net,
+            &mut self.items_settled_net,
+            &mut self.items_net_difference,
+        ] {
+            *a = a.map(|a| money(a, c));
+        }
+        self
+    }
+}
+
+/// The report as text: a heading, then each section as an aligned table.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let scope = report
+        .merchant
+        .as_deref()
+        .map_or_else(|| "all merchants".to_owned(), |m| format!("merchant {m}"));
+    let Some(date) = report.business_date else {
+        let _ = writeln!(
+            out,
+            "No business day to report ({scope}): merchant_daily_totals has no row yet."
+        );
+        render_verification(&mut out, report);
+        return out;
+    };
+    let _ = writeln!(out, "Reconciliation report for {date} ({scope})");
+    let _ = writeln!(out);
+    let shown = report.open_exceptions.len();
+    let total = report.open_exceptions_total;
+    if i64::try_from(shown).is_ok_and(|n| n < total) {
+        let _ = writeln!(out, "Open exceptions: {total} (largest {shown} shown)");
+    } else {
+        let _ = writeln!(out, "Open exceptions: {total}");
+    }
+    if shown > 0 {
+        let rows: Vec<Vec<String>> = (report.open_exceptions.iter())
+            .map(|e| {
+                let settled = |a: Option<Decimal>| match (a, &e.settled_currency) {
+                    (Some(a), Some(c)) if *c != e.currency => format!("{a} {c}"),
+                    (a, _) => amount(a),
+                };
+                vec![
+                    e.payment_reference.clone(),
+                    e.merchant_id.clone(),
+                    e.currency.clone(),
+                    e.status.clone(),
+                    amount(e.expected_gross),
+                    settled(e.settled_gross),
+                    amount(e.expected_fee),
+                    settled(e.settled_fee),
+                    amount(e.difference),
+                    e.since.map_or_else(
+                        || "-".to_owned(),
+                        |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+                    ),
+                    e.evaluations.to_string(),
+                    e.reason.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                ("reference", Left),
+                ("merchant", Left),
+                ("cur", Left),
+                ("status", Left),
+                ("expected_gross", Right),
+                ("settled_gross", Right),
+                ("expected_fee", Right),
+                ("settled_fee", Right),
+                ("difference", Right),
+                ("since", Left),
+                ("evals", Right),
+                ("reason", Left),
+            ],
+            &rows,
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Merchant totals: {}", report.merchants.len());
+    if !report.merchants.is_empty() {
+        let rows: Vec<Vec<String>> = (report.merchants.iter())
+            .map(|m| {
+                vec![
+                    m.merchant_id.clone(),
+                    m.currency.clone(),
+                    m.captured_count.to_string(),
+                    m.captured.to_string(),
+                    m.refunded.to_string(),
+                    m.charged_back.to_string(),
+                    m.net_captured.to_string(),
+                    m.settled_count.to_string(),
+                    m.settled_gross.to_string(),
+                    m.settled_fees.to_string(),
+                    m.settled_net.to_string(),
+                    m.matched_count.to_string(),
+                    m.expected_count.to_string(),
+                    m.exception_count.to_string(),
+                    m.match_rate.map_or_else(
+                        || "-".to_owned(),
+                        |r| format!("{}%", (r * Decimal::ONE_HUNDRED).round_dp(2)),
+                    ),
+                    amount(m.items_expected_net),
+                    amount(m.items_settled_net),
+                    amount(m.items_net_difference),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                ("merchant", Left),
+                ("cur", Left),
+                ("captures", Right),
+                ("captured", Right),
+                ("refunded", Right),
+                ("charged_back", Right),
+                ("net_captured", Right),
+                ("lines", Right),
+                ("settled_gross", Right),
+                ("settled_fees", Right),
+                ("settled_net", Right),
+                ("matched", Right),
+                ("expected", Right),
+                ("exceptions", Right),
+                ("match_rate", Right),
+                ("items_expected_net", Right),
+                ("items_settled_net", Right),
+                ("items_net_diff", Right),
+            ],
+            &rows,
+        );
+    }
+    render_verification(&mut out, report);
+    out
+}
+
+fn render_verification(out: &mut String, report: &Report) {
+    let Some(v) = &report.verification else {
+        return;
+    };
+    let _ = writeln!(out);
+    if v.consistent {
+        let _ = writeln!(
+            out,
+            "Verify: merchant_daily_totals equal merchant_daily_totals_recomputed."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "Verify: merchant_daily_totals differ from merchant_daily_totals_recomputed in {} row(s) (running vs recomputed):",
+            v.differences.len()
+        );
+        for d in &v.differences {
+            let _ = writeln!(out, "  {d}");
+        }
+    }
+}
+
+fn amount(a: Option<Decimal>) -> String {
+    a.map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+use Align::{Left, Right};
+
+/// Appends `rows` under `columns` with every column as wide as its widest cell; the last
+/// column is not padded (it holds free text).
+fn table(out: &mut String, columns: &[(&str, Align)], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let headers: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
+    for row in std::iter::once(&headers).chain(rows) {
+        let mut line = String::new();
+        for (i, ((cell, width), (_, align))) in row.iter().zip(&widths).zip(columns).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let last = i + 1 == columns.len();
+            match align {
+                Right => {
+                    let _ = write!(line, "{cell:>width$}");
+                }
+                Left if last => line.push_str(cell),
+                Left => {
+                    let _ = write!(line, "{cell:<width$}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_keeps_the_currency_minor_units_and_never_rounds() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(money(d("100.0000"), "EUR").to_string(), "100.00");
+        assert_eq!(money(d("-5.0000"), "EUR ").to_string(), "-5.00");
+        assert_eq!(money(d("0.3750"), "EUR").to_string(), "0.375");
+        assert_eq!(money(d("1200.0000"), "JPY").to_string(), "1200");
+        assert_eq!(money(d("0.0000"), "USD").to_string(), "0.00");
+    }
+
+    #[test]
+    fn tables_align_every_column_but_the_last() {
+        let mut out = String::new();
+        table(
+            &mut out,
+            &[("name", Left), ("amount", Right), ("note", Left)],
+            &[
+                vec!["a".into(), "1.00".into(), "x".into()],
+                vec!["longer".into(), "-100.00".into(), "".into()],
+            ],
+        );
+        assert_eq!(
+            out,
+            "name     amount  note\n\
+             a          1.00  x\n\
+             longer  -100.00\n"
+        );
+    }
+}
