@@ -8,11 +8,18 @@
 //!    commit.
 //! 3. Latency: a fixed offered rate (default 5,000 records/s) while the service runs;
 //!    broker timestamp to commit, p50/p99.
+//! 4. Replay: `payrecon replay` of everything that service applied (backlog + latency run)
+//!    into a shadow schema and the comparison, records/s next to the end-to-end figure.
+//!
+//! `--reference-versions N` measures only the reference-data cache instead: the process's
+//! memory with N merchant versions loaded, the load time and the lookup rate.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
@@ -38,6 +45,19 @@ pub struct BenchOptions {
     /// Partitions per input topic.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// Measure only the reference-data cache with this many merchant versions (N/4
+    /// merchants with 4 versions each): process memory before and after loading, load time,
+    /// lookups/s.
+    #[arg(long)]
+    pub reference_versions: Option<u64>,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum BenchOutcome {
+    Pipeline(BenchReport),
+    Reference(ReferenceReport),
 }
 
 /// One run's figures.
@@ -53,6 +73,9 @@ pub struct BenchReport {
     pub latency_p99_ms: u64,
     pub latency_max_ms: u64,
     pub peak_rss_mib: f64,
+    /// `payrecon replay` of everything the service applied in this run (backlog + latency
+    /// run): records read, decoded, reconciled and committed into a shadow schema, per second.
+    pub replay_records_per_sec: f64,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -79,11 +102,16 @@ async fn fresh_database(admin: &PgConnectOptions, tag: &str) -> anyhow::Result<(
     Ok((name.clone(), crate::store::database_url(admin, &name)))
 }
 
-/// Runs all three measurements and prints them.
-pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<BenchReport> {
+/// Runs all three measurements (or only the reference-cache one) and prints them.
+pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<BenchOutcome> {
     let admin: PgConnectOptions = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
         .parse()?;
+    if let Some(versions) = o.reference_versions {
+        return Ok(BenchOutcome::Reference(
+            reference_cache(&admin, versions).await?,
+        ));
+    }
     let sim = SimulationOptions {
         payments: o.payments,
         malformed: 0,
@@ -239,6 +267,10 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     producing.await??;
     shutdown.cancel();
     service.await??;
+    // 4. Audit replay of the same database, before it is dropped. The peak RSS reported is
+    // the service's, taken before the replay runs in this process.
+    let service_peak_rss_mib = peak_rss_mib();
+    let replay = replay_stage(&settings).await?;
     let _ = crate::store::drop_database(&admin, &db2).await;
     let report = BenchReport {
         records: records.len(),
@@ -250,7 +282,8 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         latency_p50_ms: histogram.value_at_quantile(0.50),
         latency_p99_ms: histogram.value_at_quantile(0.99),
         latency_max_ms: histogram.max(),
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: service_peak_rss_mib,
+        replay_records_per_sec: replay.records_per_sec.round(),
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
@@ -260,9 +293,198 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         report.latency_max_ms,
         report.latency_records
     );
+    println!(
+        "replay (audit):       {:>10.0} records/s  ({} records into a shadow schema, {}; service end-to-end {:.0} records/s)",
+        replay.records_per_sec,
+        replay.records_read,
+        replay.result.as_str(),
+        e2e_rate
+    );
     println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(&report)?);
+    Ok(BenchOutcome::Pipeline(report))
+}
+
+/// The reference-data cache's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReferenceReport {
+    pub snapshot: crate::reference::SnapshotStats,
+    pub insert_secs: f64,
+    pub load_secs: f64,
+    /// Process RSS (VmRSS) and its peak so far (VmHWM), MiB: before the first load, after
+    /// it, and after a second load (which builds the new snapshot while the old one is
+    /// still in use, as every refresh does).
+    pub rss_before_mib: f64,
+    pub hwm_before_mib: f64,
+    pub rss_loaded_mib: f64,
+    pub hwm_loaded_mib: f64,
+    pub rss_reloaded_mib: f64,
+    pub hwm_reloaded_mib: f64,
+    pub lookups: u64,
+    pub lookups_per_sec: f64,
+    /// Lookups that found a version (the rest: unknown merchant, or before its first version).
+    pub lookup_hits: u64,
+}
+
+/// N merchant versions in one statement: merchant `m` (`merchant-000123`) has versions
+/// `v` = 0..3 starting 90 days apart; one merchant in ten is renamed from its third version,
+/// one in twenty overrides the tolerances (half of those the settlement deadline too), one
+/// version in fifty is suspended.
+const INSERT_MERCHANTS: &str = "
+    INSERT INTO merchants (merchant_id, valid_from, name, settlement_currency, fee_bps, fee_fixed,
+                           status, tolerance_abs, tolerance_rel, settlement_deadline, payment_deadline)
+    SELECT 'merchant-' || lpad(m::text, greatest(6, length(m::text)), '0'),
+           timestamptz '2025-01-01 00:00:00+00' + v * interval '90 days' + (m % 86400) * interval '1 second',
+           'Merchant ' || lpad(m::text, greatest(6, length(m::text)), '0') || ' Trading'
+               || CASE WHEN v >= 2 AND m % 10 = 0 THEN ' Ltd' ELSE '' END,
+           (ARRAY['EUR', 'USD', 'GBP', 'CHF', 'SEK', 'PLN'])[1 + m % 6],
+           (5000 + (m * 7 + v * 13) % 25000) / 100.0,
+           ((m + v) % 50) / 100.0,
+           CASE WHEN (m + v) % 50 = 7 THEN 'SUSPENDED' ELSE 'ACTIVE' END,
+           CASE WHEN m % 20 = 0 THEN 0.50 END,
+           CASE WHEN m % 20 = 0 THEN 0.0005 END,
+           CASE WHEN m % 40 = 0 THEN interval '96 hours' END,
+           NULL
+      FROM generate_series(0, $1 - 1) AS i, LATERAL (SELECT i / 4 AS m, i % 4 AS v) AS k";
+
+/// Daily rates for five pairs over the same period (1,825 rows): small, but loaded too.
+const INSERT_RATES: &str = "
+    INSERT INTO fx_rates (base_currency, quote_currency, valid_from, rate)
+    SELECT q.base, 'EUR', timestamptz '2025-01-01 00:00:00+00' + d * interval '1 day',
+           round(q.rate * (1 + (d % 7 - 3) / 1000.0), 12)
+      FROM generate_series(0, 364) AS d,
+           (VALUES ('USD', 0.92), ('GBP', 1.17), ('CHF', 1.04), ('SEK', 0.088), ('PLN', 0.23))
+               AS q(base, rate)";
+
+/// `payrecon bench --reference-versions N`: loads N merchant versions into the cache in a
+/// fresh database and reports the process's memory, the load time and the lookup rate.
+async fn reference_cache(
+    admin: &PgConnectOptions,
+    versions: u64,
+) -> anyhow::Result<ReferenceReport> {
+    let (db, url) = fresh_database(admin, "reference").await?;
+    let store = Store::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?,
+    );
+    store.migrate().await?;
+    let started = Instant::now();
+    sqlx::query(INSERT_MERCHANTS)
+        .bind(i64::try_from(versions)?)
+        .execute(store.pool())
+        .await
+        .context("inserting merchant versions")?;
+    sqlx::query(INSERT_RATES).execute(store.pool()).await?;
+    let insert_secs = started.elapsed().as_secs_f64();
+    println!("payrecon bench: {versions} merchant versions inserted in {insert_secs:.1} s");
+
+    let (rss_before_mib, hwm_before_mib) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
+    let cache = crate::reference::ReferenceCache::default();
+    let started = Instant::now();
+    let snapshot = cache.reload(&store).await?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let (rss_loaded_mib, hwm_loaded_mib) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
+    drop(snapshot);
+    cache.reload(&store).await?;
+    let (rss_reloaded_mib, hwm_reloaded_mib) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
+    let snapshot = cache.snapshot();
+    let stats = snapshot.stats();
+    anyhow::ensure!(
+        stats.merchant_versions as u64 == versions,
+        "loaded {} merchant versions, inserted {versions}",
+        stats.merchant_versions
+    );
+
+    // Random merchants (one in a hundred unknown) at random times from a month before the
+    // first versions to a month after the last; the ids are packed into one string so the
+    // keys themselves barely touch memory or the allocator.
+    let lookups = 1_000_000u64;
+    let merchants = versions.div_ceil(4);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let first = chrono::DateTime::parse_from_rfc3339("2024-12-01T00:00:00Z")?.to_utc();
+    let span = (chrono::Duration::days(4 * 90 + 60)).num_seconds();
+    let mut ids = String::new();
+    let mut keys = Vec::with_capacity(lookups as usize);
+    for _ in 0..lookups {
+        let m = rng.random_range(0..merchants + merchants / 100 + 1);
+        let start = ids.len();
+        write!(ids, "merchant-{m:06}")?;
+        let at = first + chrono::Duration::seconds(rng.random_range(0..span));
+        keys.push((start, ids.len(), at));
+    }
+    let started = Instant::now();
+    let mut lookup_hits = 0u64;
+    for &(start, end, at) in &keys {
+        let found = snapshot.merchant_at(&ids[start..end], at);
+        lookup_hits += u64::from(std::hint::black_box(found).is_some());
+    }
+    let lookups_per_sec = lookups as f64 / started.elapsed().as_secs_f64();
+
+    store.pool().close().await;
+    let _ = crate::store::drop_database(admin, &db).await;
+    let report = ReferenceReport {
+        snapshot: stats,
+        insert_secs: round3(insert_secs),
+        load_secs: round3(load_secs),
+        rss_before_mib: round1(rss_before_mib),
+        hwm_before_mib: round1(hwm_before_mib),
+        rss_loaded_mib: round1(rss_loaded_mib),
+        hwm_loaded_mib: round1(hwm_loaded_mib),
+        rss_reloaded_mib: round1(rss_reloaded_mib),
+        hwm_reloaded_mib: round1(hwm_reloaded_mib),
+        lookups,
+        lookups_per_sec: lookups_per_sec.round(),
+        lookup_hits,
+    };
+    println!(
+        "snapshot:             {} merchant versions of {} merchants, {} names, {} with overrides, {} rate versions; {:.1} MiB of heap",
+        stats.merchant_versions,
+        stats.merchants,
+        stats.names,
+        stats.extras,
+        stats.rate_versions,
+        stats.heap_bytes as f64 / (1024.0 * 1024.0)
+    );
+    println!("load:                 {load_secs:>10.2} s");
+    println!(
+        "process RSS (MiB):    before load {rss_before_mib:.1} (peak {hwm_before_mib:.1}), after load {rss_loaded_mib:.1} (peak {hwm_loaded_mib:.1}), after a second load {rss_reloaded_mib:.1} (peak {hwm_reloaded_mib:.1})"
+    );
+    println!(
+        "lookups:              {lookups_per_sec:>10.0} merchant_at/s ({lookup_hits} of {lookups} found)"
+    );
+    println!("{}", serde_json::to_string(&report)?);
     Ok(report)
+}
+
+fn round1(x: f64) -> f64 {
+    (10.0 * x).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (1000.0 * x).round() / 1000.0
+}
+
+/// `payrecon replay` over everything the bench's service applied (the default range: up to
+/// the group's stored offsets), reports in a temporary directory.
+async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::replay::ReplayOutcome> {
+    let dir = tempfile::tempdir()?;
+    let options = crate::replay::ReplayOptions {
+        report: Some(dir.path().join("audit.json")),
+        differences_csv: Some(dir.path().join("audit.csv")),
+        quiet: true,
+        ..Default::default()
+    };
+    let outcome = crate::replay::run(settings, &options, CancellationToken::new())
+        .await
+        .context("the replay stage")?;
+    anyhow::ensure!(
+        outcome.result == crate::replay::AuditResult::Match,
+        "the replay found {} differences",
+        outcome.differences
+    );
+    Ok(outcome)
 }
 
 /// Splits generated records into batches exactly as the consumer would build them.
@@ -326,11 +548,16 @@ fn pre_decoded_batches(records: &[Generated], max: usize, partitions: i32) -> Ve
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// A kB field of /proc/self/status (`VmRSS:`, `VmHWM:`), in MiB; 0 where /proc is unavailable.
+fn status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)

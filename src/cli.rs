@@ -54,6 +54,15 @@ pub enum Command {
     /// Measure the store-only ceiling, end-to-end throughput and latency at a fixed rate
     /// (embedded Kafka and registry; PostgreSQL from DATABASE_URL or the local server).
     Bench(crate::bench::BenchOptions),
+    /// Print the reconciliation report of one business day: open exceptions and per-merchant
+    /// totals, from the reporting views (read only; never migrates).
+    #[command(after_help = crate::report::EXIT_CODES)]
+    Report(crate::report::ReportOptions),
+    /// Audit: re-read a range of the input topics through the service's own code into a
+    /// shadow schema and compare with the live tables (never joins the service's group,
+    /// never writes a live table except `audit_runs`).
+    #[command(after_help = crate::replay::EXIT_CODES)]
+    Replay(crate::replay::ReplayOptions),
     /// Manage reference data (merchants, FX rates).
     Reference {
         #[command(subcommand)]
@@ -177,6 +186,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(options) => crate::demo::run(settings, options).await,
         Command::DeadLetters { action } => dead_letters(&settings, action).await,
+        Command::Replay(options) => crate::replay::command(settings, options).await,
+        Command::Report(options) => crate::report::run(&settings, options).await,
         Command::Reference {
             action: ReferenceAction::Load { files },
         } => {

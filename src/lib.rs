@@ -24,6 +24,10 @@
 //! - [`simulate`]: the load generator and its expected totals.
 //! - [`demo`]: the whole job on embedded defaults (mock Kafka, embedded registry).
 //! - [`bench`]: throughput and latency figures.
+//! - [`report`]: the reconciliation report of a business day (`payrecon report`), read from
+//!   the reporting views.
+//! - [`replay`]: audit replay of a topic range into a shadow schema, compared with the live
+//!   tables (`payrecon replay`).
 //! - [`config`], [`app`], [`http`], [`metrics`], [`telemetry`], [`cli`]: plumbing.
 
 pub mod app;
@@ -41,6 +45,8 @@ pub mod outbox;
 pub mod reconcile;
 pub mod reference;
 pub mod registry;
+pub mod replay;
+pub mod report;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;

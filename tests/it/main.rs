@@ -12,4 +12,6 @@ mod outage;
 mod rebalance;
 mod reconciliation;
 mod reference;
+mod replay;
+mod report;
 mod tansu;

@@ -1,0 +1,571 @@
+//! The comparison: SQL between the live schema and the shadow schema, restricted to the
+//! replayed range, streamed row by row into the report.
+//!
+//! Everything runs in ONE read-only REPEATABLE READ transaction, so a service that keeps
+//! consuming meanwhile is seen at a single instant. Rows are "in the range" by their stored
+//! provenance (`source_topic/partition/offset`, the dead letter's position) against the
+//! shadow's `audit_range` table.
+//!
+//! - Events and lines by id. A shadow row whose live twin (same id) lies *outside* the range
+//!   is a duplicate of a record applied before the range began: only its content is compared.
+//! - Dead letters by position (open ones only: a re-driven dead letter's record is in the
+//!   events or lines, where the replay puts it too once it decodes).
+//! - Reconciliation items of the references whose live records all lie inside the range
+//!   (with a complete range: all of them), on status, bucket, counts and amounts.
+//! - Daily totals: for a complete range (every partition of both topics from offset 0 up to
+//!   the group's stored offset) `merchant_daily_totals` itself; otherwise the sums of the
+//!   events and lines in the range per merchant, day and currency.
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+
+use super::report::{Difference, MerchantTotal, Position, ReportWriter, RowCounts, Sums, Value};
+use super::shadow::quote_ident;
+use crate::store::Store;
+
+/// Statuses only a passed deadline gives (see [`crate::reconcile`]).
+const DEADLINE_STATUSES: &str = "('MISSING_SETTLEMENT', 'UNEXPECTED_SETTLEMENT', 'OVER_SETTLED', 'AMOUNT_MISMATCH', 'FEE_MISMATCH')";
+
+const EVENT_COLUMNS: [&str; 7] = [
+    "payment_reference",
+    "merchant_id",
+    "kind",
+    "amount",
+    "currency",
+    "event_time",
+    "psp_reference",
+];
+const LINE_COLUMNS: [&str; 9] = [
+    "batch_id",
+    "payment_reference",
+    "merchant_id",
+    "gross",
+    "fee",
+    "net",
+    "currency",
+    "settlement_date",
+    "event_time",
+];
+const POSITION_COLUMNS: [&str; 3] = ["source_topic", "source_partition", "source_offset"];
+const DEAD_LETTER_COLUMNS: [&str; 5] = [
+    "error_kind",
+    "error_message",
+    "key_sha256",
+    "payload_sha256",
+    "broker_timestamp",
+];
+const ITEM_COLUMNS: [&str; 13] = [
+    "merchant_id",
+    "business_date",
+    "currency",
+    "status",
+    "expected_gross",
+    "expected_fee",
+    "expected_net",
+    "settled_currency",
+    "settled_gross",
+    "settled_fee",
+    "settled_net",
+    "payment_events",
+    "settlement_lines",
+];
+const DAILY_COLUMNS: [&str; 13] = [
+    "captured_count",
+    "captured",
+    "refunded_count",
+    "refunded",
+    "charged_back_count",
+    "charged_back",
+    "settled_count",
+    "settled_gross",
+    "settled_fees",
+    "settled_net",
+    "matched_count",
+    "expected_count",
+    "exception_count",
+];
+
+/// One difference as the queries return it.
+#[derive(sqlx::FromRow)]
+struct Row {
+    key: String,
+    problem: String,
+    #[sqlx(json)]
+    values: Vec<Value>,
+    #[sqlx(json)]
+    positions: Vec<Position>,
+}
+
+/// A comparison in progress: the snapshot transaction and the two schemas.
+pub struct Comparison<'c> {
+    tx: Transaction<'c, Postgres>,
+    /// Quoted live and shadow schema names.
+    live: String,
+    shadow: String,
+    /// Whether the range is the whole log the group applied (decided in the snapshot).
+    pub complete: bool,
+}
+
+/// `CASE WHEN <differs> THEN {column, live, replay} END` for each column, in an array
+/// without the NULLs. Sides are aliased `l` and `s`, each with a `present` column;
+/// `position` columns only count where the live row is in the range (or a side is missing).
+fn values_sql(columns: &[&str], position: &[&str]) -> String {
+    let one = |c: &str, pos: bool| {
+        let guard = if pos {
+            "(l.present IS NULL OR s.present IS NULL OR l.inr) AND "
+        } else {
+            ""
+        };
+        format!(
+            "CASE WHEN {guard}s.{c} IS DISTINCT FROM l.{c} THEN jsonb_build_object('column', '{c}', 'live', l.{c}::text, 'replay', s.{c}::text) END"
+        )
+    };
+    let all: Vec<String> = (columns.iter().map(|c| one(c, false)))
+        .chain(position.iter().map(|c| one(c, true)))
+        .collect();
+    format!(
+        "to_jsonb(array_remove(ARRAY[{}]::jsonb[], NULL))",
+        all.join(", ")
+    )
+}
+
+const PROBLEM: &str = "CASE WHEN l.present IS NULL THEN 'missing_in_live' WHEN s.present IS NULL THEN 'extra_in_live' ELSE 'different' END";
+
+impl<'c> Comparison<'c> {
+    /// Opens the snapshot and decides whether the range is complete: every partition of both
+    /// input topics replayed from offset 0 to the group's stored offset.
+    pub async fn begin(
+        live_store: &'c Store,
+        shadow_schema: &str,
+        group: &str,
+        input_topics: &[&str],
+        both_topics: bool,
+    ) -> anyhow::Result<Comparison<'c>> {
+        let mut tx = live_store.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        // Values are compared and reported as text: fix how times and dates print.
+        sqlx::query("SET LOCAL TimeZone = 'UTC'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL DateStyle = 'ISO, YMD'")
+            .execute(&mut *tx)
+            .await?;
+        let live_schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let live = quote_ident(&live_schema.context("the live database has no current schema")?);
+        let shadow = quote_ident(shadow_schema);
+        let whole: bool = sqlx::query_scalar(&format!(
+            "SELECT count(*) FILTER (WHERE r.topic IS NULL OR r.from_offset <> 0
+                                        OR r.to_offset <> coalesce(o.next_offset, 0)) = 0
+               FROM {shadow}.audit_range r
+               FULL JOIN (SELECT topic, partition, next_offset FROM {live}.consumer_offsets
+                           WHERE consumer_group = $1 AND topic = ANY($2)) o
+                 ON o.topic = r.topic AND o.partition = r.partition"
+        ))
+        .bind(group)
+        .bind(input_topics)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(Comparison {
+            tx,
+            live,
+            shadow,
+            complete: both_topics && whole,
+        })
+    }
+
+    /// `EXISTS` a range row covering `x`'s position.
+    fn in_range(&self, x: &str, topic: &str, partition: &str, offset: &str) -> String {
+        format!(
+            "EXISTS (SELECT 1 FROM {}.audit_range r WHERE r.topic = {x}.{topic}
+                        AND r.partition = {x}.{partition} AND {x}.{offset} >= r.from_offset
+                        AND {x}.{offset} < r.to_offset)",
+            self.shadow
+        )
+    }
+
+    fn row_in_range(&self, x: &str) -> String {
+        self.in_range(x, "source_topic", "source_partition", "source_offset")
+    }
+
+    /// Live rows in the range and the shadow's rows that are not twins of live rows outside
+    /// it, for events (`ev`) and lines (`li`) on both sides (`l_`, `s_`).
+    fn rows_in_range_ctes(&self) -> String {
+        let (l, s) = (&self.live, &self.shadow);
+        let inr = self.row_in_range("x");
+        format!(
+            "l_ev AS (SELECT x.* FROM {l}.payment_events x WHERE {inr}),
+             l_li AS (SELECT x.* FROM {l}.settlement_lines x WHERE {inr}),
+             s_ev AS (SELECT y.* FROM {s}.payment_events y WHERE NOT EXISTS (
+                        SELECT 1 FROM {l}.payment_events x WHERE x.event_id = y.event_id AND NOT {inr})),
+             s_li AS (SELECT y.* FROM {s}.settlement_lines y WHERE NOT EXISTS (
+                        SELECT 1 FROM {l}.settlement_lines x WHERE x.line_id = y.line_id AND NOT {inr}))"
+        )
+    }
+
+    /// Per-bucket sums of events `ev` and lines `li`, grouped by `keys` ("m, d, c" or "m, c").
+    fn sums_sql(ev: &str, li: &str, keys: &str) -> String {
+        format!(
+            "SELECT {keys}, sum(captured_count)::bigint AS captured_count, sum(captured) AS captured,
+                    sum(refunded_count)::bigint AS refunded_count, sum(refunded) AS refunded,
+                    sum(charged_back_count)::bigint AS charged_back_count,
+                    sum(charged_back) AS charged_back, sum(settled_count)::bigint AS settled_count,
+                    sum(settled_gross) AS settled_gross, sum(settled_fees) AS settled_fees,
+                    sum(settled_net) AS settled_net
+               FROM (SELECT merchant_id AS m, (event_time AT TIME ZONE 'UTC')::date AS d,
+                            currency::text AS c,
+                            count(*) FILTER (WHERE kind = 'CAPTURE') AS captured_count,
+                            coalesce(sum(amount) FILTER (WHERE kind = 'CAPTURE'), 0)::numeric(24,4) AS captured,
+                            count(*) FILTER (WHERE kind = 'REFUND') AS refunded_count,
+                            coalesce(sum(amount) FILTER (WHERE kind = 'REFUND'), 0)::numeric(24,4) AS refunded,
+                            count(*) FILTER (WHERE kind = 'CHARGEBACK') AS charged_back_count,
+                            coalesce(sum(amount) FILTER (WHERE kind = 'CHARGEBACK'), 0)::numeric(24,4) AS charged_back,
+                            0::bigint AS settled_count, 0::numeric(24,4) AS settled_gross,
+                            0::numeric(24,4) AS settled_fees, 0::numeric(24,4) AS settled_net
+                       FROM {ev} GROUP BY 1, 2, 3
+                     UNION ALL
+                     SELECT merchant_id, settlement_date, currency::text, 0, 0::numeric(24,4), 0,
+                            0::numeric(24,4), 0, 0::numeric(24,4), count(*), sum(gross)::numeric(24,4),
+                            sum(fee)::numeric(24,4), sum(net)::numeric(24,4)
+                       FROM {li} GROUP BY 1, 2, 3) u
+              GROUP BY {keys}"
+        )
+    }
+
+    /// Row counts of both sides in the range.
+    pub async fn counts(&mut self) -> anyhow::Result<(RowCounts, RowCounts)> {
+        let (l, s) = (&self.live, &self.shadow);
+        let dl = self.in_range("x", "topic", "partition", "\"offset\"");
+        let sql = format!(
+            "WITH {ctes}
+             SELECT (SELECT count(*) FROM l_ev), (SELECT count(*) FROM l_li),
+                    (SELECT count(*) FROM {l}.dead_letters x WHERE x.replayed_at IS NULL AND {dl}),
+                    (SELECT count(*) FROM {s}.payment_events), (SELECT count(*) FROM {s}.settlement_lines),
+                    (SELECT count(*) FROM {s}.dead_letters)",
+            ctes = self.rows_in_range_ctes()
+        );
+        let (a, b, c, d, e, f): (i64, i64, i64, i64, i64, i64) =
+            sqlx::query_as(&sql).fetch_one(&mut *self.tx).await?;
+        Ok((
+            RowCounts {
+                payment_events: a,
+                settlement_lines: b,
+                dead_letters: c,
+            },
+            RowCounts {
+                payment_events: d,
+                settlement_lines: e,
+                dead_letters: f,
+            },
+        ))
+    }
+
+    /// Per merchant and currency, the live rows in the range next to the replay's.
+    pub async fn merchant_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        let side = |prefix: &str| {
+            format!(
+                "CASE WHEN {prefix}.m IS NULL THEN NULL ELSE jsonb_build_object(
+                    'payment_events', {prefix}.captured_count + {prefix}.refunded_count + {prefix}.charged_back_count,
+                    'captured', {prefix}.captured::text, 'refunded', {prefix}.refunded::text,
+                    'charged_back', {prefix}.charged_back::text,
+                    'settlement_lines', {prefix}.settled_count,
+                    'settled_gross', {prefix}.settled_gross::text,
+                    'settled_fees', {prefix}.settled_fees::text,
+                    'settled_net', {prefix}.settled_net::text) END"
+            )
+        };
+        let sql = format!(
+            "WITH {ctes}, l AS ({lsum}), s AS ({ssum})
+             SELECT coalesce(s.m, l.m) AS merchant_id, coalesce(s.c, l.c) AS currency,
+                    {lj} AS live, {sj} AS replay
+               FROM s FULL JOIN l ON l.m = s.m AND l.c = s.c
+              ORDER BY coalesce(s.m, l.m) COLLATE \"C\", coalesce(s.c, l.c) COLLATE \"C\"",
+            ctes = self.rows_in_range_ctes(),
+            lsum = Self::sums_sql("l_ev", "l_li", "m, c"),
+            ssum = Self::sums_sql("s_ev", "s_li", "m, c"),
+            lj = side("l"),
+            sj = side("s"),
+        );
+        let mut rows =
+            sqlx::query_as::<_, (String, String, Option<Json<Sums>>, Option<Json<Sums>>)>(&sql)
+                .fetch(&mut *self.tx);
+        while let Some((merchant_id, currency, live, replay)) = rows.try_next().await? {
+            out.merchant_total(&MerchantTotal {
+                merchant_id,
+                currency,
+                live: live.map(|j| j.0),
+                replay: replay.map(|j| j.0),
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn stream(
+        &mut self,
+        kind: &'static str,
+        sql: &str,
+        complete: Option<bool>,
+        out: &mut ReportWriter,
+    ) -> anyhow::Result<()> {
+        let mut q = sqlx::query_as::<_, Row>(sql);
+        if let Some(c) = complete {
+            q = q.bind(c);
+        }
+        let mut rows = q.fetch(&mut *self.tx);
+        while let Some(r) = rows.try_next().await? {
+            out.difference(&Difference {
+                kind,
+                key: r.key,
+                problem: r.problem,
+                values: r.values,
+                source: r.positions.first().cloned(),
+                positions: r.positions,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Payment events and settlement lines, by id.
+    pub async fn rows(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        for (kind, table, key, columns) in [
+            (
+                "payment_event",
+                "payment_events",
+                "event_id",
+                &EVENT_COLUMNS[..],
+            ),
+            (
+                "settlement_line",
+                "settlement_lines",
+                "line_id",
+                &LINE_COLUMNS[..],
+            ),
+        ] {
+            let (l, s) = (&self.live, &self.shadow);
+            let sql = format!(
+                "SELECT key, problem, values, positions FROM (
+                    SELECT coalesce(s.{key}, l.{key}) AS key, {PROBLEM} AS problem,
+                           {values} AS values,
+                           jsonb_build_array(jsonb_build_object(
+                               'topic', coalesce(s.source_topic, l.source_topic),
+                               'partition', coalesce(s.source_partition, l.source_partition),
+                               'offset', coalesce(s.source_offset, l.source_offset))) AS positions,
+                           coalesce(s.present OR l.inr, false) AS relevant
+                      FROM (SELECT x.*, true AS present FROM {s}.{table} x) s
+                      FULL JOIN (SELECT x.*, true AS present, {inr} AS inr FROM {l}.{table} x) l
+                        ON l.{key} = s.{key}) d
+                  WHERE relevant AND jsonb_array_length(values) > 0
+                  ORDER BY key COLLATE \"C\"",
+                values = values_sql(columns, &POSITION_COLUMNS),
+                inr = self.row_in_range("x"),
+            );
+            self.stream(kind, &sql, None, out).await?;
+        }
+        Ok(())
+    }
+
+    /// Open dead letters, by position.
+    pub async fn dead_letters(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        let (l, s) = (&self.live, &self.shadow);
+        let side = |schema: &str| {
+            format!(
+                "SELECT x.topic, x.partition, x.\"offset\", x.error_kind, x.error_message,
+                        encode(sha256(x.key), 'hex') AS key_sha256,
+                        encode(sha256(x.payload), 'hex') AS payload_sha256,
+                        x.broker_timestamp, true AS present
+                   FROM {schema}.dead_letters x"
+            )
+        };
+        let sql = format!(
+            "SELECT key, problem, values, positions FROM (
+                SELECT coalesce(s.topic, l.topic) AS t, coalesce(s.partition, l.partition) AS p,
+                       coalesce(s.\"offset\", l.\"offset\") AS o,
+                       coalesce(s.topic, l.topic) || ':' || coalesce(s.partition, l.partition) || ':'
+                           || coalesce(s.\"offset\", l.\"offset\") AS key,
+                       {PROBLEM} AS problem, {values} AS values
+                  FROM ({ss}) s
+                  FULL JOIN ({ls} WHERE x.replayed_at IS NULL AND {inr}) l
+                    ON l.topic = s.topic AND l.partition = s.partition AND l.\"offset\" = s.\"offset\") d
+              CROSS JOIN LATERAL (SELECT jsonb_build_array(jsonb_build_object(
+                    'topic', d.t, 'partition', d.p, 'offset', d.o)) AS positions) pos
+              WHERE jsonb_array_length(values) > 0
+              ORDER BY t COLLATE \"C\", p, o",
+            values = values_sql(&DEAD_LETTER_COLUMNS, &[]),
+            ss = side(s),
+            ls = side(l),
+            inr = self.in_range("x", "topic", "partition", "\"offset\""),
+        );
+        self.stream("dead_letter", &sql, None, out).await
+    }
+
+    /// The items of the comparable references (see the module doc).
+    fn items_cte(&self) -> String {
+        let (l, s) = (&self.live, &self.shadow);
+        let inr = self.row_in_range("x");
+        let values = values_sql(&ITEM_COLUMNS, &[]);
+        format!(
+            "WITH lrec AS (
+                SELECT payment_reference AS ref, bool_and(inr) AS all_in FROM (
+                    SELECT x.payment_reference, {inr} AS inr FROM {l}.payment_events x
+                    UNION ALL
+                    SELECT x.payment_reference, {inr} FROM {l}.settlement_lines x) a
+                 GROUP BY 1),
+             srec AS (SELECT payment_reference AS ref FROM {s}.payment_events
+                      UNION SELECT payment_reference FROM {s}.settlement_lines),
+             pairs AS (
+                SELECT coalesce(s.payment_reference, l.payment_reference) AS ref,
+                       {PROBLEM} AS problem, {values} AS values,
+                       l.status AS l_status, s.status AS s_status, l.deadline AS l_deadline,
+                       s.deadline AS s_deadline, l.watermark AS l_watermark,
+                       s.watermark AS s_watermark
+                  FROM (SELECT x.*, true AS present FROM {s}.reconciliation_items x) s
+                  FULL JOIN (SELECT x.*, true AS present FROM {l}.reconciliation_items x) l
+                    ON l.payment_reference = s.payment_reference),
+             judged AS (
+                SELECT p.*,
+                       coalesce(lr.all_in, true) AND (lr.ref IS NOT NULL OR sr.ref IS NOT NULL OR $1)
+                           AS comparable,
+                       coalesce(jsonb_array_length(p.values) = 1
+                           AND p.values->0->>'column' = 'status'
+                           AND ((p.l_status = 'EXPECTED' AND p.s_status IN {DEADLINE_STATUSES}
+                                 AND p.s_watermark > p.l_deadline)
+                             OR (p.s_status = 'EXPECTED' AND p.l_status IN {DEADLINE_STATUSES}
+                                 AND p.l_watermark > p.s_deadline)), false) AS apart
+                  FROM pairs p
+                  LEFT JOIN lrec lr ON lr.ref = p.ref
+                  LEFT JOIN srec sr ON sr.ref = p.ref)"
+        )
+    }
+
+    /// Reconciliation items; returns (compared, not comparable, judged at different
+    /// watermarks).
+    pub async fn items(&mut self, out: &mut ReportWriter) -> anyhow::Result<(i64, i64, i64)> {
+        let (l, s) = (&self.live, &self.shadow);
+        let positions = |schema: &str| {
+            format!(
+                "SELECT coalesce(jsonb_agg(jsonb_build_object('topic', t, 'partition', p, 'offset', o)
+                                  ORDER BY t COLLATE \"C\", p, o), '[]'::jsonb) AS positions
+                   FROM (SELECT t, p, o FROM (
+                           SELECT source_topic AS t, source_partition AS p, source_offset AS o
+                             FROM {schema}.payment_events WHERE payment_reference = d.ref
+                           UNION ALL
+                           SELECT source_topic, source_partition, source_offset
+                             FROM {schema}.settlement_lines WHERE payment_reference = d.ref) r
+                          ORDER BY t COLLATE \"C\", p, o LIMIT 20) y"
+            )
+        };
+        let cte = self.items_cte();
+        let sql = format!(
+            "{cte}
+             SELECT d.ref AS key, d.problem, d.values,
+                    coalesce(nullif(sp.positions, '[]'::jsonb), lp.positions) AS positions
+               FROM (SELECT * FROM judged
+                      WHERE comparable AND NOT apart AND jsonb_array_length(values) > 0) d
+              CROSS JOIN LATERAL ({sp}) sp
+              CROSS JOIN LATERAL ({lp}) lp
+              ORDER BY d.ref COLLATE \"C\"",
+            sp = positions(s),
+            lp = positions(l),
+        );
+        let complete = self.complete;
+        self.stream("reconciliation_item", &sql, Some(complete), out)
+            .await?;
+        let counts: (i64, i64, i64) = sqlx::query_as(&format!(
+            "{cte}
+             SELECT count(*) FILTER (WHERE comparable), count(*) FILTER (WHERE NOT comparable),
+                    count(*) FILTER (WHERE comparable AND apart)
+               FROM judged"
+        ))
+        .bind(complete)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(counts)
+    }
+
+    /// Per merchant, day and currency: `merchant_daily_totals` for a complete range, the
+    /// sums of the rows in the range otherwise.
+    pub async fn daily_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        let (l, s) = (&self.live, &self.shadow);
+        let (sources, columns) = if self.complete {
+            let nonzero = format!(
+                "({}) IS DISTINCT FROM ({})",
+                DAILY_COLUMNS.join(", "),
+                vec!["0"; DAILY_COLUMNS.len()].join(", ")
+            );
+            (
+                format!(
+                    "s AS (SELECT merchant_id AS m, business_date AS d, trim(currency) AS c, x.*,
+                                  true AS present
+                             FROM {s}.merchant_daily_totals x WHERE {nonzero}),
+                     l AS (SELECT merchant_id AS m, business_date AS d, trim(currency) AS c, x.*,
+                                  true AS present
+                             FROM {l}.merchant_daily_totals x WHERE {nonzero})"
+                ),
+                &DAILY_COLUMNS[..],
+            )
+        } else {
+            (
+                format!(
+                    "{ctes},
+                     s AS (SELECT *, true AS present FROM ({ssum}) a),
+                     l AS (SELECT *, true AS present FROM ({lsum}) b)",
+                    ctes = self.rows_in_range_ctes(),
+                    ssum = Self::sums_sql("s_ev", "s_li", "m, d, c"),
+                    lsum = Self::sums_sql("l_ev", "l_li", "m, d, c"),
+                ),
+                &DAILY_COLUMNS[..10],
+            )
+        };
+        let diffs = format!(
+            "diffs AS (
+                SELECT coalesce(s.m, l.m) AS m, coalesce(s.d, l.d) AS d, coalesce(s.c, l.c) AS c,
+                       {PROBLEM} AS problem, {values} AS values
+                  FROM s FULL JOIN l ON l.m = s.m AND l.d = s.d AND l.c = s.c)",
+            values = values_sql(columns, &[]),
+        );
+        let n: i64 = sqlx::query_scalar(&format!(
+            "WITH {sources}, {diffs} SELECT count(*) FROM diffs WHERE jsonb_array_length(values) > 0"
+        ))
+        .fetch_one(&mut *self.tx)
+        .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        // The first records of each bucket (events by day of event time, lines by
+        // settlement date), computed in one pass rather than per difference.
+        let sql = format!(
+            "WITH {sources}, {diffs},
+             bp AS (
+                SELECT m, d, c, jsonb_agg(jsonb_build_object('topic', t, 'partition', p, 'offset', o)
+                                          ORDER BY t COLLATE \"C\", p, o) AS positions
+                  FROM (SELECT *, row_number() OVER (PARTITION BY m, d, c
+                                                     ORDER BY t COLLATE \"C\", p, o) AS n
+                          FROM (SELECT merchant_id AS m, (event_time AT TIME ZONE 'UTC')::date AS d,
+                                       trim(currency) AS c, source_topic AS t,
+                                       source_partition AS p, source_offset AS o
+                                  FROM {s}.payment_events
+                                UNION ALL
+                                SELECT merchant_id, settlement_date, trim(currency), source_topic,
+                                       source_partition, source_offset
+                                  FROM {s}.settlement_lines) r) z
+                 WHERE n <= 10 GROUP BY m, d, c)
+             SELECT diffs.m || '/' || diffs.d::text || '/' || diffs.c AS key, problem, values,
+                    coalesce(bp.positions, '[]'::jsonb) AS positions
+               FROM diffs LEFT JOIN bp ON bp.m = diffs.m AND bp.d = diffs.d AND bp.c = diffs.c
+              WHERE jsonb_array_length(values) > 0
+              ORDER BY diffs.m COLLATE \"C\", diffs.d, diffs.c COLLATE \"C\""
+        );
+        self.stream("merchant_daily_total", &sql, None, out).await
+    }
+
+    /// Ends the read-only snapshot.
+    pub async fn end(self) -> anyhow::Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,360 @@
+//! Which records a replay reads: for every partition, one contiguous offset range
+//! `[from, to)`, so the comparison can say of any stored row whether the replay covered it.
+//!
+//! A range comes from explicit offsets, from broker timestamps, or by default from the log
+//! start up to the offsets the live group has applied (`consumer_offsets` in PostgreSQL).
+//! Timestamps follow Kafka's `offsetsForTimes` meaning: the range starts at the first record
+//! whose timestamp is at or after `--from-time` and ends before the first one at or after
+//! `--to-time`. The end is always found by reading the records' own timestamps. For the start,
+//! the broker's `offsets_for_times` answer is only a hint, used when the record before it is
+//! indeed older than `--from-time`; otherwise (librdkafka's mock cluster always answers "end",
+//! some brokers answer per record batch) the partition is scanned from the log start.
+//!
+//! It reads broker metadata and watermarks and peeks at single records; it does not consume
+//! a range.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::Offset;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use serde::Serialize;
+
+use crate::store::TopicPartition;
+
+/// Which input topics a replay reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topics {
+    Payments,
+    Settlements,
+    Both,
+}
+
+/// How the range was chosen (recorded in the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// From the log start up to the group's stored offsets.
+    Committed,
+    /// Explicit offsets per partition.
+    Offsets,
+    /// Broker timestamps.
+    Time,
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Serialize)]
+pub struct Requested {
+    pub mode: Mode,
+    pub topics: Topics,
+    /// `--from-offsets` / `--to-offsets`, parsed: "topic:partition" → offset.
+    pub from_offsets: BTreeMap<String, i64>,
+    pub to_offsets: BTreeMap<String, i64>,
+    pub from_time: Option<DateTime<Utc>>,
+    pub to_time: Option<DateTime<Utc>>,
+}
+
+/// The reading plan of one partition.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub topic: String,
+    /// 0 = payments topic, 1 = settlements topic (index into a batch's topics).
+    pub topic_index: usize,
+    pub partition: i32,
+    /// Where reading starts.
+    pub start: i64,
+    /// First offset of the range; `None` while a time scan still looks for it.
+    pub from: Option<i64>,
+    /// Reading stops before this offset.
+    pub limit: i64,
+    /// Time scan only: the range starts at the first record at or after this (ms).
+    pub scan_from_ms: Option<i64>,
+    /// Time scan only: the range ends before the first record at or after this (ms).
+    pub scan_to_ms: Option<i64>,
+}
+
+/// One partition's range once read (`to` exclusive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionRange {
+    pub topic: String,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+    /// Records read in the range (fewer than `to - from` where offsets are missing:
+    /// compaction, transaction markers).
+    pub records: u64,
+}
+
+/// Parses `topic:partition=offset,...` (partition numbers after the last colon).
+pub fn parse_offsets(spec: &str, topics: &[&str]) -> anyhow::Result<BTreeMap<String, i64>> {
+    let mut out = BTreeMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (tp, offset) = item
+            .split_once('=')
+            .with_context(|| format!("`{item}`: expected topic:partition=offset"))?;
+        let (topic, partition) = tp
+            .rsplit_once(':')
+            .with_context(|| format!("`{item}`: expected topic:partition=offset"))?;
+        anyhow::ensure!(
+            topics.contains(&topic),
+            "`{item}`: {topic} is not an input topic ({})",
+            topics.join(", ")
+        );
+        let partition: i32 = partition
+            .parse()
+            .with_context(|| format!("`{item}`: bad partition number"))?;
+        let offset: i64 = offset
+            .trim()
+            .parse()
+            .with_context(|| format!("`{item}`: bad offset"))?;
+        anyhow::ensure!(
+            partition >= 0 && offset >= 0,
+            "`{item}`: negative partition or offset"
+        );
+        anyhow::ensure!(
+            out.insert(format!("{topic}:{partition}"), offset).is_none(),
+            "`{item}`: partition given twice"
+        );
+    }
+    Ok(out)
+}
+
+/// Decides every partition's reading plan.
+///
+/// `input_topics` are the payments and settlements topics in that order; `selected` says
+/// which of them the replay reads; `committed` is the live group's stored offsets.
+pub fn plan(
+    consumer: &BaseConsumer,
+    input_topics: [&str; 2],
+    requested: &Requested,
+    committed: &HashMap<TopicPartition, i64>,
+) -> anyhow::Result<Vec<Plan>> {
+    let timeout = Duration::from_secs(10);
+    let selected: Vec<usize> = match requested.topics {
+        Topics::Payments => vec![0],
+        Topics::Settlements => vec![1],
+        Topics::Both => vec![0, 1],
+    };
+    let mut bounds = Vec::new();
+    for &i in &selected {
+        let topic = input_topics[i];
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .with_context(|| format!("reading the metadata of {topic}"))?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .with_context(|| format!("topic {topic} not found"))?;
+        anyhow::ensure!(
+            t.error().is_none() && !t.partitions().is_empty(),
+            "topic {topic} does not exist on the brokers"
+        );
+        let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        partitions.sort_unstable();
+        for p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, timeout)
+                .with_context(|| format!("reading the watermarks of {topic}[{p}]"))?;
+            bounds.push((i, topic.to_owned(), p, low, high));
+        }
+    }
+    let stored = |topic: &str, p: i32| committed.get(&(topic.to_owned(), p)).copied();
+    let named =
+        |m: &BTreeMap<String, i64>, topic: &str, p: i32| m.get(&format!("{topic}:{p}")).copied();
+    let mut plans = Vec::new();
+    match requested.mode {
+        Mode::Committed => {
+            for (i, topic, p, low, high) in bounds {
+                let to = stored(&topic, p).unwrap_or(0).clamp(low, high);
+                plans.push(fixed(i, topic, p, low, to));
+            }
+        }
+        Mode::Offsets => {
+            for key in requested
+                .from_offsets
+                .keys()
+                .chain(requested.to_offsets.keys())
+            {
+                anyhow::ensure!(
+                    bounds
+                        .iter()
+                        .any(|(_, t, p, ..)| format!("{t}:{p}") == *key),
+                    "{key}: no such partition among the topics replayed"
+                );
+            }
+            for (i, topic, p, low, high) in bounds {
+                let from = named(&requested.from_offsets, &topic, p);
+                let to = named(&requested.to_offsets, &topic, p);
+                if from.is_none() && to.is_none() {
+                    continue; // only the partitions named are replayed
+                }
+                let from = from.unwrap_or(low);
+                anyhow::ensure!(
+                    from >= low,
+                    "{topic}:{p}: offset {from} is before the log start offset {low} (deleted by retention)"
+                );
+                let to = to
+                    .unwrap_or_else(|| stored(&topic, p).unwrap_or(0))
+                    .min(high);
+                anyhow::ensure!(
+                    from <= to,
+                    "{topic}:{p}: the range {from}..{to} is inverted (the partition ends at {high})"
+                );
+                plans.push(fixed(i, topic, p, from, to));
+            }
+        }
+        Mode::Time => {
+            let from_ms = requested.from_time.map(|t| t.timestamp_millis());
+            let to_ms = requested.to_time.map(|t| t.timestamp_millis());
+            if let (Some(f), Some(t)) = (from_ms, to_ms) {
+                anyhow::ensure!(f < t, "--from-time must be before --to-time");
+            }
+            let hints = match from_ms {
+                Some(ms) => start_hints(consumer, &bounds, ms),
+                None => vec![None; bounds.len()],
+            };
+            for ((i, topic, p, low, high), hint) in bounds.into_iter().zip(hints) {
+                // Without --to-time the range ends where the live group stands.
+                let end = match to_ms {
+                    None => stored(&topic, p).unwrap_or(0).clamp(low, high),
+                    Some(_) => high,
+                };
+                plans.push(Plan {
+                    start: hint.unwrap_or(low).clamp(low, end.max(low)),
+                    topic,
+                    topic_index: i,
+                    partition: p,
+                    from: None,
+                    limit: end,
+                    scan_from_ms: Some(from_ms.unwrap_or(i64::MIN)),
+                    scan_to_ms: to_ms,
+                });
+            }
+        }
+    }
+    Ok(plans)
+}
+
+fn fixed(topic_index: usize, topic: String, partition: i32, from: i64, to: i64) -> Plan {
+    Plan {
+        topic,
+        topic_index,
+        partition,
+        start: from,
+        from: Some(from),
+        limit: to,
+        scan_from_ms: None,
+        scan_to_ms: None,
+    }
+}
+
+type Bound = (usize, String, i32, i64, i64);
+
+/// Where to start scanning each partition for the first record at or after `from_ms`: the
+/// offset before the one the broker's `offsets_for_times` names, when the record there is
+/// indeed older than `from_ms` (the broker's answer is checked, because the mock cluster
+/// always answers "end" and some brokers answer per record batch); `None`: scan from the log
+/// start. The end of a time range is always found by reading, never by asking the broker.
+fn start_hints(consumer: &BaseConsumer, bounds: &[Bound], from_ms: i64) -> Vec<Option<i64>> {
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    for (_, topic, p, ..) in bounds {
+        if tpl
+            .add_partition_offset(topic, *p, Offset::Offset(from_ms))
+            .is_err()
+        {
+            return vec![None; bounds.len()];
+        }
+    }
+    let answer: HashMap<(String, i32), Offset> = match consumer.offsets_for_times(tpl, timeout) {
+        Ok(a) => a
+            .elements()
+            .iter()
+            .map(|e| ((e.topic().to_owned(), e.partition()), e.offset()))
+            .collect(),
+        Err(e) => {
+            tracing::info!(error = %e, "offsets_for_times failed; scanning from the log start");
+            return vec![None; bounds.len()];
+        }
+    };
+    let hints: Vec<Option<i64>> = bounds
+        .iter()
+        .map(|(_, topic, p, low, high)| {
+            let first = match answer.get(&(topic.clone(), *p)) {
+                Some(Offset::Offset(o)) => *o,
+                Some(Offset::End) => *high,
+                _ => return None,
+            };
+            if first <= *low || first > *high {
+                return None;
+            }
+            // The record before the answer must be older than the start of the range.
+            match peek(consumer, topic, *p, first - 1) {
+                Some((offset, ts)) if offset == first - 1 && ts < from_ms => Some(first - 1),
+                _ => None,
+            }
+        })
+        .collect();
+    let _ = consumer.unassign();
+    tracing::info!(
+        checked = hints.iter().filter(|h| h.is_some()).count(),
+        partitions = bounds.len(),
+        "start of the time range: broker answers confirmed (the other partitions are scanned from the log start)"
+    );
+    hints
+}
+
+/// The first record at or after `offset` (its offset and broker timestamp).
+fn peek(consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> Option<(i64, i64)> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .ok()?;
+    consumer.assign(&tpl).ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
+                return Some((m.offset(), m.timestamp().to_millis().unwrap_or(-1)));
+            }
+            Some(Err(e)) => {
+                tracing::info!(error = %e, topic, partition, "cannot check the broker's offset by time");
+                return None;
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_parse_per_partition_and_reject_unknown_topics() {
+        let topics = ["payments.transactions", "payments.settlements"];
+        let m = parse_offsets(
+            "payments.transactions:0=100, payments.settlements:3=7",
+            &topics,
+        )
+        .unwrap();
+        assert_eq!(m.get("payments.transactions:0"), Some(&100));
+        assert_eq!(m.get("payments.settlements:3"), Some(&7));
+        assert!(parse_offsets("other:0=1", &topics).is_err());
+        assert!(parse_offsets("payments.transactions:x=1", &topics).is_err());
+        assert!(
+            parse_offsets(
+                "payments.transactions:0=1,payments.transactions:0=2",
+                &topics
+            )
+            .is_err()
+        );
+        assert!(parse_offsets("payments.transactions=1", &topics).is_err());
+    }
+}
