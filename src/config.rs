@@ -127,6 +127,11 @@ pub struct ExceptionsSettings {
     /// How often the relay looks for new outbox rows when it found none.
     #[serde(with = "humantime_serde")]
     pub relay_poll_interval: Duration,
+    /// The relay producer's `message.timeout.ms`: after it, a message is delivered or failed.
+    /// A relay taking over from one that stopped mid-round waits this long (plus a margin)
+    /// past that round's start before it reads the topic's tail.
+    #[serde(with = "humantime_serde")]
+    pub relay_message_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,6 +17,12 @@
 //!   that tail of every partition, takes the outbox seq from each message's
 //!   `payrecon-outbox-seq` header, and marks those rows published instead of sending them
 //!   again. A round that fails half-way ends the session the same way.
+//! - **No duplicate from a relay that is cut off but alive**: losing the PostgreSQL session
+//!   loses the lock, but that process's producer may still deliver its round later. Each round
+//!   is recorded in `exceptions_relay` (through the locked session) before it is sent and
+//!   cleared once it is marked; a relay that takes over and finds a round still recorded
+//!   waits until `round_started_at + relay_message_timeout` (the producer's delivery bound,
+//!   plus a margin) has passed, by the database's clock, before it reads the tail.
 //!
 //! Assumption: only the relay writes to the exceptions topic.
 
@@ -65,6 +71,10 @@ pub struct OutboxRow {
     pub watermark: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
+
+/// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
+/// produce request's own round trip after the local timeout.
+const ROUND_MARGIN: Duration = Duration::from_secs(5);
 
 /// The Avro value of a row in [`EXCEPTION_SCHEMA`]'s field order.
 pub fn to_value(r: &OutboxRow) -> Value {
@@ -154,6 +164,8 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         }
     }
     let topic = &settings.exceptions.topic;
+    let instance = crate::app::instance_id();
+    let message_timeout = settings.exceptions.relay_message_timeout;
     tracing::info!(%topic, "this instance is the active exceptions relay");
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -161,10 +173,32 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     let producer: FutureProducer = settings
         .kafka
         .producer_config()
-        .set("message.timeout.ms", "30000")
+        .set(
+            "message.timeout.ms",
+            message_timeout.as_millis().max(1).to_string(),
+        )
         .create()
         .context("creating the relay producer")?;
 
+    let unfinished: Option<(String, f64)> = sqlx::query_as(
+        "SELECT instance,
+                GREATEST(0, EXTRACT(EPOCH FROM round_started_at + $1::interval - clock_timestamp()))::float8
+           FROM exceptions_relay WHERE round_started_at IS NOT NULL",
+    )
+    .bind(message_timeout + ROUND_MARGIN)
+    .fetch_optional(&mut conn)
+    .await?;
+    if let Some((previous, wait)) = unfinished.filter(|(_, wait)| *wait > 0.0) {
+        tracing::warn!(
+            %previous,
+            wait_seconds = wait,
+            "the previous relay stopped mid-round: waiting until its messages can no longer land before reading the topic's tail"
+        );
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => {}
+        }
+    }
     let round = settings.exceptions.relay_batch.max(1);
     let already = published_in_tail(settings, round as usize).await?;
     if !already.is_empty() {
@@ -176,6 +210,10 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
             "outbox rows already on the topic (published before the last relay stopped)"
         );
     }
+    // Whatever the previous relay had in flight has landed or never will, and is marked.
+    sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
+        .execute(&mut conn)
+        .await?;
     loop {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
@@ -192,6 +230,16 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
                 _ = tokio::time::sleep(settings.exceptions.relay_poll_interval) => continue,
             }
         }
+        // Recorded before anything is sent: a successor waits for this round to settle.
+        sqlx::query(
+            "INSERT INTO exceptions_relay (instance, round_started_at)
+             VALUES ($1, clock_timestamp())
+             ON CONFLICT (singleton) DO UPDATE
+                SET instance = EXCLUDED.instance, round_started_at = EXCLUDED.round_started_at",
+        )
+        .bind(&instance)
+        .execute(&mut conn)
+        .await?;
         let mut acks = FuturesOrdered::new();
         for r in &rows {
             let payload = frame(schema_id, &encode_datum(&schema, to_value(r))?);
@@ -216,6 +264,9 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         mark_published(&mut conn, &seqs).await?;
+        sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
+            .execute(&mut conn)
+            .await?;
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL")
                 .fetch_one(&mut conn)

@@ -336,3 +336,91 @@ async fn a_reference_change_mid_stream_applies_from_its_validity_start_without_a
     f.assert_exceptions_exact().await;
     drop(service);
 }
+
+/// A relay that lost its PostgreSQL session (and so the lock) mid-round may still be alive,
+/// its producer delivering that round later. Its successor must not read the topic's tail
+/// before that round can no longer land, or it would send the same message again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_taking_over_waits_out_a_cut_off_relays_round_and_sends_nothing_twice() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let f = Fixture::new(1).await;
+    // An exception (unknown merchant) in the outbox, with no relay running.
+    let first = f.spawn_service(
+        "no-relay",
+        &[("PAYRECON_EXCEPTIONS__RELAY_ENABLED", "false")],
+    );
+    let encoder = f.encoder().await;
+    f.produce_records(
+        &encoder,
+        &[capture("zombie-1", "unknown-shop", "10.00", 1)],
+        0,
+    )
+    .await;
+    wait_status(&f, "zombie-1", "MISSING_REFERENCE").await;
+    assert_eq!(first.terminate(Duration::from_secs(20)).await, Some(0));
+    let seq: i64 = sqlx::query_scalar(
+        "SELECT seq FROM exceptions_outbox WHERE payment_reference = 'zombie-1' AND published_at IS NULL",
+    )
+    .fetch_one(f.db.store.pool())
+    .await
+    .unwrap();
+
+    // The cut-off relay: it recorded its round and sent it, but its message is still on the
+    // way. Then the successor takes over.
+    sqlx::query(
+        "INSERT INTO exceptions_relay (instance, round_started_at) VALUES ('zombie', clock_timestamp())",
+    )
+    .execute(f.db.store.pool())
+    .await
+    .unwrap();
+    let second = f.spawn_service(
+        "relay",
+        &[("PAYRECON_EXCEPTIONS__RELAY_MESSAGE_TIMEOUT", "3s")],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the successor relay to wait",
+        || async {
+            second
+                .log_text()
+                .contains("the previous relay stopped mid-round")
+        },
+    )
+    .await;
+    // The zombie's message lands now (its seq header is what identifies it).
+    let producer: FutureProducer = f.settings().kafka.producer_config().create().unwrap();
+    let header = seq.to_string();
+    producer
+        .send(
+            FutureRecord::to(&f.kafka.exceptions_topic)
+                .key("zombie-1")
+                .payload(b"sent by the cut-off relay")
+                .headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: payrecon::outbox::SEQ_HEADER,
+                        value: Some(header.as_bytes()),
+                    }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // The successor finds it in the tail and marks it instead of sending it again.
+    let seqs = f.assert_exceptions_exact().await;
+    assert_eq!(seqs, [seq]);
+    let cleared: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT round_started_at FROM exceptions_relay")
+            .fetch_one(f.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(cleared, None, "the successor has no round in flight");
+    assert!(
+        second
+            .log_text()
+            .contains("outbox rows already on the topic"),
+        "{}",
+        f.log_tail()
+    );
+    drop(second);
+}
