@@ -215,6 +215,11 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         }
     }
     // Measured from the first commit (group join excluded); the first batch is not counted.
+    anyhow::ensure!(
+        applied > first_batch,
+        "the backlog of {applied} records was applied in one batch: nothing to measure the \
+         end-to-end rate with (use more --payments)"
+    );
     let e2e_rate =
         (applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64();
     println!(

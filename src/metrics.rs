@@ -130,7 +130,7 @@ fn describe() {
     describe_gauge!(
         WATERMARK,
         metrics::Unit::Seconds,
-        "The event-time watermark of the last batch (highest event time seen minus allowed lateness), as Unix time; deadlines are judged against it."
+        "The event-time watermark of the last batch (the lowest of the input partitions' highest event times, minus allowed lateness), as Unix time; deadlines are judged against it."
     );
     describe_counter!(
         EXCEPTIONS_PUBLISHED,
