@@ -30,6 +30,7 @@ pub const EXCEPTIONS: &str = "payrecon_reconciliation_exceptions_total";
 pub const WATERMARK: &str = "payrecon_reconciliation_watermark_timestamp_seconds";
 pub const EXCEPTIONS_PUBLISHED: &str = "payrecon_exceptions_published_total";
 pub const OUTBOX_PENDING: &str = "payrecon_exceptions_outbox_pending";
+pub const OUTBOX_OLDEST: &str = "payrecon_exceptions_outbox_oldest_pending_seconds";
 pub const REFERENCE_LOADED: &str = "payrecon_reference_cache_loaded_timestamp_seconds";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
@@ -139,6 +140,11 @@ fn describe() {
     describe_gauge!(
         OUTBOX_PENDING,
         "Outbox rows not yet published, as last seen by the active relay (0 on standby instances)."
+    );
+    describe_gauge!(
+        OUTBOX_OLDEST,
+        metrics::Unit::Seconds,
+        "Age of the oldest outbox row not yet published to the exceptions topic (0 when none), measured by every instance with the commit lag: it grows when no relay runs or the relay cannot publish."
     );
     describe_gauge!(
         REFERENCE_LOADED,
@@ -296,6 +302,10 @@ pub fn lag_refresh_failed() {
 }
 
 /// A commit-lag refresh succeeded at `unix_seconds`.
+pub fn outbox_oldest_pending(seconds: f64) {
+    gauge!(OUTBOX_OLDEST).set(seconds);
+}
+
 pub fn lag_refreshed(unix_seconds: f64) {
     gauge!(LAG_REFRESHED).set(unix_seconds);
 }

@@ -110,5 +110,11 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot measure commit lag");
             }
         }
+        // The exceptions topic's lag, seen from every instance (the relay's own gauges go
+        // quiet when no instance relays).
+        match store.outbox_oldest_pending_age().await {
+            Ok(age) => crate::metrics::outbox_oldest_pending(age),
+            Err(e) => tracing::warn!(error = %e, "cannot measure the exceptions outbox backlog"),
+        }
     }
 }

@@ -917,6 +917,17 @@ impl super::Store {
         Ok(Backlog { due, unpublished })
     }
 
+    /// Seconds since the oldest unpublished outbox row was written; 0 when every row is
+    /// published. Reads the pending rows through their partial index.
+    pub async fn outbox_oldest_pending_age(&self) -> Result<f64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT coalesce(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)), 0)::float8
+               FROM exceptions_outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Every outbox seq, published or not (to compare with the exceptions topic).
     pub async fn outbox_seqs(&self) -> Result<Vec<i64>, sqlx::Error> {
         sqlx::query_scalar("SELECT seq FROM exceptions_outbox ORDER BY seq")

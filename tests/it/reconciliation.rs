@@ -358,6 +358,18 @@ async fn a_relay_taking_over_waits_out_a_cut_off_relays_round_and_sends_nothing_
     )
     .await;
     wait_status(&f, "zombie-1", "MISSING_REFERENCE").await;
+    // With no relay running, every instance still sees the exception waiting.
+    wait_for(
+        Duration::from_secs(10),
+        "the unpublished exception's age to show",
+        || async {
+            first
+                .metric("payrecon_exceptions_outbox_oldest_pending_seconds", &[])
+                .await
+                .is_some_and(|age| age > 0.0)
+        },
+    )
+    .await;
     assert_eq!(first.terminate(Duration::from_secs(20)).await, Some(0));
     let seq: i64 = sqlx::query_scalar(
         "SELECT seq FROM exceptions_outbox WHERE payment_reference = 'zombie-1' AND published_at IS NULL",
@@ -415,6 +427,17 @@ async fn a_relay_taking_over_waits_out_a_cut_off_relays_round_and_sends_nothing_
             .await
             .unwrap();
     assert_eq!(cleared, None, "the successor has no round in flight");
+    wait_for(
+        Duration::from_secs(10),
+        "the outbox backlog gauge to return to 0",
+        || async {
+            second
+                .metric("payrecon_exceptions_outbox_oldest_pending_seconds", &[])
+                .await
+                == Some(0.0)
+        },
+    )
+    .await;
     assert!(
         second
             .log_text()
