@@ -353,6 +353,17 @@ impl Job<'_> {
         let group = k.group_id.as_str();
         let input_topics = [k.payments_topic.as_str(), k.settlements_topic.as_str()];
         let committed = self.live.group_offsets(group).await?;
+        if committed.is_empty() {
+            // A mistyped or defaulted group would replay nothing and report every live row as
+            // "extra in live": say what is wrong instead.
+            let groups = self.live.consumer_groups().await?;
+            anyhow::ensure!(
+                groups.is_empty(),
+                "consumer group `{group}` has no stored offsets in this database; groups here: {} \
+                 (set kafka.group_id, e.g. PAYRECON_KAFKA__GROUP_ID)",
+                groups.join(", ")
+            );
+        }
         let plans = {
             let consumer: rdkafka::consumer::BaseConsumer =
                 reader::consumer_config(settings, &self.consumer_group())

@@ -158,6 +158,15 @@ impl Store {
     }
 
     /// Every stored offset of a group (reports, tests).
+    /// The consumer groups that have stored offsets in this database.
+    pub async fn consumer_groups(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT consumer_group FROM consumer_offsets ORDER BY consumer_group",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
     pub async fn group_offsets(
         &self,
         group: &str,

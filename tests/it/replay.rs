@@ -155,6 +155,25 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     assert!(!merchants.is_empty());
     assert!(merchants.iter().all(|m| m["live"] == m["replay"]));
 
+    // A group without stored offsets here (a typo, the default) is an operational error that
+    // names the groups present, not a report of every live row as "extra".
+    let wrong = Command::new(env!("CARGO_BIN_EXE_payrecon"))
+        .arg("replay")
+        .arg("--quiet")
+        .current_dir(dir.path())
+        .envs(f.service_env())
+        .env("PAYRECON_KAFKA__GROUP_ID", "no-such-group")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("consumer group `no-such-group` has no stored offsets")
+            && stderr.contains(&f.group),
+        "{stderr}"
+    );
+
     // (b) Tamper with the live tables in four places.
     let pool = f.db.store.pool();
     let (event_id, et, ep, eo): (String, String, i32, i64) = sqlx::query_as(
@@ -289,11 +308,13 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(runs.len(), 2);
+    assert_eq!(runs.len(), 3);
     assert_eq!((runs[0].1.as_str(), runs[0].2), ("MATCH", Some(0)));
-    assert_eq!((runs[1].1.as_str(), runs[1].2), ("DIFFERENCES", Some(4)));
-    assert_eq!(runs[1].3.as_deref(), report["digest"].as_str());
-    assert_eq!(report["run"]["id"], runs[1].0.as_str());
+    // The wrong-group attempt is on record too, as an error.
+    assert_eq!((runs[1].1.as_str(), runs[1].2), ("ERROR", None));
+    assert_eq!((runs[2].1.as_str(), runs[2].2), ("DIFFERENCES", Some(4)));
+    assert_eq!(runs[2].3.as_deref(), report["digest"].as_str());
+    assert_eq!(report["run"]["id"], runs[2].0.as_str());
     assert!(shadow_schemas(&f).await.is_empty());
     assert_no_kafka_commits(&f, &runs[0].0);
 }
