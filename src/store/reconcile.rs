@@ -308,7 +308,8 @@ struct Prior {
 }
 
 /// The group's event-time watermark: the highest event time applied on each of its
-/// partitions, the lowest of those, minus the allowed lateness. the Unix epoch before every input partition has a record.
+/// partitions, the lowest of those, minus the allowed lateness; the Unix epoch until every
+/// input partition has a record.
 ///
 /// The lowest over partitions, because partitions (and the two topics) are consumed
 /// independently: after a backlog, one partition can be days ahead of another, and with the
