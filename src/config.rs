@@ -132,6 +132,11 @@ pub struct ExceptionsSettings {
     /// past that round's start before it reads the topic's tail.
     #[serde(with = "humantime_serde")]
     pub relay_message_timeout: Duration,
+    /// Publish each round in a Kafka transaction with this `transactional.id` (the same on
+    /// every instance: the active relay fences the previous one). Unset: idempotent producer
+    /// only (for brokers without transactions).
+    #[serde(default)]
+    pub transactional_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

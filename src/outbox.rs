@@ -24,6 +24,12 @@
 //!   waits until `round_started_at + relay_message_timeout` (the producer's delivery bound,
 //!   plus a margin) has passed, by the database's clock, before it reads the tail.
 //!
+//! - **Transactional producer, where configured** (`exceptions.transactional_id`): each round
+//!   is one Kafka transaction, committed after every acknowledgement and before the mark. A
+//!   new relay's `init_transactions` fences its predecessors (their open transaction is
+//!   aborted, their writes rejected), so it skips the wait above; the tail is read with
+//!   read_committed either way. Brokers without transactions (tansu) use the idempotent path.
+//!
 //! Assumption: only the relay writes to the exceptions topic.
 
 use std::collections::BTreeSet;
@@ -37,7 +43,7 @@ use futures::stream::FuturesOrdered;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
@@ -75,6 +81,9 @@ pub struct OutboxRow {
 /// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
 /// produce request's own round trip after the local timeout.
 const ROUND_MARGIN: Duration = Duration::from_secs(5);
+
+/// Bound of the blocking transaction calls (init, commit).
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Avro value of a row in [`EXCEPTION_SCHEMA`]'s field order.
 pub fn to_value(r: &OutboxRow) -> Value {
@@ -170,15 +179,28 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (schema_id, schema) = register_schema(&sr, topic, EXCEPTION_SCHEMA).await?;
-    let producer: FutureProducer = settings
-        .kafka
-        .producer_config()
-        .set(
-            "message.timeout.ms",
-            message_timeout.as_millis().max(1).to_string(),
-        )
-        .create()
-        .context("creating the relay producer")?;
+    let transactional_id = settings.exceptions.transactional_id.as_deref();
+    let mut config = settings.kafka.producer_config();
+    config.set(
+        "message.timeout.ms",
+        message_timeout.as_millis().max(1).to_string(),
+    );
+    if let Some(id) = transactional_id {
+        config.set("transactional.id", id);
+    }
+    let producer: FutureProducer = config.create().context("creating the relay producer")?;
+    if let Some(id) = transactional_id {
+        // Fences every earlier producer with this id: the broker aborts its open transaction
+        // and rejects its writes, so a cut-off predecessor cannot land anything any more.
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(TRANSACTION_TIMEOUT))
+            .await?
+            .with_context(|| format!("initialising transactions for transactional.id {id}"))?;
+        tracing::info!(
+            transactional_id = id,
+            "the relay publishes each round in a transaction"
+        );
+    }
 
     let unfinished: Option<(String, f64)> = sqlx::query_as(
         "SELECT instance,
@@ -188,7 +210,9 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     .bind(message_timeout + ROUND_MARGIN)
     .fetch_optional(&mut conn)
     .await?;
-    if let Some((previous, wait)) = unfinished.filter(|(_, wait)| *wait > 0.0) {
+    // With transactions the broker fenced the predecessor above: nothing of it can land.
+    let unfinished = unfinished.filter(|(_, wait)| *wait > 0.0 && transactional_id.is_none());
+    if let Some((previous, wait)) = unfinished {
         tracing::warn!(
             %previous,
             wait_seconds = wait,
@@ -200,7 +224,9 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         }
     }
     let round = settings.exceptions.relay_batch.max(1);
-    let already = published_in_tail(settings, round as usize).await?;
+    // The unmarked round is within the last `round` offsets of each partition, plus its
+    // commit marker when transactional.
+    let already = published_in_tail(settings, round as usize + 1).await?;
     if !already.is_empty() {
         let seqs: Vec<i64> = already.into_iter().collect();
         let marked = mark_published(&mut conn, &seqs).await?;
@@ -240,6 +266,11 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         .bind(&instance)
         .execute(&mut conn)
         .await?;
+        if transactional_id.is_some() {
+            producer
+                .begin_transaction()
+                .context("beginning a relay transaction")?;
+        }
         let mut acks = FuturesOrdered::new();
         for r in &rows {
             let payload = frame(schema_id, &encode_datum(&schema, to_value(r))?);
@@ -261,6 +292,12 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         while let Some(ack) = acks.next().await {
             ack.context("the relay producer went away")?
                 .map_err(|(e, _)| anyhow::Error::new(e).context("publishing an exception"))?;
+        }
+        if transactional_id.is_some() {
+            let p = producer.clone();
+            tokio::task::spawn_blocking(move || p.commit_transaction(TRANSACTION_TIMEOUT))
+                .await?
+                .context("committing a relay transaction")?;
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         mark_published(&mut conn, &seqs).await?;
@@ -289,106 +326,77 @@ async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<u64, sq
     .rows_affected())
 }
 
-/// The outbox seqs among the last `depth` messages of every partition of the exceptions topic.
+/// The outbox seqs among the last `depth` offsets of every partition of the exceptions topic.
 pub async fn published_in_tail(settings: &Settings, depth: usize) -> anyhow::Result<BTreeSet<i64>> {
-    let topic = settings.exceptions.topic.clone();
-    let mut config = settings.kafka.client_config();
-    config
-        .set(
-            "group.id",
-            format!("{}-relay-tail", settings.kafka.group_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    let consumer: StreamConsumer = config.create().context("creating the tail reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .context("reading the exceptions topic's metadata")?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0usize;
-    let mut ends = std::collections::HashMap::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&topic, p, timeout)
-            .context("reading the exceptions topic's watermarks")?;
-        let from = low.max(high - depth as i64);
-        if from < high {
-            tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
-            remaining += 1;
-            ends.insert(p, high);
-        }
-    }
-    let mut seqs = BTreeSet::new();
-    if remaining == 0 {
-        return Ok(seqs);
-    }
-    consumer.assign(&tpl)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while remaining > 0 {
-        let message = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .context("timed out reading the exceptions topic's tail")??;
-        if let Some(seq) = header_seq(&message) {
-            seqs.insert(seq);
-        }
-        if message.offset() + 1 >= ends.get(&message.partition()).copied().unwrap_or(0)
-            && ends.remove(&message.partition()).is_some()
-        {
-            remaining -= 1;
-        }
-    }
-    Ok(seqs)
+    let messages = read_exceptions_topic(settings, "relay-tail", Some(depth as i64)).await?;
+    Ok(messages.into_iter().flatten().collect())
 }
 
 /// The outbox seq of every message on the exceptions topic, in topic order per partition
 /// (demo summary, tests: each seq must appear exactly once).
 pub async fn topic_seqs(settings: &Settings) -> anyhow::Result<Vec<i64>> {
+    let messages = read_exceptions_topic(settings, "exceptions-check", None).await?;
+    messages
+        .into_iter()
+        .map(|seq| seq.context("a message without the outbox seq header"))
+        .collect()
+}
+
+/// The outbox seq header (if any) of every committed message from `depth` offsets before the
+/// end of each partition of the exceptions topic (from the log start when `None`), in topic
+/// order per partition. Reads until each partition's end (partition EOF rather than "offset
+/// of the high watermark − 1", which a transaction's commit marker occupies) with
+/// read_committed, so an aborted or still-open transaction's messages are not counted.
+async fn read_exceptions_topic(
+    settings: &Settings,
+    reader: &str,
+    depth: Option<i64>,
+) -> anyhow::Result<Vec<Option<i64>>> {
     let topic = settings.exceptions.topic.clone();
     let mut config = settings.kafka.client_config();
     config
-        .set(
-            "group.id",
-            format!("{}-exceptions-check", settings.kafka.group_id),
-        )
-        .set("enable.auto.commit", "false");
-    let consumer: StreamConsumer = config.create()?;
+        .set("group.id", format!("{}-{reader}", settings.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
+    let consumer: StreamConsumer = config
+        .create()
+        .context("creating the exceptions topic's reader")?;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), timeout)
+        .context("reading the exceptions topic's metadata")?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends = std::collections::HashMap::new();
+    let mut remaining = BTreeSet::new();
     for t in metadata.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(&topic, p.id(), timeout)?;
-            if low < high {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(low))?;
-                ends.insert(p.id(), high);
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p.id(), timeout)
+                .context("reading the exceptions topic's watermarks")?;
+            let from = depth.map_or(low, |d| low.max(high - d));
+            if from < high {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(from))?;
+                remaining.insert(p.id());
             }
         }
     }
-    let mut seqs = Vec::new();
-    if ends.is_empty() {
-        return Ok(seqs);
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return Ok(out);
     }
     consumer.assign(&tpl)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !ends.is_empty() {
-        let m = tokio::time::timeout_at(deadline, consumer.recv())
+    while !remaining.is_empty() {
+        match tokio::time::timeout_at(deadline, consumer.recv())
             .await
-            .context("timed out reading the exceptions topic")??;
-        seqs.push(header_seq(&m).context("a message without the outbox seq header")?);
-        if ends
-            .get(&m.partition())
-            .is_some_and(|h| m.offset() + 1 >= *h)
+            .context("timed out reading the exceptions topic")?
         {
-            ends.remove(&m.partition());
+            Ok(m) => out.push(header_seq(&m)),
+            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                remaining.remove(&p);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("reading the exceptions topic")),
         }
     }
-    Ok(seqs)
+    Ok(out)
 }

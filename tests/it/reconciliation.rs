@@ -447,3 +447,78 @@ async fn a_relay_taking_over_waits_out_a_cut_off_relays_round_and_sends_nothing_
     );
     drop(second);
 }
+
+/// Where the broker has transactions and `exceptions.transactional_id` is set, each round is a
+/// transaction and a new relay's init_transactions fences its predecessor: it publishes at
+/// once, without waiting out an unfinished round, and still exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transactional_relay_fences_its_predecessor_and_publishes_exactly_once() {
+    let f = Fixture::new(1).await;
+    let id = crate::helpers::unique("relay-tx");
+    let env = [("PAYRECON_EXCEPTIONS__TRANSACTIONAL_ID", id.as_str())];
+    let first = f.spawn_service("tx-first", &env);
+    let encoder = f.encoder().await;
+    f.produce_records(
+        &encoder,
+        &[
+            capture("tx-1", "txshop", "200.00", 1),
+            line("tx-1", "txshop", "200.00", "5.00", 25),
+        ],
+        0,
+    )
+    .await;
+    wait_status(&f, "tx-1", "MISSING_REFERENCE").await;
+    let all_published = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(f.db.store.pool())
+        .await
+        .unwrap()
+            == 0
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the opening to be published",
+        all_published,
+    )
+    .await;
+    assert!(
+        first
+            .log_text()
+            .contains("the relay publishes each round in a transaction"),
+        "{}",
+        f.log_tail()
+    );
+    first.sigkill();
+    // Pretend it died mid-round: an idempotent relay would now wait 35 s.
+    sqlx::query(
+        "INSERT INTO exceptions_relay (instance, round_started_at)
+         VALUES ('tx-first', clock_timestamp())
+         ON CONFLICT (singleton) DO UPDATE SET round_started_at = clock_timestamp()",
+    )
+    .execute(f.db.store.pool())
+    .await
+    .unwrap();
+    let second = f.spawn_service("tx-second", &env);
+    f.db.store
+        .upsert_merchants(&[merchant("txshop", 250, at(-24))])
+        .await
+        .unwrap();
+    wait_status(&f, "tx-1", "MATCHED").await;
+    wait_for(
+        Duration::from_secs(20),
+        "the resolution to be published without waiting out the old round",
+        all_published,
+    )
+    .await;
+    let log = second.log_text();
+    assert!(
+        log.contains("the relay publishes each round in a transaction")
+            && !log.contains("stopped mid-round"),
+        "{log}"
+    );
+    let seqs = f.assert_exceptions_exact().await;
+    assert_eq!(seqs.len(), 2, "opened once, resolved once");
+    drop(second);
+}
