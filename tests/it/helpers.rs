@@ -496,6 +496,39 @@ impl Fixture {
         }
     }
 
+    /// Every payment reference is in exactly the status the simulator predicts: not only the
+    /// counts per status, the status of each reference.
+    pub async fn assert_statuses(
+        &self,
+        expected: &std::collections::BTreeMap<String, payrecon::reconcile::Status>,
+    ) {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT payment_reference, status FROM reconciliation_items ORDER BY payment_reference",
+        )
+        .fetch_all(self.db.store.pool())
+        .await
+        .unwrap();
+        let actual: std::collections::BTreeMap<String, String> = rows.into_iter().collect();
+        let mut wrong = Vec::new();
+        for (reference, status) in expected {
+            match actual.get(reference) {
+                Some(s) if s == status.as_str() => {}
+                found => wrong.push(format!("{reference}: expected {status:?}, found {found:?}")),
+            }
+        }
+        wrong.extend(
+            (actual.keys())
+                .filter(|r| !expected.contains_key(*r))
+                .map(|r| format!("{r}: an item the simulation did not create")),
+        );
+        assert!(
+            wrong.is_empty(),
+            "{} references in the wrong status, e.g.:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(20)].join("\n")
+        );
+    }
+
     /// The last lines of every service log (for assertion messages).
     pub fn log_tail(&self) -> String {
         let mut out = String::new();

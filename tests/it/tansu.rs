@@ -143,9 +143,9 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     let broker = TansuBroker::start(&binary);
     let fx = Fixture::with_kafka(TestKafka::external(&broker.bootstrap, PARTITIONS).await).await;
     let encoder = fx.encoder().await;
-    let (records, expected) =
-        payrecon::simulate::generate(&simulation(20_000, 2026), encoder.payment_schema_id())
-            .unwrap();
+    let sim = payrecon::simulate::simulate(&simulation(20_000, 2026), encoder.payment_schema_id())
+        .unwrap();
+    let (records, expected) = (sim.records, sim.totals);
     let total = records.len() as i64;
     assert_eq!(total, expected.records);
 
@@ -185,6 +185,7 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     fx.wait_drained(Duration::from_secs(60)).await;
     println!("tansu: drained ({:?})", started.elapsed());
     fx.assert_exact(&expected).await;
+    fx.assert_statuses(&sim.statuses).await;
     assert!(
         second
             .log_text()
