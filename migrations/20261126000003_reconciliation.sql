@@ -2,7 +2,7 @@
 -- per-batch transaction that advances consumer_offsets, so it inherits exactly-once.
 
 -- Highest event time (the records' own time, not the broker's) applied per partition. The
--- group's event-time watermark is max(max_event_time) over its partitions minus the configured
+-- group's event-time watermark is min(max_event_time) over its partitions minus the configured
 -- allowed lateness; deadlines are judged against it, never against the wall clock.
 ALTER TABLE consumer_offsets ADD COLUMN max_event_time timestamptz;
 
