@@ -23,7 +23,7 @@ use sqlx::{Postgres, Transaction};
 
 use super::report::{Difference, MerchantTotal, Position, ReportWriter, RowCounts, Sums, Value};
 use super::shadow::quote_ident;
-use crate::store::Store;
+use crate::store::{DAILY_COLUMNS, Store};
 
 /// Statuses only a passed deadline gives (see [`crate::reconcile`]).
 const DEADLINE_STATUSES: &str = "('MISSING_SETTLEMENT', 'UNEXPECTED_SETTLEMENT', 'OVER_SETTLED', 'AMOUNT_MISMATCH', 'FEE_MISMATCH')";
@@ -70,21 +70,6 @@ const ITEM_COLUMNS: [&str; 13] = [
     "settled_net",
     "payment_events",
     "settlement_lines",
-];
-const DAILY_COLUMNS: [&str; 13] = [
-    "captured_count",
-    "captured",
-    "refunded_count",
-    "refunded",
-    "charged_back_count",
-    "charged_back",
-    "settled_count",
-    "settled_gross",
-    "settled_fees",
-    "settled_net",
-    "matched_count",
-    "expected_count",
-    "exception_count",
 ];
 
 /// One difference as the queries return it.

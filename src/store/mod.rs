@@ -23,7 +23,7 @@ use sqlx::postgres::PgConnectOptions;
 
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, Source};
 pub use dead_letters::{DeadLetterRow, ReplayResult};
-pub use reconcile::{Backlog, Cause, ReconcileOutcome, Reconciler, Rules};
+pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -196,8 +196,9 @@ pub struct DailyDeltas {
     rows: BTreeMap<(String, NaiveDate, &'static str), [Decimal; 13]>,
 }
 
-/// Column order of [`DailyDeltas`] rows.
-const DAILY_COLUMNS: [&str; 13] = [
+/// The counted columns of `merchant_daily_totals`, in [`DailyDeltas`] row order: the first
+/// ten sum events and lines, the last three count items by status.
+pub const DAILY_COLUMNS: [&str; 13] = [
     "captured_count",
     "captured",
     "refunded_count",
