@@ -124,6 +124,33 @@ impl Codec {
         }
     }
 
+    /// [`Codec::decode`], retrying a transient (registry) failure for the same record with
+    /// exponential backoff from `initial` up to `max`, each retry counted as a transient
+    /// registry error; `None` once `shutdown` is cancelled. Poison is returned, never retried.
+    pub async fn decode_retrying(
+        &self,
+        stream: Stream,
+        payload: Option<&[u8]>,
+        (initial, max): (Duration, Duration),
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<Result<Record, DecodeError>> {
+        let mut backoff = initial;
+        loop {
+            match self.decode(stream, payload).await {
+                Err(DecodeError::Transient(e)) => {
+                    crate::metrics::transient_error("registry");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+                other => return Some(other),
+            }
+        }
+    }
+
     /// Decodes and validates one record payload from `stream`.
     pub async fn decode(
         &self,

@@ -228,7 +228,14 @@ impl ConsumerLoop {
         };
         let broker_ts = m.timestamp().to_millis();
         let started = Instant::now();
-        let decoded = self.decode_with_retry(stream, m.payload(), shutdown).await;
+        let decoded = (self.codec)
+            .decode_retrying(
+                stream,
+                m.payload(),
+                (self.initial_backoff, self.max_backoff),
+                shutdown,
+            )
+            .await;
         pending.decode_time += started.elapsed();
         match decoded {
             Some(Ok(Record::Payment(p))) => pending.batch.payments.push((p, source)),
@@ -244,7 +251,7 @@ impl ConsumerLoop {
                     broker_timestamp: broker_ts.and_then(DateTime::<Utc>::from_timestamp_millis),
                 });
             }
-            // Transient errors are retried inside decode_with_retry until shutdown; at
+            // Transient errors are retried inside decode_retrying until shutdown; at
             // shutdown the batch is abandoned, so nothing is lost.
             Some(Err(DecodeError::Transient(_))) | None => {
                 *pending = Pending::new(topics, generation);
@@ -318,30 +325,6 @@ impl ConsumerLoop {
                 .and_then(DateTime::from_timestamp_millis),
         });
         Accepted::Added
-    }
-
-    /// Decodes, retrying transient registry failures with backoff. `None` on shutdown.
-    async fn decode_with_retry(
-        &self,
-        stream: Stream,
-        payload: Option<&[u8]>,
-        shutdown: &CancellationToken,
-    ) -> Option<Result<Record, DecodeError>> {
-        let mut backoff = self.initial_backoff;
-        loop {
-            match self.codec.decode(stream, payload).await {
-                Err(DecodeError::Transient(e)) => {
-                    crate::metrics::transient_error("registry");
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(self.max_backoff);
-                }
-                other => return Some(other),
-            }
-        }
     }
 
     /// Commits the pending batch; retries transient errors; resyncs after a fence.

@@ -374,7 +374,12 @@ impl Reader<'_> {
         } else {
             Stream::Settlements
         };
-        let Some(decoded) = self.decode(stream, m.payload(), shutdown).await else {
+        let pipeline = &self.settings.pipeline;
+        let backoff = (pipeline.retry_initial_backoff, pipeline.retry_max_backoff);
+        let Some(decoded) = (self.codec)
+            .decode_retrying(stream, m.payload(), backoff, shutdown)
+            .await
+        else {
             return Ok(false); // shutdown while the registry was unavailable
         };
         match decoded {
@@ -397,30 +402,6 @@ impl Reader<'_> {
         part.records += 1;
         part.done = part.position >= part.plan.limit;
         Ok(true)
-    }
-
-    /// Decodes, retrying transient registry failures with backoff; `None` on shutdown.
-    async fn decode(
-        &self,
-        stream: Stream,
-        payload: Option<&[u8]>,
-        shutdown: &CancellationToken,
-    ) -> Option<Result<Record, DecodeError>> {
-        let pipeline = &self.settings.pipeline;
-        let mut backoff = pipeline.retry_initial_backoff;
-        loop {
-            match self.codec.decode(stream, payload).await {
-                Err(DecodeError::Transient(e)) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(pipeline.retry_max_backoff);
-                }
-                other => return Some(other),
-            }
-        }
     }
 
     /// Hands the collected batch to the committer.
