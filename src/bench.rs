@@ -96,10 +96,23 @@ async fn load_reference(
     ))
 }
 
-async fn fresh_database(admin: &PgConnectOptions, tag: &str) -> anyhow::Result<(String, String)> {
+/// A freshly created and migrated database of its own for one stage: name, URL and a store
+/// with a small pool on it.
+async fn fresh_store(
+    admin: &PgConnectOptions,
+    tag: &str,
+) -> anyhow::Result<(String, String, Store)> {
     let name = format!("payrecon_bench_{tag}_{}", std::process::id());
     crate::store::recreate_database(admin, &name).await?;
-    Ok((name.clone(), crate::store::database_url(admin, &name)))
+    let url = crate::store::database_url(admin, &name);
+    let store = Store::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?,
+    );
+    store.migrate().await?;
+    Ok((name, url, store))
 }
 
 /// Runs all three measurements (or only the reference-cache one) and prints them.
@@ -127,14 +140,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     );
 
     // 1. Store-only ceiling.
-    let (db1, url1) = fresh_database(&admin, "store").await?;
-    let store = Store::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url1)
-            .await?,
-    );
-    store.migrate().await?;
+    let (db1, _, store) = fresh_store(&admin, "store").await?;
     let reconciler = load_reference(&store, &sim, &settings).await?;
     let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
     let started = Instant::now();
@@ -159,13 +165,9 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         storage: crate::registry::Storage::Memory,
     })
     .await?;
-    let (db2, url2) = fresh_database(&admin, "e2e").await?;
-    {
-        let store = Store::new(sqlx::postgres::PgPoolOptions::new().connect(&url2).await?);
-        store.migrate().await?;
-        load_reference(&store, &sim, &settings).await?;
-        store.pool().close().await;
-    }
+    let (db2, url2, store) = fresh_store(&admin, "e2e").await?;
+    load_reference(&store, &sim, &settings).await?;
+    store.pool().close().await;
     settings.database.url = SecretString::from(url2);
     settings.kafka.bootstrap_servers = bootstrap;
     settings.kafka.payments_topic = payments_topic.into();
@@ -367,14 +369,7 @@ async fn reference_cache(
     admin: &PgConnectOptions,
     versions: u64,
 ) -> anyhow::Result<ReferenceReport> {
-    let (db, url) = fresh_database(admin, "reference").await?;
-    let store = Store::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await?,
-    );
-    store.migrate().await?;
+    let (db, _, store) = fresh_store(admin, "reference").await?;
     let started = Instant::now();
     sqlx::query(INSERT_MERCHANTS)
         .bind(i64::try_from(versions)?)
