@@ -43,6 +43,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Runs `payrecon reference load FILE` against this database.
+    pub fn load_reference_file(&self, file: &std::path::Path) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payrecon"))
+            .args(["reference", "load"])
+            .arg(file)
+            .env("PAYRECON_DATABASE__URL", &self.url)
+            .output()
+            .unwrap()
+    }
+
     pub async fn new() -> TestDb {
         let name = unique("payrecon_test");
         let admin: PgConnectOptions = admin_url().parse().unwrap();

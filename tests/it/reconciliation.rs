@@ -212,12 +212,7 @@ async fn an_unknown_merchant_is_an_exception_until_its_reference_data_is_loaded(
          newshop,2025-12-01T00:00:00Z,New Shop,EUR,250,0,ACTIVE\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_payrecon"))
-        .args(["reference", "load"])
-        .arg(&file)
-        .env("PAYRECON_DATABASE__URL", &f.db.url)
-        .output()
-        .unwrap();
+    let out = f.db.load_reference_file(&file);
     assert!(
         out.status.success(),
         "{}",

@@ -7,15 +7,6 @@ use payrecon::reference::ReferenceCache;
 
 use crate::helpers::{TestDb, wait_for};
 
-fn load(db: &TestDb, file: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_payrecon"))
-        .args(["reference", "load"])
-        .arg(file)
-        .env("PAYRECON_DATABASE__URL", &db.url)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reference_file_loads_whole_or_not_at_all_and_errors_name_row_and_field() {
     let db = TestDb::new().await;
@@ -28,7 +19,7 @@ async fn a_reference_file_loads_whole_or_not_at_all_and_errors_name_row_and_fiel
          m2,2026-01-01T00:00:00Z,Other,EURO,150,0.10,ACTIVE\n",
     )
     .unwrap();
-    let out = load(&db, &bad);
+    let out = db.load_reference_file(&bad);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -48,7 +39,7 @@ async fn a_reference_file_loads_whole_or_not_at_all_and_errors_name_row_and_fiel
         "base_currency,quote_currency,valid_from,rate\nUSD,EUR,2026-01-01T00:00:00Z,0.92\n",
     )
     .unwrap();
-    let out = load(&db, &good);
+    let out = db.load_reference_file(&good);
     assert!(
         out.status.success(),
         "{}",
