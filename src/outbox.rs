@@ -237,9 +237,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         );
     }
     // Whatever the previous relay had in flight has landed or never will, and is marked.
-    sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
-        .execute(&mut conn)
-        .await?;
+    round_settled(&mut conn).await?;
     loop {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
@@ -301,9 +299,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         mark_published(&mut conn, &seqs).await?;
-        sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
-            .execute(&mut conn)
-            .await?;
+        round_settled(&mut conn).await?;
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL")
                 .fetch_one(&mut conn)
@@ -313,6 +309,14 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
             return Ok(());
         }
     }
+}
+
+/// Records that no round is in flight any more (see `exceptions_relay`).
+async fn round_settled(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<u64, sqlx::Error> {
