@@ -56,7 +56,7 @@ pub async fn run(
     store.migrate().await.context("applying migrations")?;
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let codec = Arc::new(Codec::new(sr));
+    let codec = Arc::new(Codec::new(sr).with_limits(settings.validation.limits()));
     // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
     crate::metrics::register_zeroes(
@@ -142,6 +142,7 @@ pub async fn run(
         metrics: crate::metrics::handle(),
         store: store.clone(),
         assignment: consumer.assignment(),
+        progress: consumer.progress(),
         broker_seen: broker_seen.clone(),
         broker_max_silence: (settings.pipeline.lag_refresh_interval * 3)
             .max(Duration::from_secs(15)),
@@ -159,6 +160,11 @@ pub async fn run(
         store.clone(),
         settings.pipeline.lag_refresh_interval,
         broker_seen,
+        crate::kafka::lag::StallWatch {
+            progress: consumer.progress(),
+            assignment: consumer.assignment(),
+            timeout: settings.pipeline.stall_timeout,
+        },
         stop.clone(),
     ));
     let consumer_stop = stop.clone();

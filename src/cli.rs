@@ -319,20 +319,22 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
                 settings.registry.request_timeout,
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let codec = crate::codec::Codec::new(sr);
+            let codec = crate::codec::Codec::new(sr).with_limits(settings.validation.limits());
             let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
             cache.reload(&store).await?;
             let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None);
             let (mut applied, mut failing) = (0, 0);
-            for (id, topic, partition, offset, payload) in store.open_dead_letters(&ids).await? {
+            for (id, topic, partition, offset, payload, broker_time) in
+                store.open_dead_letters(&ids).await?
+            {
                 let stream = if topic == settings.kafka.settlements_topic {
                     crate::codec::Stream::Settlements
                 } else {
                     crate::codec::Stream::Payments
                 };
-                match codec.decode(stream, payload.as_deref()).await {
+                match codec.decode(stream, payload.as_deref(), broker_time).await {
                     Ok(record) => {
-                        store
+                        let result = store
                             .apply_replayed(
                                 id,
                                 &topic,
@@ -342,8 +344,24 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
                                 &settings.kafka.group_id,
                                 &reconciler,
                             )
-                            .await?;
-                        applied += 1;
+                            .await;
+                        match result {
+                            Ok(_) => applied += 1,
+                            // Still refused by the database for a reason in the record.
+                            Err(crate::store::CommitError::Permanent(e))
+                                if crate::store::disposition(&e)
+                                    == crate::store::Disposition::RecordRefused =>
+                            {
+                                let reason = format!(
+                                    "{}: {}",
+                                    crate::codec::PoisonKind::DatabaseRefused.as_str(),
+                                    crate::store::describe(&e)
+                                );
+                                store.record_replay_failure(id, &reason).await?;
+                                failing += 1;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     Err(crate::codec::DecodeError::Poison { kind, message }) => {
                         store

@@ -16,6 +16,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use crate::domain::Limits;
+
 /// The defaults shipped in the repository, embedded so the binary runs with no files around.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -33,6 +35,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub reconciliation: ReconciliationSettings,
     pub exceptions: ExceptionsSettings,
+    pub validation: ValidationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +89,10 @@ pub struct PipelineSettings {
     pub retry_max_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub lag_refresh_interval: Duration,
+    /// An instance that owns partitions with lag and has committed nothing for this long is
+    /// stalled: `/health/ready` fails and `payrecon_consumer_stalled` is 1.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 /// Global matching rules; a merchant's reference data can override tolerances and deadlines.
@@ -137,6 +144,32 @@ pub struct ExceptionsSettings {
     /// only (for brokers without transactions).
     #[serde(default)]
     pub transactional_id: Option<String>,
+}
+
+/// Bounds every record must respect before it reaches the store (see [`Limits`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSettings {
+    /// Longest id or reference, in UTF-8 bytes.
+    pub max_id_bytes: usize,
+    /// How far an event time may lie after its record's broker timestamp.
+    #[serde(with = "humantime_serde")]
+    pub max_event_time_ahead: Duration,
+    /// How far an event time may lie before its record's broker timestamp.
+    #[serde(with = "humantime_serde")]
+    pub max_event_time_behind: Duration,
+}
+
+impl ValidationSettings {
+    /// The codec's bounds.
+    pub fn limits(&self) -> Limits {
+        let chrono = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+        Limits {
+            max_id_bytes: self.max_id_bytes,
+            max_event_time_ahead: chrono(self.max_event_time_ahead),
+            max_event_time_behind: chrono(self.max_event_time_behind),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -215,6 +248,10 @@ impl Settings {
         anyhow::ensure!(
             self.pipeline.batch_max_records > 0,
             "invalid configuration: pipeline.batch_max_records must be at least 1"
+        );
+        anyhow::ensure!(
+            (16..=2000).contains(&self.validation.max_id_bytes),
+            "invalid configuration: validation.max_id_bytes must be between 16 and 2000 (a btree entry holds about 2700 bytes)"
         );
         anyhow::ensure!(
             self.kafka.payments_topic != self.kafka.settlements_topic,

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::kafka::Assignment;
+use crate::kafka::{Assignment, Progress};
 use crate::store::Store;
 
 /// What the handlers need.
@@ -24,6 +24,8 @@ pub struct OpsState {
     /// Readiness needs a joined group (partitions assigned, or none because the group has
     /// more members than partitions).
     pub assignment: Arc<Mutex<Assignment>>,
+    /// Readiness needs a consumer that makes progress (not stalled, see [`Progress`]).
+    pub progress: Arc<Progress>,
     /// Unix ms of the last successful broker round trip (the lag reporter's watermarks).
     pub broker_seen: Arc<AtomicI64>,
     /// How old that round trip may be before the broker counts as unreachable.
@@ -59,8 +61,10 @@ async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
-/// Ready when PostgreSQL answers, the broker answered recently, and this instance has
-/// joined the group (it may own no partition when there are more members than partitions).
+/// Ready when PostgreSQL answers, the broker answered recently, this instance has joined the
+/// group (it may own no partition when there are more members than partitions), and it is not
+/// stalled (records waiting that it neither commits nor fetches, or a partition it cannot
+/// position).
 async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     let db = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(state.store.pool())
@@ -81,6 +85,9 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     }
     if generation == 0 {
         problems.push("consumer group: not joined yet".to_owned());
+    }
+    if let Some(reason) = state.progress.stalled() {
+        problems.push(format!("consumer stalled: {reason}"));
     }
     if problems.is_empty() {
         (

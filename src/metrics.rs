@@ -32,6 +32,11 @@ pub const EXCEPTIONS_PUBLISHED: &str = "payrecon_exceptions_published_total";
 pub const OUTBOX_PENDING: &str = "payrecon_exceptions_outbox_pending";
 pub const OUTBOX_OLDEST: &str = "payrecon_exceptions_outbox_oldest_pending_seconds";
 pub const REFERENCE_LOADED: &str = "payrecon_reference_cache_loaded_timestamp_seconds";
+pub const CONFLICTING_DUPLICATES: &str = "payrecon_conflicting_duplicates_total";
+pub const DATABASE_ERRORS: &str = "payrecon_database_errors_total";
+pub const CONSUMER_STALLED: &str = "payrecon_consumer_stalled";
+pub const LAST_COMMIT: &str = "payrecon_last_commit_timestamp_seconds";
+pub const POSITIONING_ERRORS: &str = "payrecon_positioning_errors_total";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -65,7 +70,7 @@ fn install() -> Option<PrometheusHandle> {
 fn describe() {
     describe_counter!(
         RECORDS,
-        "Log records consumed, by topic and outcome: applied (new row), duplicate (id already stored) or dead_lettered."
+        "Log records consumed, by topic and outcome: applied (new row), duplicate (id already stored with the same content), conflicting_duplicate (id stored with different content: kept aside) or dead_lettered."
     );
     describe_counter!(
         BATCHES,
@@ -151,6 +156,27 @@ fn describe() {
         metrics::Unit::Seconds,
         "Unix time the reference-data cache was last (re)loaded."
     );
+    describe_counter!(
+        CONFLICTING_DUPLICATES,
+        "Records whose id was already stored with different content, by topic: kept in conflicting_duplicates, the stored row unchanged. Each one is an integrity incident."
+    );
+    describe_counter!(
+        DATABASE_ERRORS,
+        "Database errors of the batch transaction, by SQLSTATE (or 'connection') and disposition: retry (the database is unavailable), stop (the schema or permissions are wrong: the service exits), isolate (PostgreSQL refused a record: it is found and dead-lettered)."
+    );
+    describe_gauge!(
+        CONSUMER_STALLED,
+        "1 while this instance owns partitions with lag but has committed nothing for pipeline.stall_timeout (or cannot position a partition); /health/ready fails meanwhile."
+    );
+    describe_gauge!(
+        LAST_COMMIT,
+        metrics::Unit::Seconds,
+        "Unix time of this instance's last committed batch (or of its last assignment, when it has committed nothing since)."
+    );
+    describe_counter!(
+        POSITIONING_ERRORS,
+        "Failures to position a partition at its stored offset (assign or seek), by operation; each is retried and makes the instance not ready until it succeeds."
+    );
     describe_gauge!(
         COMMIT_LAG,
         "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
@@ -164,7 +190,7 @@ fn describe() {
 /// Registers every counter with a known label set at zero, so rates and `increase()` see
 /// the first event and dashboards show 0 instead of "no data". `topics` are the input topics.
 pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
-    for outcome in ["committed", "fenced", "retried"] {
+    for outcome in ["committed", "fenced", "retried", "isolated"] {
         counter!(BATCHES, "outcome" => outcome).absolute(0);
     }
     for source in ["database", "registry", "broker", "relay"] {
@@ -185,14 +211,24 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
     gauge!(OUTBOX_PENDING).set(0.0);
     gauge!(ASSIGNED_PARTITIONS).set(0.0);
     for topic in topics {
-        for outcome in ["applied", "duplicate", "dead_lettered"] {
+        for outcome in [
+            "applied",
+            "duplicate",
+            "dead_lettered",
+            "conflicting_duplicate",
+        ] {
             counter!(RECORDS, "topic" => topic.to_string(), "outcome" => outcome).absolute(0);
         }
         for reason in dead_letter_reasons {
             counter!(DEAD_LETTERS, "topic" => topic.to_string(), "reason" => *reason).absolute(0);
         }
         counter!(OFFSET_GAPS, "topic" => topic.to_string()).absolute(0);
+        counter!(CONFLICTING_DUPLICATES, "topic" => topic.to_string()).absolute(0);
     }
+    for operation in ["assign", "seek"] {
+        counter!(POSITIONING_ERRORS, "operation" => operation).absolute(0);
+    }
+    gauge!(CONSUMER_STALLED).set(0.0);
 }
 
 fn exception_label(status: crate::reconcile::Status) -> &'static str {
@@ -247,6 +283,41 @@ pub fn records(topic: &str, applied: u64, duplicates: u64) {
         counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "duplicate")
             .increment(duplicates);
     }
+}
+
+/// PostgreSQL refused a batch for a reason that may lie in a record; it is being bisected.
+pub fn batch_isolating() {
+    counter!(BATCHES, "outcome" => "isolated").increment(1);
+    counter!(DATABASE_ERRORS, "sqlstate" => "record", "disposition" => "isolate").increment(1);
+}
+
+/// A database error of the batch transaction with its disposition (`retry` or `stop`).
+pub fn database_error(e: &sqlx::Error, disposition: &'static str) {
+    let sqlstate = match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or_else(|| "unknown".into(), |c| c.into_owned()),
+        _ => "connection".to_owned(),
+    };
+    counter!(DATABASE_ERRORS, "sqlstate" => sqlstate, "disposition" => disposition).increment(1);
+}
+
+/// A record whose id is stored with different content was kept.
+pub fn conflicting_duplicate(topic: &str) {
+    counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "conflicting_duplicate")
+        .increment(1);
+    counter!(CONFLICTING_DUPLICATES, "topic" => topic.to_owned()).increment(1);
+}
+
+/// Whether this instance is stalled, and when it last committed (or was assigned).
+pub fn consumer_progress(stalled: bool, last_commit_unix_seconds: f64) {
+    gauge!(CONSUMER_STALLED).set(if stalled { 1.0 } else { 0.0 });
+    gauge!(LAST_COMMIT).set(last_commit_unix_seconds);
+}
+
+/// Positioning a partition failed (`assign` or `seek`).
+pub fn positioning_error(operation: &'static str) {
+    counter!(POSITIONING_ERRORS, "operation" => operation).increment(1);
 }
 
 /// A batch was rejected by the offset compare-and-set.

@@ -21,7 +21,9 @@ use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_sc
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
 
-use crate::domain::{PaymentEvent, Record, SettlementLine};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{InvalidRecord, Limits, PaymentEvent, Record, SettlementLine};
 
 pub(crate) use avro::decimal_value;
 pub use avro::{decimal_scales, encode_datum, payment_to_value, settlement_to_value};
@@ -51,16 +53,35 @@ pub enum PoisonKind {
     InvalidField,
     /// The record decoded as a type this topic does not carry (e.g. a settlement on payments).
     WrongRecordType,
+    /// A string with characters PostgreSQL text cannot hold (NUL) or an id with control
+    /// characters.
+    InvalidText,
+    /// An id or reference longer than `validation.max_id_bytes`.
+    FieldTooLong,
+    /// An amount beyond what the columns hold.
+    AmountOutOfRange,
+    /// An event time (or settlement date) outside the storable range, or too far ahead of or
+    /// behind the record's broker timestamp (`validation.max_event_time_ahead`/`_behind`).
+    ImplausibleEventTime,
+    /// Passed every check and still refused by PostgreSQL for a reason in the record (data
+    /// exception, integrity violation, program limit); the message carries the SQLSTATE.
+    /// Assigned by the store's refusal isolation, never by the codec.
+    DatabaseRefused,
 }
 
 impl PoisonKind {
     /// Every class, for metrics registration and reports.
-    pub const ALL: [PoisonKind; 5] = [
+    pub const ALL: [PoisonKind; 10] = [
         PoisonKind::BadMagicByte,
         PoisonKind::UnknownSchemaId,
         PoisonKind::UndecodableBody,
         PoisonKind::InvalidField,
         PoisonKind::WrongRecordType,
+        PoisonKind::InvalidText,
+        PoisonKind::FieldTooLong,
+        PoisonKind::AmountOutOfRange,
+        PoisonKind::ImplausibleEventTime,
+        PoisonKind::DatabaseRefused,
     ];
 
     /// The stable name stored in PostgreSQL and used as a metric label.
@@ -71,6 +92,22 @@ impl PoisonKind {
             PoisonKind::UndecodableBody => "undecodable_body",
             PoisonKind::InvalidField => "invalid_field",
             PoisonKind::WrongRecordType => "wrong_record_type",
+            PoisonKind::InvalidText => "invalid_text",
+            PoisonKind::FieldTooLong => "field_too_long",
+            PoisonKind::AmountOutOfRange => "amount_out_of_range",
+            PoisonKind::ImplausibleEventTime => "implausible_event_time",
+            PoisonKind::DatabaseRefused => "database_refused",
+        }
+    }
+
+    /// The dead-letter reason of a record that decoded but breaks a rule or a bound.
+    pub fn of_invalid(e: &InvalidRecord) -> PoisonKind {
+        match e.class() {
+            "text" => PoisonKind::InvalidText,
+            "too_long" => PoisonKind::FieldTooLong,
+            "amount_range" => PoisonKind::AmountOutOfRange,
+            "event_time" => PoisonKind::ImplausibleEventTime,
+            _ => PoisonKind::InvalidField,
         }
     }
 }
@@ -105,6 +142,8 @@ pub struct Codec {
     decoder: AvroDecoder,
     /// Writer-schema decimal scales by schema id (filled on first sight of an id).
     scales: RwLock<HashMap<u32, Arc<Scales>>>,
+    /// Bounds checked after the business rules (configurable: `[validation]`).
+    limits: Limits,
 }
 
 /// Builds registry client settings for `url` with a bounded request timeout, so an
@@ -121,7 +160,14 @@ impl Codec {
         Codec {
             decoder: AvroDecoder::new(settings),
             scales: RwLock::new(HashMap::new()),
+            limits: Limits::default(),
         }
+    }
+
+    /// The same codec checking records against `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// [`Codec::decode`], retrying a transient (registry) failure for the same record with
@@ -131,12 +177,13 @@ impl Codec {
         &self,
         stream: Stream,
         payload: Option<&[u8]>,
+        broker_time: Option<DateTime<Utc>>,
         (initial, max): (Duration, Duration),
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Option<Result<Record, DecodeError>> {
         let mut backoff = initial;
         loop {
-            match self.decode(stream, payload).await {
+            match self.decode(stream, payload, broker_time).await {
                 Err(DecodeError::Transient(e)) => {
                     crate::metrics::transient_error("registry");
                     tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
@@ -151,11 +198,13 @@ impl Codec {
         }
     }
 
-    /// Decodes and validates one record payload from `stream`.
+    /// Decodes and validates one record payload from `stream`; `broker_time` is the record's
+    /// Kafka timestamp, against which its event time must be plausible.
     pub async fn decode(
         &self,
         stream: Stream,
         payload: Option<&[u8]>,
+        broker_time: Option<DateTime<Utc>>,
     ) -> Result<Record, DecodeError> {
         let bytes = payload.unwrap_or_default();
         if bytes.len() < 5 || bytes[0] != 0 {
@@ -179,11 +228,9 @@ impl Codec {
         };
         let scales = self.scales_for(schema_id).await?;
         let record = avro::to_record(stream, &decoded.value, &scales)?;
-        let validation = match &record {
-            Record::Payment(p) => PaymentEvent::validate(p),
-            Record::Settlement(s) => SettlementLine::validate(s),
-        };
-        validation.map_err(|e| DecodeError::poison(PoisonKind::InvalidField, e.to_string()))?;
+        self.limits
+            .check(&record, broker_time)
+            .map_err(|e| DecodeError::poison(PoisonKind::of_invalid(&e), e.to_string()))?;
         Ok(record)
     }
 

@@ -105,6 +105,44 @@ pub enum InvalidRecord {
     },
     #[error("field `{field}`: {detail}")]
     Value { field: &'static str, detail: String },
+    /// Characters PostgreSQL text cannot hold (NUL) or an id must not contain (controls).
+    #[error("field `{field}`: {detail}")]
+    Text { field: &'static str, detail: String },
+    /// An id or reference longer than [`super::Limits::max_id_bytes`].
+    #[error("field `{field}` is {bytes} bytes long, more than the {max} allowed")]
+    TooLong {
+        field: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    /// An amount beyond what the columns hold (or any real payment needs).
+    #[error("field `{field}`: amount {amount} is out of range: {reason}")]
+    AmountRange {
+        field: &'static str,
+        amount: String,
+        reason: String,
+    },
+    /// An event time or date outside the storable range or implausible against the broker
+    /// timestamp.
+    #[error("field `{field}`: {detail}")]
+    EventTime { field: &'static str, detail: String },
+}
+
+impl InvalidRecord {
+    /// The class of the refusal: the codec maps each to its own dead-letter reason.
+    pub fn class(&self) -> &'static str {
+        match self {
+            InvalidRecord::MissingField { .. }
+            | InvalidRecord::Empty { .. }
+            | InvalidRecord::Currency { .. }
+            | InvalidRecord::Amount { .. }
+            | InvalidRecord::Value { .. } => "field",
+            InvalidRecord::Text { .. } => "text",
+            InvalidRecord::TooLong { .. } => "too_long",
+            InvalidRecord::AmountRange { .. } => "amount_range",
+            InvalidRecord::EventTime { .. } => "event_time",
+        }
+    }
 }
 
 /// Checks that `amount` is representable in `currency` and within bounds; `positive` demands
@@ -125,7 +163,11 @@ pub fn check_amount(
         return Err(bad("must be greater than zero".into()));
     }
     if amount.abs() > MAX_ABS_AMOUNT {
-        return Err(bad(format!("exceeds the maximum of {MAX_ABS_AMOUNT}")));
+        return Err(InvalidRecord::AmountRange {
+            field,
+            amount: amount.to_string(),
+            reason: format!("exceeds the maximum of {MAX_ABS_AMOUNT}"),
+        });
     }
     if amount.normalize().scale() > currency.minor_units() {
         return Err(bad(format!(

@@ -6,10 +6,12 @@
 
 mod currency;
 mod events;
+mod limits;
 mod totals;
 
 pub use currency::{Currency, UnknownCurrency};
 pub use events::{
     InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine, check_amount,
 };
+pub use limits::Limits;
 pub use totals::{PaymentTotal, SettlementTotal, Totals};

@@ -35,6 +35,8 @@ pub struct RebalanceContext {
     pub(super) store: Store,
     pub(super) group: String,
     pub(super) assignment: Arc<Mutex<Assignment>>,
+    /// Told of every assignment (stall timer) and of a failed one (readiness, retry).
+    pub(super) progress: Arc<super::progress::Progress>,
     pub(super) shutdown: CancellationToken,
     pub(super) retry_backoff: Duration,
 }
@@ -61,17 +63,23 @@ impl ConsumerContext for RebalanceContext {
                     return;
                 };
                 let mut positioned = TopicPartitionList::new();
+                let mut position_error = None;
                 let mut owned = HashMap::new();
                 for tp in partitions {
                     let offset = stored.get(&tp).copied();
                     let start = offset.map_or(Offset::Beginning, Offset::Offset);
                     if let Err(e) = positioned.add_partition_offset(&tp.0, tp.1, start) {
-                        tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot position partition");
+                        crate::metrics::positioning_error("assign");
+                        tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot position partition; the consumer retries the assignment");
+                        position_error = Some(format!("cannot position {}[{}]: {e}", tp.0, tp.1));
                     }
                     tracing::info!(topic = %tp.0, partition = tp.1, start = ?offset, "assigned partition at its stored offset");
                     owned.insert(tp, offset);
                 }
                 self.apply(consumer, owned, Some(&positioned), "assign");
+                if position_error.is_some() {
+                    self.progress.positioning(position_error);
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(
@@ -103,12 +111,27 @@ impl RebalanceContext {
             a.partitions = owned;
             a.generation += 1;
         }
+        self.progress.reassigned();
         let result: KafkaResult<()> = match tpl {
             Some(tpl) => consumer.assign(tpl),
             None => consumer.unassign(),
         };
-        if let Err(e) = result {
-            tracing::error!(error = %e, kind, "applying the assignment failed");
+        match result {
+            Ok(()) => {
+                if tpl.is_some() {
+                    self.progress.positioning(None);
+                }
+            }
+            Err(e) => {
+                // Never only logged: readiness fails and the consumer loop retries the assign
+                // at the stored offsets until it succeeds.
+                crate::metrics::positioning_error("assign");
+                tracing::error!(error = %e, kind, "applying the assignment failed; the consumer retries it");
+                if tpl.is_some() {
+                    self.progress
+                        .positioning(Some(format!("assign at the stored offsets failed: {e}")));
+                }
+            }
         }
     }
 

@@ -18,10 +18,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, RebalanceContext};
+use super::progress::Progress;
 use crate::codec::{Codec, DecodeError, Stream};
 use crate::config::Settings;
 use crate::domain::Record;
-use crate::store::{Batch, CommitError, DeadLetter, PartitionProgress, Reconciler, Source, Store};
+use crate::store::{
+    Batch, CommitError, DeadLetter, PartitionProgress, RawRecord, Reconciler, Source, Store,
+    describe,
+};
 
 /// What the loop reports to an optional observer (benchmarks, tests, demo progress).
 #[derive(Debug, Clone)]
@@ -54,6 +58,8 @@ pub struct ConsumerLoop {
     initial_backoff: Duration,
     max_backoff: Duration,
     assignment: Arc<Mutex<Assignment>>,
+    /// What readiness and the stall gauge know of this loop's progress.
+    progress: Arc<Progress>,
     observer: Option<mpsc::UnboundedSender<LoopEvent>>,
 }
 
@@ -106,10 +112,12 @@ impl ConsumerLoop {
         observer: Option<mpsc::UnboundedSender<LoopEvent>>,
     ) -> anyhow::Result<Self> {
         let assignment = Arc::new(Mutex::new(Assignment::default()));
+        let progress = Arc::new(Progress::default());
         let context = RebalanceContext {
             store: store.clone(),
             group: settings.kafka.group_id.clone(),
             assignment: assignment.clone(),
+            progress: progress.clone(),
             shutdown,
             retry_backoff: settings.pipeline.retry_initial_backoff,
         };
@@ -138,8 +146,14 @@ impl ConsumerLoop {
             initial_backoff: settings.pipeline.retry_initial_backoff,
             max_backoff: settings.pipeline.retry_max_backoff,
             assignment,
+            progress,
             observer,
         })
+    }
+
+    /// The loop's progress (readiness, the stall gauge).
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     /// The shared assignment (health checks, lag).
@@ -153,6 +167,8 @@ impl ConsumerLoop {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topics = vec![self.payments_topic.clone(), self.settlements_topic.clone()];
         let mut pending = Pending::new(&topics, self.generation());
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = pending
                 .started
@@ -163,6 +179,7 @@ impl ConsumerLoop {
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     self.flush(&mut pending, &topics, &shutdown).await?;
                 }
+                _ = tick.tick() => self.housekeeping(&shutdown).await,
                 message = self.consumer.recv() => match message {
                     Ok(m) => {
                         let m = m.detach();
@@ -208,6 +225,7 @@ impl ConsumerLoop {
                 );
             }
             *pending = Pending::new(topics, generation);
+            self.progress.dropped();
         }
         let Some(topic_idx) = topics.iter().position(|t| t == m.topic()) else {
             return;
@@ -227,19 +245,33 @@ impl ConsumerLoop {
             offset: m.offset(),
         };
         let broker_ts = m.timestamp().to_millis();
+        let broker_time = broker_ts.and_then(DateTime::<Utc>::from_timestamp_millis);
         let started = Instant::now();
         let decoded = (self.codec)
             .decode_retrying(
                 stream,
                 m.payload(),
+                broker_time,
                 (self.initial_backoff, self.max_backoff),
                 shutdown,
             )
             .await;
         pending.decode_time += started.elapsed();
+        self.progress.received();
+        let raw = || RawRecord {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            broker_timestamp: broker_time,
+        };
         match decoded {
-            Some(Ok(Record::Payment(p))) => pending.batch.payments.push((p, source)),
-            Some(Ok(Record::Settlement(s))) => pending.batch.settlements.push((s, source)),
+            Some(Ok(Record::Payment(p))) => {
+                pending.batch.raw.insert(source, raw());
+                pending.batch.payments.push((p, source));
+            }
+            Some(Ok(Record::Settlement(s))) => {
+                pending.batch.raw.insert(source, raw());
+                pending.batch.settlements.push((s, source));
+            }
             Some(Err(DecodeError::Poison { kind, message })) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = kind.as_str(), %message, "dead-lettering a record that can never succeed");
                 pending.batch.dead_letters.push(DeadLetter {
@@ -255,6 +287,7 @@ impl ConsumerLoop {
             // shutdown the batch is abandoned, so nothing is lost.
             Some(Err(DecodeError::Transient(_))) | None => {
                 *pending = Pending::new(topics, generation);
+                self.progress.dropped();
                 return;
             }
         }
@@ -337,6 +370,7 @@ impl ConsumerLoop {
         let generation = self.generation();
         let taken = std::mem::replace(pending, Pending::new(topics, generation));
         if taken.batch.is_empty() || taken.generation != generation {
+            self.progress.dropped();
             return Ok(());
         }
         let batch = taken.batch;
@@ -361,6 +395,7 @@ impl ConsumerLoop {
                 }
                 Err(CommitError::Fenced { topic, partition }) => {
                     crate::metrics::batch_fenced();
+                    self.progress.dropped();
                     tracing::warn!(%topic, partition, records = batch.record_count(), "stale batch rejected by the offset compare-and-set; rolled back, resyncing from PostgreSQL");
                     if let Some(o) = &self.observer {
                         let _ = o.send(LoopEvent::Fenced);
@@ -371,19 +406,25 @@ impl ConsumerLoop {
                 Err(CommitError::Transient(e)) => {
                     crate::metrics::batch_retried();
                     crate::metrics::transient_error("database");
-                    tracing::warn!(error = %e, retry_in = ?backoff, records = batch.record_count(), "batch commit failed transiently; retrying the same batch");
+                    crate::metrics::database_error(&e, "retry");
+                    let cause = describe(&e);
+                    tracing::warn!(error = %cause, retry_in = ?backoff, records = batch.record_count(), "batch commit failed transiently; retrying the same batch");
+                    self.progress.retrying(cause);
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             tracing::info!("shutdown while retrying; abandoning the uncommitted batch");
+                            self.progress.dropped();
                             return Ok(());
                         }
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(self.max_backoff);
                 }
-                Err(e @ CommitError::Permanent(_)) => {
-                    return Err(anyhow::Error::new(e).context(
-                        "batch commit failed permanently; stopping so nothing is skipped",
+                Err(CommitError::Permanent(e)) => {
+                    crate::metrics::database_error(&e, "stop");
+                    return Err(anyhow::anyhow!(
+                        "stopping: the database refuses the batch for a reason that lies in the system, not in a record, so retrying cannot help and skipping would lose data: {}",
+                        describe(&e)
                     ));
                 }
             }
@@ -400,19 +441,23 @@ impl ConsumerLoop {
         decode_time: Duration,
     ) {
         let records = batch.record_count() as u64;
+        self.progress.committed();
         crate::metrics::batch_committed(records, commit_time, decode_time);
         crate::metrics::records(
             &batch.topics[0],
             outcome.payments_inserted,
-            batch.payments.len() as u64 - outcome.payments_inserted,
+            outcome.payments_duplicates,
         );
         crate::metrics::records(
             &batch.topics[1],
             outcome.settlements_inserted,
-            batch.settlements.len() as u64 - outcome.settlements_inserted,
+            outcome.settlements_duplicates,
         );
-        for d in &batch.dead_letters {
+        for d in batch.dead_letters.iter().chain(&outcome.refused) {
             crate::metrics::dead_lettered(&batch.topics[d.source.topic], d.error_kind);
+        }
+        for c in &outcome.conflicts {
+            crate::metrics::conflicting_duplicate(&batch.topics[c.topic]);
         }
         crate::metrics::reconciled(&outcome.reconciliation);
         let now_ms = SystemTime::now()
@@ -481,11 +526,90 @@ impl ConsumerLoop {
             }
             let target = offset.map_or(Offset::Beginning, Offset::Offset);
             if let Err(e) = self.consumer.seek(&tp.0, tp.1, target, Duration::ZERO) {
-                tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek after resync failed");
+                // Never only logged: the instance is not ready until the housekeeping tick
+                // re-assigns every partition at its stored offset.
+                crate::metrics::positioning_error("seek");
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek after resync failed; re-assigning at the stored offsets");
+                self.progress
+                    .positioning(Some(format!("seek of {}[{}] failed: {e}", tp.0, tp.1)));
             }
         }
         // Records already buffered for the old positions are discarded by the new generation.
         a.generation += 1;
+    }
+
+    /// Once a second: publishes the fetch positions (stall detection) and, after a failed
+    /// assign or seek, positions every owned partition at its stored offset again.
+    async fn housekeeping(&self, shutdown: &CancellationToken) {
+        if let Ok(tpl) = self.consumer.position() {
+            let positions = tpl
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect();
+            self.progress.set_positions(positions);
+        }
+        if self.progress.positioning_failed() {
+            self.reposition(shutdown).await;
+        }
+    }
+
+    /// Assigns the owned partitions again, each at its stored offset (after a failed assign
+    /// or seek). The batch being collected is dropped by the new generation.
+    async fn reposition(&self, shutdown: &CancellationToken) {
+        let partitions: Vec<(String, i32)> = {
+            let a = self.assignment.lock().expect("assignment lock");
+            a.partitions.keys().cloned().collect()
+        };
+        let stored = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            stored = self.store.load_offsets(&self.group, &partitions) => match stored {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::metrics::transient_error("database");
+                    tracing::warn!(error = %describe(&e), "cannot read stored offsets to reposition; retrying");
+                    return;
+                }
+            },
+        };
+        let mut tpl = TopicPartitionList::new();
+        for tp in &partitions {
+            let target = stored
+                .get(tp)
+                .copied()
+                .map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, target) {
+                self.progress
+                    .positioning(Some(format!("cannot position {}[{}]: {e}", tp.0, tp.1)));
+                return;
+            }
+        }
+        let mut a = self.assignment.lock().expect("assignment lock");
+        match self.consumer.assign(&tpl) {
+            Ok(()) => {
+                for tp in partitions {
+                    let offset = stored.get(&tp).copied();
+                    if let Some(slot) = a.partitions.get_mut(&tp) {
+                        *slot = offset;
+                    }
+                }
+                a.generation += 1;
+                self.progress.positioning(None);
+                tracing::info!(
+                    partitions = a.partitions.len(),
+                    "re-assigned every owned partition at its stored offset"
+                );
+            }
+            Err(e) => {
+                crate::metrics::positioning_error("assign");
+                tracing::warn!(error = %e, "re-assigning at the stored offsets failed; retrying");
+                self.progress
+                    .positioning(Some(format!("assign at the stored offsets failed: {e}")));
+            }
+        }
     }
 }
 

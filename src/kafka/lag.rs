@@ -4,7 +4,8 @@
 //! offsets are stale. Every instance exports every partition of the group; dashboards take
 //! `max by (topic, partition)`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -82,11 +83,32 @@ fn watermarks(
 
 /// Refreshes the lag gauges every `interval` until `shutdown`; each success stores the time
 /// (unix ms) in `broker_seen`, which readiness uses as proof that the broker answers.
+/// What the lag reporter judges stalls with (see [`super::Progress`]).
+pub struct StallWatch {
+    pub progress: Arc<super::Progress>,
+    pub assignment: Arc<Mutex<super::Assignment>>,
+    pub timeout: Duration,
+}
+
+impl StallWatch {
+    fn judge(&self, lags: &HashMap<(String, i32), PartitionLag>) {
+        let owned: HashSet<_> = self
+            .assignment
+            .lock()
+            .map(|a| a.partitions.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Some(reason) = self.progress.judge(self.timeout, &owned, lags) {
+            tracing::warn!(%reason, "consumer stalled: not ready until it makes progress");
+        }
+    }
+}
+
 pub async fn run(
     kafka: KafkaSettings,
     store: Store,
     interval: Duration,
-    broker_seen: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    broker_seen: Arc<std::sync::atomic::AtomicI64>,
+    stall: StallWatch,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client: BaseConsumer = kafka.client_config().create()?;
@@ -98,9 +120,10 @@ pub async fn run(
         }
         match measure(&kafka, &client, &store).await {
             Ok(lags) => {
-                for ((topic, partition), lag) in lags {
-                    crate::metrics::commit_lag(&topic, partition, lag.records, lag.seconds);
+                for ((topic, partition), lag) in &lags {
+                    crate::metrics::commit_lag(topic, *partition, lag.records, lag.seconds);
                 }
+                stall.judge(&lags);
                 let now = Utc::now();
                 crate::metrics::lag_refreshed(now.timestamp_millis() as f64 / 1000.0);
                 broker_seen.store(now.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
@@ -108,6 +131,8 @@ pub async fn run(
             Err(e) => {
                 crate::metrics::lag_refresh_failed();
                 tracing::warn!(error = %e, "cannot measure commit lag");
+                // Without the lag, a batch that does not commit still counts as a stall.
+                stall.judge(&HashMap::new());
             }
         }
         // The exceptions topic's lag, seen from every instance (the relay's own gauges go

@@ -12,9 +12,11 @@
 mod assignment;
 mod consumer;
 pub mod lag;
+mod progress;
 
 pub use assignment::Assignment;
 pub use consumer::{ConsumerLoop, LoopEvent};
+pub use progress::Progress;
 
 /// Creates `topics` with `partitions` partitions if they do not exist (tests, demo, simulate).
 pub async fn ensure_topics(

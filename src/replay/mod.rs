@@ -374,7 +374,7 @@ impl Job<'_> {
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
         let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let codec = Codec::new(sr);
+        let codec = Codec::new(sr).with_limits(settings.validation.limits());
         // Reference data from the live database: its versions are temporal, so lookups as of
         // each event's time give what the service got.
         let cache = Arc::new(ReferenceCache::default());

@@ -377,7 +377,13 @@ impl Reader<'_> {
         let pipeline = &self.settings.pipeline;
         let backoff = (pipeline.retry_initial_backoff, pipeline.retry_max_backoff);
         let Some(decoded) = (self.codec)
-            .decode_retrying(stream, m.payload(), backoff, shutdown)
+            .decode_retrying(
+                stream,
+                m.payload(),
+                time_ms.and_then(DateTime::from_timestamp_millis),
+                backoff,
+                shutdown,
+            )
             .await
         else {
             return Ok(false); // shutdown while the registry was unavailable

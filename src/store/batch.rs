@@ -1,20 +1,43 @@
-//! The per-batch transaction: offsets by compare-and-set, events, totals, dead letters.
-
-use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
-use sqlx::{Postgres, Transaction};
+//! The per-batch transaction: offsets by compare-and-set, events, totals, reconciliation,
+//! dead letters and conflicting duplicates, all in ONE transaction.
+//!
+//! ## Records the database refuses
+//! Records are validated before they get here (`domain::Limits`), but PostgreSQL may still
+//! refuse one (a value no check foresaw). Refusals that lie in a record
+//! ([`Disposition::RecordRefused`]: SQLSTATE classes 22, 23, 54) must neither stop the
+//! stream nor cost a good record, so the records are applied under a savepoint: when the
+//! whole batch is refused, the transaction rolls back to it and bisects the records, each
+//! half under a savepoint of its own, until every refused record stands alone. A lone refused
+//! record is then tried once more as a sanitized *twin* (same kind, currency and event time;
+//! harmless ids and amount), rolled back whatever happens: if the twin is refused too, the
+//! refusal lies in the system (schema, permissions) and the batch fails with
+//! [`CommitError::Permanent`]; otherwise the record is dead-lettered (`database_refused`,
+//! with the SQLSTATE and PostgreSQL's message, its bytes kept) and the rest of the batch and
+//! the offsets commit together. The clean path costs one SAVEPOINT and one RELEASE.
+//!
+//! ## Duplicates
+//! Events and lines are inserted by id with insert-or-ignore. A record whose id is already
+//! stored (or appears earlier in the batch) with the same business fields is a re-delivery:
+//! counted, nothing else. With different fields it is a *conflicting duplicate*: the stored row
+//! is never changed, and the incoming version is kept in `conflicting_duplicates` with both
+//! versions' fields and log positions.
 
 use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use futures::future::BoxFuture;
+use rust_decimal::Decimal;
+use sqlx::{Postgres, Transaction};
 
 use super::reconcile::{
     Cause, DailyDeltas, Evaluator, ReconcileOutcome, Reconciler, Targets, due_items,
     evaluate_targets,
 };
-use super::{CommitError, Store};
+use super::{CommitError, Disposition, Store, describe, disposition};
 use crate::domain::{PaymentEvent, SettlementLine};
 
 /// Where a record came from in the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Source {
     /// Index into [`Batch::topics`]; avoids cloning the topic name per record.
     pub topic: usize,
@@ -49,6 +72,15 @@ pub struct DeadLetter {
     pub broker_timestamp: Option<DateTime<Utc>>,
 }
 
+/// A decoded record's bytes as they were in the log, kept until the commit so that a record
+/// the database refuses, or a conflicting duplicate, can be stored whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawRecord {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub broker_timestamp: Option<DateTime<Utc>>,
+}
+
 /// Everything one transaction writes.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
@@ -58,6 +90,8 @@ pub struct Batch {
     pub payments: Vec<(PaymentEvent, Source)>,
     pub settlements: Vec<(SettlementLine, Source)>,
     pub dead_letters: Vec<DeadLetter>,
+    /// The bytes of the decoded records, by position (absent ones are stored without bytes).
+    pub raw: HashMap<Source, RawRecord>,
 }
 
 /// What a committed batch changed.
@@ -66,7 +100,15 @@ pub struct CommitOutcome {
     /// Payment events newly inserted (re-deliveries excluded).
     pub payments_inserted: u64,
     pub settlements_inserted: u64,
+    /// Exact re-deliveries ignored, per stream.
+    pub payments_duplicates: u64,
+    pub settlements_duplicates: u64,
+    /// Dead letters written: the batch's poison plus the records the database refused.
     pub dead_letters: u64,
+    /// Records the database refused, dead-lettered by the isolation (also in `dead_letters`).
+    pub refused: Vec<DeadLetter>,
+    /// Conflicting duplicates kept (ids stored with different content).
+    pub conflicts: Vec<Source>,
     /// What reconciliation changed in the same transaction.
     pub reconciliation: ReconcileOutcome,
 }
@@ -96,46 +138,654 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let max_times = batch.max_event_times();
         advance_offsets(&mut tx, group, instance, &batch.progress, &max_times).await?;
-        let payments = insert_payments(&mut tx, &batch.topics, &batch.payments).await?;
-        let settlements = insert_settlements(&mut tx, &batch.topics, &batch.settlements).await?;
-        let dead_letters = insert_dead_letters(&mut tx, &batch.topics, &batch.dead_letters).await?;
-
-        let reconciliation = reconcile_inserted(
-            &mut tx,
+        let apply = Apply {
             group,
             instance,
             reconciler,
-            batch,
-            &payments,
-            &settlements,
+            topics: &batch.topics,
+            raw: &batch.raw,
+        };
+        let payments: Vec<_> = batch.payments.iter().collect();
+        let settlements: Vec<_> = batch.settlements.iter().collect();
+        let applied = apply.isolating(&mut tx, &payments, &settlements).await?;
+        let dead_letters = insert_dead_letters(
+            &mut tx,
+            &batch.topics,
+            batch.dead_letters.iter().chain(&applied.refused),
         )
         .await?;
         tx.commit().await?;
         Ok(CommitOutcome {
-            payments_inserted: payments.len() as u64,
-            settlements_inserted: settlements.len() as u64,
+            payments_inserted: applied.payments_inserted,
+            settlements_inserted: applied.settlements_inserted,
+            payments_duplicates: applied.payments_duplicates,
+            settlements_duplicates: applied.settlements_duplicates,
             dead_letters,
-            reconciliation,
+            refused: applied.refused,
+            conflicts: applied.conflicts,
+            reconciliation: applied.reconciliation,
         })
     }
 }
 
-/// Reconciles what `batch` inserted (`payments`, `settlements`: the ids actually inserted)
-/// with one reference snapshot: the touched references, then the items the watermark made
-/// due; then the daily totals. Runs inside the caller's transaction.
+/// What applying a set of records changed.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub payments_inserted: u64,
+    pub settlements_inserted: u64,
+    pub payments_duplicates: u64,
+    pub settlements_duplicates: u64,
+    pub conflicts: Vec<Source>,
+    pub refused: Vec<DeadLetter>,
+    pub reconciliation: ReconcileOutcome,
+}
+
+impl Applied {
+    fn merge(&mut self, other: Applied) {
+        self.payments_inserted += other.payments_inserted;
+        self.settlements_inserted += other.settlements_inserted;
+        self.payments_duplicates += other.payments_duplicates;
+        self.settlements_duplicates += other.settlements_duplicates;
+        self.conflicts.extend(other.conflicts);
+        self.refused.extend(other.refused);
+        self.reconciliation.merge(other.reconciliation);
+    }
+}
+
+type Payments<'b> = [&'b (PaymentEvent, Source)];
+type Settlements<'b> = [&'b (SettlementLine, Source)];
+
+/// Applies records inside the caller's transaction: inserts, duplicates, reconciliation.
+pub(crate) struct Apply<'a> {
+    pub group: &'a str,
+    pub instance: &'a str,
+    pub reconciler: &'a Reconciler,
+    pub topics: &'a [String],
+    pub raw: &'a HashMap<Source, RawRecord>,
+}
+
+/// Ids and references of a refused record's twin (rolled back, never committed).
+const PROBE: &str = "payrecon-refusal-probe";
+
+impl Apply<'_> {
+    /// Applies the records; a refusal that lies in records is isolated (module doc).
+    async fn isolating(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        payments: &Payments<'_>,
+        settlements: &Settlements<'_>,
+    ) -> Result<Applied, CommitError> {
+        match self.attempt(tx, payments, settlements).await? {
+            Ok(applied) => Ok(applied),
+            Err(first) => {
+                crate::metrics::batch_isolating();
+                tracing::warn!(error = %describe(&first), records = payments.len() + settlements.len(), "PostgreSQL refused the batch; isolating the refused records");
+                self.bisect(tx, payments, settlements).await
+            }
+        }
+    }
+
+    /// One try under a savepoint: `Ok(Err(e))` when PostgreSQL refused it for a reason that
+    /// may lie in the records (rolled back to the savepoint), `Err` for every other failure.
+    async fn attempt(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        payments: &Payments<'_>,
+        settlements: &Settlements<'_>,
+    ) -> Result<Result<Applied, sqlx::Error>, CommitError> {
+        savepoint(tx, SAVEPOINT_SET).await?;
+        match self.apply(tx, payments, settlements).await {
+            Ok(applied) => {
+                savepoint(tx, SAVEPOINT_RELEASE).await?;
+                Ok(Ok(applied))
+            }
+            Err(e) if disposition(&e) == Disposition::RecordRefused => {
+                savepoint(tx, SAVEPOINT_ROLLBACK).await?;
+                savepoint(tx, SAVEPOINT_RELEASE).await?;
+                Ok(Err(e))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Splits the refused records in halves until each refused one stands alone.
+    async fn bisect(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        payments: &Payments<'_>,
+        settlements: &Settlements<'_>,
+    ) -> Result<Applied, CommitError> {
+        let p = payments.len();
+        let slice = |(a, b): (usize, usize)| {
+            (
+                &payments[a.min(p)..b.min(p)],
+                &settlements[a.max(p) - p..b.max(p) - p],
+            )
+        };
+        let mut out = Applied::default();
+        // Ranges over payments ++ settlements still to try, in log order.
+        let mut todo = vec![(0, p + settlements.len())];
+        while let Some((a, b)) = todo.pop() {
+            if b - a > 1 {
+                let mid = a + (b - a) / 2;
+                for half in [(mid, b), (a, mid)] {
+                    let (ps, ss) = slice(half);
+                    match self.attempt(tx, ps, ss).await? {
+                        Ok(applied) => out.merge(applied),
+                        Err(_) => todo.push(half),
+                    }
+                }
+                continue;
+            }
+            let (ps, ss) = slice((a, b));
+            out.refused.push(self.refused(tx, ps, ss).await?);
+        }
+        Ok(out)
+    }
+
+    /// A record refused on its own: dead-lettered if its twin goes through, else the refusal
+    /// lies in the system.
+    async fn refused(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        payments: &Payments<'_>,
+        settlements: &Settlements<'_>,
+    ) -> Result<DeadLetter, CommitError> {
+        // The record's own refusal (it was rolled back in `bisect`; run it again for the error).
+        let refusal = match self.attempt(tx, payments, settlements).await? {
+            Err(e) => e,
+            // Refused with others, accepted alone: a refusal that depends on a combination
+            // (e.g. two records breaking a constraint together) is the system's to explain.
+            Ok(_) => {
+                return Err(CommitError::Permanent(sqlx::Error::Protocol(
+                    "a record refused inside the batch was accepted alone; stopping rather than guessing".into(),
+                )));
+            }
+        };
+        let twin_p: Vec<(PaymentEvent, Source)> = payments
+            .iter()
+            .map(|(e, s)| (payment_twin(e), *s))
+            .collect();
+        let twin_s: Vec<(SettlementLine, Source)> = settlements
+            .iter()
+            .map(|(l, s)| (settlement_twin(l), *s))
+            .collect();
+        savepoint(tx, SAVEPOINT_SET).await?;
+        let twin = self
+            .apply(
+                tx,
+                &twin_p.iter().collect::<Vec<_>>(),
+                &twin_s.iter().collect::<Vec<_>>(),
+            )
+            .await;
+        savepoint(tx, SAVEPOINT_ROLLBACK).await?;
+        savepoint(tx, SAVEPOINT_RELEASE).await?;
+        if let Err(e) = twin {
+            tracing::error!(record = %describe(&refusal), twin = %describe(&e), "PostgreSQL refuses a harmless twin of the refused record too: the schema or the database is wrong, not the record");
+            return Err(CommitError::Permanent(e));
+        }
+        let source = payments
+            .first()
+            .map(|(_, s)| *s)
+            .or_else(|| settlements.first().map(|(_, s)| *s))
+            .expect("one record");
+        let raw = self.raw.get(&source).cloned().unwrap_or_default();
+        tracing::warn!(topic = %self.topics[source.topic], partition = source.partition, offset = source.offset, error = %describe(&refusal), "dead-lettering a record PostgreSQL refuses");
+        Ok(DeadLetter {
+            source,
+            key: raw.key,
+            payload: raw.payload,
+            error_kind: crate::codec::PoisonKind::DatabaseRefused.as_str(),
+            error_message: describe(&refusal),
+            broker_timestamp: raw.broker_timestamp,
+        })
+    }
+
+    /// Inserts the records, keeps conflicting duplicates, reconciles what was inserted.
+    pub(crate) async fn apply(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        payments: &Payments<'_>,
+        settlements: &Settlements<'_>,
+    ) -> Result<Applied, sqlx::Error> {
+        let mut out = Applied::default();
+        let p = self.insert_checked(tx, payments).await?;
+        let s = self.insert_checked(tx, settlements).await?;
+        out.payments_inserted = p.inserted.len() as u64;
+        out.settlements_inserted = s.inserted.len() as u64;
+        out.payments_duplicates = p.duplicates;
+        out.settlements_duplicates = s.duplicates;
+        out.conflicts = p.conflicts.into_iter().chain(s.conflicts).collect();
+        out.reconciliation = reconcile_inserted(
+            tx,
+            self.group,
+            self.instance,
+            self.reconciler,
+            (payments, settlements),
+            (&p.inserted, &s.inserted),
+        )
+        .await?;
+        Ok(out)
+    }
+
+    /// Inserts the first occurrence of each id, then sorts every record that was not
+    /// inserted into re-deliveries and conflicting duplicates (kept).
+    async fn insert_checked<R: Keyed>(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        records: &[&(R, Source)],
+    ) -> Result<Checked, sqlx::Error> {
+        let mut out = Checked::default();
+        if records.is_empty() {
+            return Ok(out);
+        }
+        let mut first: HashMap<&str, usize> = HashMap::with_capacity(records.len());
+        let mut unique = Vec::with_capacity(records.len());
+        let mut repeats = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            match first.entry(r.0.id()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                    unique.push(*r);
+                }
+                std::collections::hash_map::Entry::Occupied(o) => repeats.push((i, *o.get())),
+            }
+        }
+        out.inserted = R::insert(tx, self.topics, &unique).await?;
+        if out.inserted.len() == unique.len() && repeats.is_empty() {
+            return Ok(out);
+        }
+        let inserted: std::collections::HashSet<&str> =
+            out.inserted.iter().map(String::as_str).collect();
+        let known: Vec<&str> = unique
+            .iter()
+            .map(|r| r.0.id())
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        let stored = R::stored(tx, &known).await?;
+        // Each record not inserted is compared with the version that is stored now: a row
+        // from before this batch, or the batch's own first occurrence of the id.
+        let mut conflicts = Vec::new();
+        let not_inserted = unique
+            .iter()
+            .filter(|r| !inserted.contains(r.0.id()))
+            .map(|r| *r)
+            .chain(repeats.iter().map(|&(i, _)| records[i]));
+        for r in not_inserted {
+            let id = r.0.id();
+            let reference = match stored.get(id) {
+                Some(row) => Some((row.fields.clone(), row.position.clone())),
+                None => {
+                    let f = records[first[id]];
+                    (f.1 != r.1).then(|| {
+                        (
+                            f.0.fields(),
+                            (self.topics[f.1.topic].clone(), f.1.partition, f.1.offset),
+                        )
+                    })
+                }
+            };
+            let Some((stored_fields, position)) = reference else {
+                continue;
+            };
+            let incoming = r.0.fields();
+            let differing: Vec<&'static str> = incoming
+                .iter()
+                .zip(&stored_fields)
+                .filter(|(a, b)| a.1 != b.1)
+                .map(|(a, _)| a.0)
+                .collect();
+            if differing.is_empty() {
+                out.duplicates += 1;
+            } else {
+                conflicts.push((r, stored_fields, incoming, differing, position));
+            }
+        }
+        for (r, stored_fields, incoming, differing, position) in conflicts {
+            let raw = self.raw.get(&r.1).cloned().unwrap_or_default();
+            tracing::warn!(record_type = R::TYPE, id = %crate::store::printable(r.0.id(), 200), topic = %self.topics[r.1.topic], partition = r.1.partition, offset = r.1.offset, differing = ?differing, "conflicting duplicate: the id is stored with different content; kept, the stored row is unchanged");
+            sqlx::query(
+                r#"INSERT INTO conflicting_duplicates (record_type, record_id, stored_topic,
+                          stored_partition, stored_offset, topic, partition, "offset",
+                          stored_fields, incoming_fields, differing_fields, key, payload,
+                          broker_timestamp)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                   ON CONFLICT ON CONSTRAINT conflicting_duplicates_position_key DO NOTHING"#,
+            )
+            .bind(R::TYPE)
+            .bind(r.0.id())
+            .bind(&position.0)
+            .bind(position.1)
+            .bind(position.2)
+            .bind(&self.topics[r.1.topic])
+            .bind(r.1.partition)
+            .bind(r.1.offset)
+            .bind(as_json(&stored_fields))
+            .bind(as_json(&incoming))
+            .bind(&differing)
+            .bind(raw.key.as_deref())
+            .bind(raw.payload.as_deref())
+            .bind(raw.broker_timestamp)
+            .execute(&mut **tx)
+            .await?;
+            out.conflicts.push(r.1);
+        }
+        Ok(out)
+    }
+}
+
+/// Outcome of [`Apply::insert_checked`] for one record type.
+#[derive(Debug, Default)]
+struct Checked {
+    /// Ids inserted by this statement.
+    inserted: Vec<String>,
+    duplicates: u64,
+    conflicts: Vec<Source>,
+}
+
+/// A record's business fields as canonical strings (amounts normalized, times in UTC to the
+/// microsecond PostgreSQL keeps), in a fixed order, so two versions compare field by field.
+type Fields = Vec<(&'static str, Option<String>)>;
+
+fn as_json(fields: &Fields) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.clone().map_or(serde_json::Value::Null, Into::into),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn amount(d: Decimal) -> Option<String> {
+    Some(d.normalize().to_string())
+}
+
+fn time(t: DateTime<Utc>) -> Option<String> {
+    Some(t.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+/// A stored row's fields and where in the log it came from.
+struct StoredRow {
+    fields: Fields,
+    position: (String, i32, i64),
+}
+
+/// What the duplicate check needs of a record type.
+trait Keyed: Sync {
+    /// `conflicting_duplicates.record_type`.
+    const TYPE: &'static str;
+    fn id(&self) -> &str;
+    fn fields(&self) -> Fields;
+    /// Inserts (insert-or-ignore) and returns the ids inserted. (Boxed: an `async fn` in a
+    /// trait does not promise a `Send` future, which the consumer task needs.)
+    fn insert<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        topics: &'a [String],
+        records: &'a [&'a (Self, Source)],
+    ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>>
+    where
+        Self: Sized;
+    /// The stored versions of `ids`.
+    fn stored<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<HashMap<String, StoredRow>, sqlx::Error>>;
+}
+
+fn payment_fields(
+    reference: &str,
+    merchant: &str,
+    kind: &str,
+    value: Decimal,
+    currency: &str,
+    event_time: DateTime<Utc>,
+    psp: Option<&str>,
+) -> Fields {
+    vec![
+        ("payment_reference", Some(reference.to_owned())),
+        ("merchant_id", Some(merchant.to_owned())),
+        ("kind", Some(kind.to_owned())),
+        ("amount", amount(value)),
+        ("currency", Some(currency.trim().to_owned())),
+        ("event_time", time(event_time)),
+        ("psp_reference", psp.map(str::to_owned)),
+    ]
+}
+
+impl Keyed for PaymentEvent {
+    const TYPE: &'static str = "payment_event";
+
+    fn id(&self) -> &str {
+        &self.event_id
+    }
+
+    fn fields(&self) -> Fields {
+        payment_fields(
+            &self.payment_reference,
+            &self.merchant_id,
+            self.kind.as_str(),
+            self.amount,
+            self.currency.code(),
+            self.event_time,
+            self.psp_reference.as_deref(),
+        )
+    }
+
+    fn insert<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        topics: &'a [String],
+        records: &'a [&'a (Self, Source)],
+    ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
+        Box::pin(insert_payments(tx, topics, records))
+    }
+
+    fn stored<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<HashMap<String, StoredRow>, sqlx::Error>> {
+        Box::pin(async move {
+            type Row = (
+                String,
+                String,
+                String,
+                String,
+                Decimal,
+                String,
+                DateTime<Utc>,
+                Option<String>,
+                String,
+                i32,
+                i64,
+            );
+            let rows: Vec<Row> = sqlx::query_as(
+            "SELECT event_id, payment_reference, merchant_id, kind, amount, currency, event_time,
+                    psp_reference, source_topic, source_partition, source_offset
+               FROM payment_events WHERE event_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| {
+                    let fields = payment_fields(&r.1, &r.2, &r.3, r.4, &r.5, r.6, r.7.as_deref());
+                    (
+                        r.0,
+                        StoredRow {
+                            fields,
+                            position: (r.8, r.9, r.10),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn settlement_fields(
+    batch_id: &str,
+    reference: &str,
+    merchant: &str,
+    gross: Decimal,
+    fee: Decimal,
+    net: Decimal,
+    currency: &str,
+    date: NaiveDate,
+    event_time: DateTime<Utc>,
+) -> Fields {
+    vec![
+        ("batch_id", Some(batch_id.to_owned())),
+        ("payment_reference", Some(reference.to_owned())),
+        ("merchant_id", Some(merchant.to_owned())),
+        ("gross", amount(gross)),
+        ("fee", amount(fee)),
+        ("net", amount(net)),
+        ("currency", Some(currency.trim().to_owned())),
+        ("settlement_date", Some(date.to_string())),
+        ("event_time", time(event_time)),
+    ]
+}
+
+impl Keyed for SettlementLine {
+    const TYPE: &'static str = "settlement_line";
+
+    fn id(&self) -> &str {
+        &self.line_id
+    }
+
+    fn fields(&self) -> Fields {
+        settlement_fields(
+            &self.batch_id,
+            &self.payment_reference,
+            &self.merchant_id,
+            self.gross,
+            self.fee,
+            self.net,
+            self.currency.code(),
+            self.settlement_date,
+            self.event_time,
+        )
+    }
+
+    fn insert<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        topics: &'a [String],
+        records: &'a [&'a (Self, Source)],
+    ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
+        Box::pin(insert_settlements(tx, topics, records))
+    }
+
+    fn stored<'a>(
+        tx: &'a mut Transaction<'_, Postgres>,
+        ids: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<HashMap<String, StoredRow>, sqlx::Error>> {
+        Box::pin(async move {
+            type Row = (
+                String,
+                String,
+                String,
+                String,
+                Decimal,
+                Decimal,
+                Decimal,
+                String,
+                NaiveDate,
+                DateTime<Utc>,
+                String,
+                i32,
+                i64,
+            );
+            let rows: Vec<Row> = sqlx::query_as(
+            "SELECT line_id, batch_id, payment_reference, merchant_id, gross, fee, net, currency,
+                    settlement_date, event_time, source_topic, source_partition, source_offset
+               FROM settlement_lines WHERE line_id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
+            Ok(rows
+                .into_iter()
+                .map(|r| {
+                    let fields = settlement_fields(&r.1, &r.2, &r.3, r.4, r.5, r.6, &r.7, r.8, r.9);
+                    (
+                        r.0,
+                        StoredRow {
+                            fields,
+                            position: (r.10, r.11, r.12),
+                        },
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// A payment event like `p` in every respect the schema could refuse for reasons of its own
+/// (kind, currency, event time), with harmless ids and amount.
+fn payment_twin(p: &PaymentEvent) -> PaymentEvent {
+    PaymentEvent {
+        event_id: PROBE.into(),
+        payment_reference: PROBE.into(),
+        merchant_id: PROBE.into(),
+        kind: p.kind,
+        amount: Decimal::ONE,
+        currency: p.currency,
+        event_time: p.event_time,
+        psp_reference: p.psp_reference.as_ref().map(|_| PROBE.into()),
+    }
+}
+
+/// The settlement-line counterpart of [`payment_twin`].
+fn settlement_twin(l: &SettlementLine) -> SettlementLine {
+    SettlementLine {
+        line_id: PROBE.into(),
+        batch_id: PROBE.into(),
+        payment_reference: PROBE.into(),
+        merchant_id: PROBE.into(),
+        gross: Decimal::ONE,
+        fee: Decimal::ZERO,
+        net: Decimal::ONE,
+        currency: l.currency,
+        settlement_date: l.settlement_date,
+        event_time: l.event_time,
+    }
+}
+
+/// Runs one of the statements below on the one savepoint records are applied under (one try at a time, re-declared
+/// for each); static text, so it goes as a simple query.
+async fn savepoint(
+    tx: &mut Transaction<'_, Postgres>,
+    sql: &'static str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    (&mut **tx).execute(sql).await.map(|_| ())
+}
+
+const SAVEPOINT_SET: &str = "SAVEPOINT payrecon_records";
+const SAVEPOINT_RELEASE: &str = "RELEASE SAVEPOINT payrecon_records";
+const SAVEPOINT_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT payrecon_records";
+
+/// Reconciles what was inserted (`inserted`: the payment and line ids actually inserted, out
+/// of `records`) with one reference snapshot: the touched references, then the items the
+/// watermark made due; then the daily totals. Runs inside the caller's transaction.
 pub(crate) async fn reconcile_inserted(
     tx: &mut Transaction<'_, Postgres>,
     group: &str,
     instance: &str,
     reconciler: &Reconciler,
-    batch: &Batch,
-    payments: &[String],
-    settlements: &[String],
+    records: (&Payments<'_>, &Settlements<'_>),
+    inserted: (&[String], &[String]),
 ) -> Result<ReconcileOutcome, sqlx::Error> {
     let snapshot = reconciler.cache.snapshot();
     let mut targets = Targets::default();
     let mut daily = DailyDeltas::default();
-    record_inserted(batch, payments, settlements, &mut targets, &mut daily);
+    record_inserted(records, inserted, &mut targets, &mut daily);
     let who = Evaluator {
         group,
         instance,
@@ -159,32 +809,30 @@ pub(crate) async fn reconcile_inserted(
 
 /// Adds the rows this transaction inserted (not the re-deliveries) to the references to
 /// evaluate and to the daily totals.
-pub(crate) fn record_inserted(
-    batch: &Batch,
-    payments: &[String],
-    settlements: &[String],
+fn record_inserted(
+    (payments, settlements): (&Payments<'_>, &Settlements<'_>),
+    (inserted_payments, inserted_lines): (&[String], &[String]),
     targets: &mut Targets,
     daily: &mut DailyDeltas,
 ) {
-    if !payments.is_empty() {
-        let mut by_id: HashMap<&str, &PaymentEvent> = HashMap::with_capacity(batch.payments.len());
-        for (p, _) in &batch.payments {
+    if !inserted_payments.is_empty() {
+        let mut by_id: HashMap<&str, &PaymentEvent> = HashMap::with_capacity(payments.len());
+        for (p, _) in payments.iter().copied() {
             by_id.entry(p.event_id.as_str()).or_insert(p);
         }
-        for id in payments {
+        for id in inserted_payments {
             if let Some(p) = by_id.get(id.as_str()) {
                 targets.record(&p.payment_reference, &p.event_id);
                 daily.payment(p);
             }
         }
     }
-    if !settlements.is_empty() {
-        let mut by_id: HashMap<&str, &SettlementLine> =
-            HashMap::with_capacity(batch.settlements.len());
-        for (l, _) in &batch.settlements {
+    if !inserted_lines.is_empty() {
+        let mut by_id: HashMap<&str, &SettlementLine> = HashMap::with_capacity(settlements.len());
+        for (l, _) in settlements.iter().copied() {
             by_id.entry(l.line_id.as_str()).or_insert(l);
         }
-        for id in settlements {
+        for id in inserted_lines {
             if let Some(l) = by_id.get(id.as_str()) {
                 targets.record(&l.payment_reference, &l.line_id);
                 daily.settlement(l);
@@ -317,7 +965,7 @@ async fn advance_offsets(
 pub(crate) async fn insert_payments(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
-    payments: &[(PaymentEvent, Source)],
+    payments: &[&(PaymentEvent, Source)],
 ) -> Result<Vec<String>, sqlx::Error> {
     if payments.is_empty() {
         return Ok(Vec::new());
@@ -334,7 +982,7 @@ pub(crate) async fn insert_payments(
     let mut src_topics = Vec::with_capacity(n);
     let mut src_parts = Vec::with_capacity(n);
     let mut src_offsets = Vec::with_capacity(n);
-    for (p, s) in payments {
+    for (p, s) in payments.iter().copied() {
         ids.push(p.event_id.as_str());
         refs.push(p.payment_reference.as_str());
         merchants.push(p.merchant_id.as_str());
@@ -385,7 +1033,7 @@ pub(crate) async fn insert_payments(
 pub(crate) async fn insert_settlements(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
-    lines: &[(SettlementLine, Source)],
+    lines: &[&(SettlementLine, Source)],
 ) -> Result<Vec<String>, sqlx::Error> {
     if lines.is_empty() {
         return Ok(Vec::new());
@@ -404,7 +1052,7 @@ pub(crate) async fn insert_settlements(
     let mut src_topics = Vec::with_capacity(n);
     let mut src_parts = Vec::with_capacity(n);
     let mut src_offsets = Vec::with_capacity(n);
-    for (l, s) in lines {
+    for (l, s) in lines.iter().copied() {
         ids.push(l.line_id.as_str());
         batch_ids.push(l.batch_id.as_str());
         refs.push(l.payment_reference.as_str());
@@ -460,11 +1108,14 @@ pub(crate) async fn insert_settlements(
     .await
 }
 
-async fn insert_dead_letters(
+/// Inserts dead letters; their messages are made printable and bounded first (a message may
+/// quote record content, and text cannot hold every byte a record can).
+async fn insert_dead_letters<'d>(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
-    letters: &[DeadLetter],
+    letters: impl Iterator<Item = &'d DeadLetter>,
 ) -> Result<u64, sqlx::Error> {
+    let letters: Vec<&DeadLetter> = letters.collect();
     if letters.is_empty() {
         return Ok(0);
     }
@@ -477,7 +1128,10 @@ async fn insert_dead_letters(
     let keys: Vec<Option<&[u8]>> = letters.iter().map(|d| d.key.as_deref()).collect();
     let payloads: Vec<Option<&[u8]>> = letters.iter().map(|d| d.payload.as_deref()).collect();
     let kinds: Vec<&str> = letters.iter().map(|d| d.error_kind).collect();
-    let messages: Vec<&str> = letters.iter().map(|d| d.error_message.as_str()).collect();
+    let messages: Vec<String> = letters
+        .iter()
+        .map(|d| super::printable(&d.error_message, 2000))
+        .collect();
     let times: Vec<Option<DateTime<Utc>>> = letters.iter().map(|d| d.broker_timestamp).collect();
     let r = sqlx::query(
         r#"INSERT INTO dead_letters (topic, partition, "offset", key, payload, error_kind,

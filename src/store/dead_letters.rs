@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::batch::{Batch, Source, insert_payments, insert_settlements, reconcile_inserted};
+use std::collections::HashMap;
+
+use super::batch::{Apply, Source};
 use super::reconcile::{ReconcileOutcome, Reconciler};
 use super::{CommitError, Store};
 use crate::domain::Record;
@@ -22,6 +24,16 @@ pub struct DeadLetterRow {
     pub replayed_at: Option<DateTime<Utc>>,
     pub replay_attempts: i32,
 }
+
+/// A dead letter to re-drive: id, topic, partition, offset, payload, broker timestamp.
+pub type OpenDeadLetter = (
+    i64,
+    String,
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    Option<DateTime<Utc>>,
+);
 
 /// The outcome of re-driving one dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,13 +64,10 @@ impl Store {
         .await
     }
 
-    /// Open dead letters to re-drive: (id, topic, payload), oldest first.
-    pub async fn open_dead_letters(
-        &self,
-        ids: &[i64],
-    ) -> Result<Vec<(i64, String, i32, i64, Option<Vec<u8>>)>, sqlx::Error> {
+    /// Open dead letters to re-drive, oldest first.
+    pub async fn open_dead_letters(&self, ids: &[i64]) -> Result<Vec<OpenDeadLetter>, sqlx::Error> {
         sqlx::query_as(
-            r#"SELECT id, topic, partition, "offset", payload FROM dead_letters
+            r#"SELECT id, topic, partition, "offset", payload, broker_timestamp FROM dead_letters
                 WHERE replayed_at IS NULL AND (cardinality($1::bigint[]) = 0 OR id = ANY($1))
                 ORDER BY id"#,
         )
@@ -86,27 +95,21 @@ impl Store {
             partition,
             offset,
         };
-        let mut batch = Batch {
-            topics: vec![topic.to_owned()],
-            ..Batch::default()
-        };
-        match record {
-            Record::Payment(p) => batch.payments.push((p, source)),
-            Record::Settlement(s) => batch.settlements.push((s, source)),
-        };
-        let payments = insert_payments(&mut tx, &batch.topics, &batch.payments).await?;
-        let settlements = insert_settlements(&mut tx, &batch.topics, &batch.settlements).await?;
+        let topics = [topic.to_owned()];
         let instance = format!("dead-letters-replay/{}", std::process::id());
-        let outcome = reconcile_inserted(
-            &mut tx,
+        let apply = Apply {
             group,
-            &instance,
+            instance: &instance,
             reconciler,
-            &batch,
-            &payments,
-            &settlements,
-        )
-        .await?;
+            topics: &topics,
+            raw: &HashMap::new(),
+        };
+        // Through the same path as the consumer: a conflicting duplicate is kept, not applied.
+        let outcome = match record {
+            Record::Payment(p) => apply.apply(&mut tx, &[&(p, source)], &[]).await?,
+            Record::Settlement(s) => apply.apply(&mut tx, &[], &[&(s, source)]).await?,
+        }
+        .reconciliation;
         sqlx::query(
             "UPDATE dead_letters SET replayed_at = now(), replay_attempts = replay_attempts + 1,
                     last_replay_error = NULL WHERE id = $1",

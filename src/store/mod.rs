@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
-pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, Source};
-pub use dead_letters::{DeadLetterRow, ReplayResult};
+pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
+pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
 pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -35,35 +35,102 @@ pub enum CommitError {
     /// (rebalance, pause, ambiguous earlier commit) and was rolled back. Resync from the store.
     #[error("offset compare-and-set failed for {topic}[{partition}]: the partition moved on")]
     Fenced { topic: String, partition: i32 },
-    /// Connection loss, server shutdown, deadlock, serialization failure: retry the batch.
-    #[error("transient database error: {0}")]
+    /// The database or the way to it is unavailable (see [`Disposition::Retry`]): retry the
+    /// same batch.
+    #[error("transient database error: {}", describe(.0))]
     Transient(#[source] sqlx::Error),
-    /// Constraint or data errors that retrying cannot fix: a bug or a schema mismatch.
-    #[error("permanent database error: {0}")]
+    /// The system, not a record, is wrong (see [`Disposition::Stop`]): stop, so nothing is
+    /// skipped, and say why.
+    #[error("database error that retrying cannot fix: {}", describe(.0))]
     Permanent(#[source] sqlx::Error),
 }
 
 impl From<sqlx::Error> for CommitError {
     fn from(e: sqlx::Error) -> Self {
-        if is_permanent(&e) {
-            CommitError::Permanent(e)
-        } else {
-            CommitError::Transient(e)
+        match disposition(&e) {
+            Disposition::Retry => CommitError::Transient(e),
+            // A record-caused refusal that reaches the caller was not isolated (it came from
+            // no record of the batch), so it lies in the system.
+            Disposition::RecordRefused | Disposition::Stop => CommitError::Permanent(e),
         }
     }
 }
 
-/// SQLSTATE classes 22 (data exception), 23 (integrity violation) and 42 (syntax/undefined
-/// object) cannot succeed on retry; everything else (08 connection, 40 rollback, 53
-/// resources, 57 operator intervention, I/O errors, pool timeouts) can.
-pub fn is_permanent(e: &sqlx::Error) -> bool {
+/// What to do about a database error: THE classification, used by every caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The database or the way to it is unavailable for now; the same work will succeed
+    /// later. Connection loss and I/O (08, `Io`, `PoolTimedOut`, TLS), rollbacks (40:
+    /// serialization failure, deadlock), insufficient resources (53: disk full, out of
+    /// memory, too many connections), operator intervention (57: admin or crash shutdown,
+    /// statement timeout, cannot connect now), lock not available (55P03: lock_timeout), a
+    /// read-only transaction (25006: a standby during failover), system errors (58: I/O).
+    Retry,
+    /// PostgreSQL refused a value that came from a record: data exceptions (22: NUL
+    /// character, value too long, numeric or datetime overflow), integrity violations (23:
+    /// check constraints, foreign keys), program limits (54: index row size). The store
+    /// isolates the record and dead-letters it (`database_refused`) after a sanitized twin of
+    /// it succeeded, which proves the refusal lies in the record, not in the schema.
+    RecordRefused,
+    /// The system is wrong: the schema (42: undefined table or column, syntax, insufficient
+    /// privilege; 3F, 3D), authentication (28), internal errors and corruption (XX), an
+    /// unsupported feature (0A), undecodable columns, and any class not named above. Retrying
+    /// cannot help and skipping would lose data: stop and name the cause.
+    Stop,
+}
+
+/// Classifies `e` (see [`Disposition`]).
+pub fn disposition(e: &sqlx::Error) -> Disposition {
     match e {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("42")),
-        sqlx::Error::ColumnDecode { .. } | sqlx::Error::TypeNotFound { .. } => true,
-        _ => false,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or("");
+            match code.get(..2).unwrap_or("") {
+                "22" | "23" | "54" => Disposition::RecordRefused,
+                "08" | "40" | "53" | "57" | "58" => Disposition::Retry,
+                _ if code == "55P03" || code == "25006" => Disposition::Retry,
+                _ => Disposition::Stop,
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => Disposition::Retry,
+        _ => Disposition::Stop,
     }
+}
+
+/// `SQLSTATE 22021: invalid byte sequence ...` for database errors, the error otherwise; safe
+/// to log and to store (no record content beyond what PostgreSQL's message carries).
+pub fn describe(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => format!(
+            "SQLSTATE {}: {}",
+            db.code().as_deref().unwrap_or("?????"),
+            db.message()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// `s` safe for a text column and a log line: control characters (NUL among them, which
+/// PostgreSQL text cannot hold) escaped, at most `max` characters kept.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push_str("…");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A (topic, partition) pair.

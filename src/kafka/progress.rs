@@ -1,0 +1,253 @@
+//! Whether this instance makes progress: what `/health/ready` and `payrecon_consumer_stalled`
+//! report.
+//!
+//! An instance is *stalled* when
+//! - a batch it received has not committed for `pipeline.stall_timeout` (a commit retried
+//!   without end: the database refuses or is unreachable), or
+//! - it owns a partition with records waiting (commit lag > 0) that it has neither fetched
+//!   (its fetch position is behind the high watermark) nor committed anything from for
+//!   `stall_timeout` (a consumer that fetches nothing while it looks healthy), or
+//! - a partition could not be positioned at its stored offset (assign or seek failed) and the
+//!   retry has not succeeded yet.
+//!
+//! The consumer loop reports events here; the lag reporter, which knows the lag, judges on
+//! its timer. Judging uses the wall clock on purpose: it is about this process, not about the
+//! data, and nothing of it is stored.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::lag::PartitionLag;
+use crate::store::TopicPartition;
+
+/// Progress of one consumer, shared by the loop, the lag reporter and readiness.
+#[derive(Debug)]
+pub struct Progress {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// When the oldest record not yet committed was received; `None` when nothing waits.
+    uncommitted_since: Option<Instant>,
+    /// Why the last commit attempt failed (retried), for the readiness message.
+    last_error: Option<String>,
+    /// Last commit, or last change of assignment (a new owner gets the full timeout).
+    last_progress: Instant,
+    /// The same moment as wall-clock time (the `payrecon_last_commit_timestamp_seconds` gauge).
+    last_progress_wall: SystemTime,
+    /// A partition that could not be positioned, until a retry succeeds.
+    positioning_error: Option<String>,
+    /// The consumer's fetch positions (next offset it will fetch) by partition.
+    positions: HashMap<TopicPartition, i64>,
+    /// The verdict of the last judgement: why the instance is stalled.
+    stalled: Option<String>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            state: Mutex::new(State {
+                uncommitted_since: None,
+                last_error: None,
+                last_progress: Instant::now(),
+                last_progress_wall: SystemTime::now(),
+                positioning_error: None,
+                positions: HashMap::new(),
+                stalled: None,
+            }),
+        }
+    }
+}
+
+impl Progress {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A record was added to the batch being collected.
+    pub fn received(&self) {
+        self.state()
+            .uncommitted_since
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// The batch committed: nothing waits any more.
+    pub fn committed(&self) {
+        let mut s = self.state();
+        s.uncommitted_since = None;
+        s.last_error = None;
+        s.last_progress = Instant::now();
+        s.last_progress_wall = SystemTime::now();
+    }
+
+    /// The batch was dropped (rebalance, fence, shutdown): its records are read again.
+    pub fn dropped(&self) {
+        self.state().uncommitted_since = None;
+    }
+
+    /// The assignment changed: the new partitions get the full timeout.
+    pub fn reassigned(&self) {
+        let mut s = self.state();
+        s.last_progress = Instant::now();
+        s.last_progress_wall = SystemTime::now();
+        s.positions.clear();
+    }
+
+    /// A commit attempt failed and will be retried.
+    pub fn retrying(&self, error: String) {
+        self.state().last_error = Some(error);
+    }
+
+    /// Positioning failed (`Some`) or succeeded again (`None`).
+    pub fn positioning(&self, error: Option<String>) {
+        self.state().positioning_error = error;
+    }
+
+    /// Whether a partition is waiting to be positioned again.
+    pub fn positioning_failed(&self) -> bool {
+        self.state().positioning_error.is_some()
+    }
+
+    /// The consumer's current fetch positions.
+    pub fn set_positions(&self, positions: HashMap<TopicPartition, i64>) {
+        self.state().positions = positions;
+    }
+
+    /// Judges whether the instance is stalled (module doc), remembers and returns the reason.
+    pub fn judge(
+        &self,
+        timeout: Duration,
+        owned: &HashSet<TopicPartition>,
+        lags: &HashMap<TopicPartition, PartitionLag>,
+    ) -> Option<String> {
+        let mut s = self.state();
+        let verdict = judge(&s, Instant::now(), timeout, owned, lags);
+        s.stalled.clone_from(&verdict);
+        let last = s
+            .last_progress_wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        crate::metrics::consumer_progress(verdict.is_some(), last);
+        verdict
+    }
+
+    /// The last verdict: `Some(reason)` while stalled.
+    pub fn stalled(&self) -> Option<String> {
+        self.state().stalled.clone()
+    }
+}
+
+fn judge(
+    s: &State,
+    now: Instant,
+    timeout: Duration,
+    owned: &HashSet<TopicPartition>,
+    lags: &HashMap<TopicPartition, PartitionLag>,
+) -> Option<String> {
+    if let Some(e) = &s.positioning_error {
+        return Some(format!("cannot position a partition: {e}"));
+    }
+    if let Some(since) = s.uncommitted_since {
+        let age = now.duration_since(since);
+        if age > timeout {
+            return Some(format!(
+                "records received {} s ago are not committed yet ({})",
+                age.as_secs(),
+                s.last_error.as_deref().unwrap_or("no error reported")
+            ));
+        }
+    }
+    let quiet = now.duration_since(s.last_progress);
+    if quiet <= timeout {
+        return None;
+    }
+    let mut waiting: Vec<String> = owned
+        .iter()
+        .filter_map(|tp| {
+            let lag = lags.get(tp)?;
+            let fetched_all = s
+                .positions
+                .get(tp)
+                .is_some_and(|&p| p >= lag.high_watermark);
+            (lag.records > 0 && !fetched_all).then(|| format!("{}[{}]", tp.0, tp.1))
+        })
+        .collect();
+    if waiting.is_empty() {
+        return None;
+    }
+    waiting.sort();
+    Some(format!(
+        "{} owned partitions have records waiting ({}) and nothing was committed for {} s",
+        waiting.len(),
+        waiting.join(", "),
+        quiet.as_secs()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lag(high: i64, next: i64) -> PartitionLag {
+        PartitionLag {
+            high_watermark: high,
+            next_offset: next,
+            records: high - next,
+            seconds: 0.0,
+        }
+    }
+
+    fn state(now: Instant) -> State {
+        State {
+            uncommitted_since: None,
+            last_error: None,
+            last_progress: now,
+            last_progress_wall: SystemTime::now(),
+            positioning_error: None,
+            positions: HashMap::new(),
+            stalled: None,
+        }
+    }
+
+    #[test]
+    fn stalls_are_told_apart_from_idle_and_busy_consumers() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(60);
+        let later = t0 + Duration::from_secs(61);
+        let tp = ("payments".to_owned(), 0);
+        let owned: HashSet<_> = [tp.clone()].into();
+        let waiting: HashMap<_, _> = [(tp.clone(), lag(10, 5))].into();
+        let caught_up: HashMap<_, _> = [(tp.clone(), lag(10, 10))].into();
+
+        // Idle: no lag, nothing received; however long it stays quiet, it is not stalled.
+        assert_eq!(judge(&state(t0), later, timeout, &owned, &caught_up), None);
+        // Lag, but within the timeout of the last commit.
+        let s = state(t0);
+        assert_eq!(
+            judge(&s, t0 + Duration::from_secs(30), timeout, &owned, &waiting),
+            None
+        );
+        // Lag and nothing fetched or committed for longer than the timeout.
+        let v = judge(&s, later, timeout, &owned, &waiting).unwrap();
+        assert!(v.contains("payments[0]"), "{v}");
+        // Lag of a transaction marker only: fetched up to the high watermark, not stalled.
+        let mut s = state(t0);
+        s.positions.insert(tp.clone(), 10);
+        assert_eq!(judge(&s, later, timeout, &owned, &waiting), None);
+        // A batch retried without end.
+        let mut s = state(later);
+        s.uncommitted_since = Some(t0);
+        s.last_error = Some("SQLSTATE 54000: index row size".into());
+        let v = judge(&s, later, timeout, &owned, &caught_up).unwrap();
+        assert!(v.contains("not committed") && v.contains("54000"), "{v}");
+        // A partition that could not be positioned.
+        let mut s = state(later);
+        s.positioning_error = Some("seek failed".into());
+        assert!(judge(&s, later, timeout, &owned, &caught_up).is_some());
+        // Partitions owned by others do not count.
+        let s = state(t0);
+        assert_eq!(judge(&s, later, timeout, &HashSet::new(), &waiting), None);
+    }
+}
