@@ -8,7 +8,8 @@
 //!
 //! It only reads: it never writes, and does not migrate either, so a read-only role can run
 //! it. The report's queries run in one REPEATABLE READ READ ONLY transaction, so exceptions
-//! and totals come from the same snapshot even while the service commits batches.
+//! and totals come from the same snapshot even while the service commits batches; the
+//! verification reads a snapshot of its own (one for all its checks).
 //! Money is never a float: amounts are [`Decimal`]s shown with (at least) their currency's
 //! minor units, and JSON carries them as decimal strings.
 

@@ -4,8 +4,8 @@
 //! Each [`Check`] is one set-based query (the re-evaluation of the items is the exception: it
 //! runs the matcher in Rust, over the items in key order, in chunks) and reports what it
 //! compared and every difference as (key, stored, recomputed), the first [`MAX_SHOWN`] of them
-//! by key. What each check proves, and what it cannot, is in [`CHECKS`]; the same text is in
-//! the README's report section.
+//! by key. What each check proves is in [`CHECKS`]; docs/operations.md (`payrecon report`)
+//! also says what each cannot prove.
 //!
 //! What none of them can prove: that the stored events and lines are the records of the log
 //! (an event deleted together with its share of every total and item looks consistent; that
@@ -195,7 +195,7 @@ fn check_sql(j: &str) -> String {
                 d.key, d.stored, d.recomputed
            FROM (VALUES (1)) AS one(x)
            LEFT JOIN LATERAL (SELECT key, stored, recomputed FROM j WHERE differs
-                               ORDER BY key COLLATE \"C\" LIMIT $1) d ON true"
+                               ORDER BY key LIMIT $1) d ON true"
     )
 }
 
@@ -478,18 +478,23 @@ async fn offsets_note(conn: &mut PgConnection) -> Result<Option<String>, sqlx::E
     })
 }
 
-type ItemRow = (
-    String,
-    String,
-    String,
-    Option<Decimal>,
-    Option<Decimal>,
-    Option<Decimal>,
-    Option<DateTime<Utc>>,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-);
+/// What an item stores that depends on pricing, and when and at which watermark it was last
+/// evaluated.
+#[derive(sqlx::FromRow)]
+struct StoredVerdict {
+    payment_reference: String,
+    status: String,
+    currency: String,
+    expected_gross: Option<Decimal>,
+    expected_fee: Option<Decimal>,
+    expected_net: Option<Decimal>,
+    deadline: Option<DateTime<Utc>>,
+    reason: String,
+    /// The watermark of the item's last evaluation: the re-evaluation uses it, so an
+    /// EXPECTED item is judged as it was, not against today's watermark.
+    watermark: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
 
 /// Re-evaluates every item that has records with the service's own code path (`records_of`,
 /// `judge`), at the watermark stored with the item, and compares what the matcher decides.
@@ -509,7 +514,7 @@ async fn item_verdicts(
     let mut check = Check::new("item_verdicts");
     let mut after = String::new();
     loop {
-        let items: Vec<ItemRow> = sqlx::query_as(
+        let items: Vec<StoredVerdict> = sqlx::query_as(
             "SELECT payment_reference, status, currency, expected_gross, expected_fee,
                     expected_net, deadline, reason, watermark, updated_at
                FROM reconciliation_items
@@ -522,12 +527,12 @@ async fn item_verdicts(
         let Some(last) = items.last() else {
             return Ok(check);
         };
-        after = last.0.clone();
-        let refs: Vec<&str> = items.iter().map(|i| i.0.as_str()).collect();
+        after = last.payment_reference.clone();
+        let refs: Vec<&str> = items.iter().map(|i| i.payment_reference.as_str()).collect();
         let mut records = records_of(conn, &refs).await?;
         for item in &items {
             // An item without records is item_records' finding; nothing to judge here.
-            let Some((events, lines)) = records.remove(&item.0) else {
+            let Some((events, lines)) = records.remove(&item.payment_reference) else {
                 continue;
             };
             let who = Evaluator {
@@ -535,13 +540,13 @@ async fn item_verdicts(
                 instance: "",
                 rules,
                 snapshot,
-                watermark: item.8,
+                watermark: item.watermark,
             };
             let (evaluation, bucket) = judge(&who, &events, &lines);
             check.checked += 1;
             if let Some(mut d) = verdict_difference(item, &evaluation, bucket.currency.code()) {
                 check.differing += 1;
-                if reference_loaded.is_some_and(|t| t > item.9) {
+                if reference_loaded.is_some_and(|t| t > item.updated_at) {
                     d.recomputed
                         .push_str(" (reference data loaded since the item's last evaluation)");
                 }
@@ -555,11 +560,21 @@ async fn item_verdicts(
 
 /// The differing fields of a stored verdict and a re-evaluation, if any.
 fn verdict_difference(
-    item: &ItemRow,
+    item: &StoredVerdict,
     e: &crate::reconcile::Evaluation,
     currency: &str,
 ) -> Option<Difference> {
-    let (reference, status, stored_currency, gross, fee, net, deadline, reason, _, _) = item;
+    let StoredVerdict {
+        payment_reference: reference,
+        status,
+        currency: stored_currency,
+        expected_gross: gross,
+        expected_fee: fee,
+        expected_net: net,
+        deadline,
+        reason,
+        ..
+    } = item;
     let amount =
         |a: Option<Decimal>| a.map_or_else(|| "NULL".to_owned(), |a| a.normalize().to_string());
     let time = |t: Option<DateTime<Utc>>| t.map_or_else(|| "NULL".to_owned(), |t| t.to_rfc3339());
