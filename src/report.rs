@@ -2,12 +2,14 @@
 //! the per-merchant totals, read from the reporting views of
 //! `migrations/20261126000004_reporting_views.sql` (`open_exceptions`,
 //! `merchant_daily_report`), printed as aligned tables or as one JSON document. `--verify`
-//! also checks the incrementally maintained `merchant_daily_totals` against the figures
-//! recomputed from the stored rows ([`Store::daily_totals_differences`]).
+//! also checks every derived table (running totals, daily totals, reconciliation items and
+//! their history, the exceptions outbox, the stored offsets) against what it derives from
+//! ([`Store::verify`]; each check and what it proves is listed in [`crate::store::CHECKS`]).
 //!
 //! It only reads: it never writes, and does not migrate either, so a read-only role can run
 //! it. The report's queries run in one REPEATABLE READ READ ONLY transaction, so exceptions
-//! and totals come from the same snapshot even while the service commits batches.
+//! and totals come from the same snapshot even while the service commits batches; the
+//! verification reads a snapshot of its own (one for all its checks).
 //! Money is never a float: amounts are [`Decimal`]s shown with (at least) their currency's
 //! minor units, and JSON carries them as decimal strings.
 
@@ -21,16 +23,17 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::domain::Currency;
-use crate::store::Store;
+use crate::reference::SnapshotBuilder;
+use crate::store::{Check, Rules, Store};
 
 /// The exit codes of `payrecon report`, shown at the end of its `--help`.
 pub const EXIT_CODES: &str = "\
 Exit codes:
-  0  the report was printed (with --verify: merchant_daily_totals equal the stored rows)
+  0  the report was printed (with --verify: every check passed)
   1  error: database unreachable, or the reporting views are missing (run `payrecon migrate`)
-  2  with --verify: merchant_daily_totals differ from merchant_daily_totals_recomputed (the
-     differing rows are printed). Invalid arguments also exit 2, with a usage message on
-     stderr.";
+  2  with --verify: a derived table differs from what it derives from (the failed checks and
+     their differing rows are printed). Invalid arguments also exit 2, with a usage message
+     on stderr.";
 
 /// Options of `payrecon report`.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,8 +52,9 @@ pub struct ReportOptions {
     /// is always given).
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(i64).range(0..))]
     pub limit: i64,
-    /// Also compare merchant_daily_totals with merchant_daily_totals_recomputed (every day,
-    /// every merchant) and exit 2 if they differ.
+    /// Also check every derived table against what it derives from (running and daily
+    /// totals, reconciliation items, history, exceptions outbox, stored offsets; every day,
+    /// every merchant) and exit 2 if any differs.
     #[arg(long)]
     pub verify: bool,
 }
@@ -135,10 +139,17 @@ pub struct MerchantDay {
 /// The outcome of `--verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verification {
-    /// Whether merchant_daily_totals equal the figures recomputed from the stored rows.
+    /// Whether every check passed.
     pub consistent: bool,
-    /// One line per differing merchant/day/currency: both rows as JSON.
-    pub differences: Vec<String>,
+    /// Every check, passed or not, in the order of [`crate::store::CHECKS`].
+    pub checks: Vec<Check>,
+}
+
+impl Verification {
+    /// The checks that found a difference.
+    pub fn failed(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.passed())
+    }
 }
 
 /// `payrecon report`: prints the report (and the verification) and returns the exit code
@@ -154,7 +165,8 @@ pub async fn run(settings: &Settings, options: ReportOptions) -> anyhow::Result<
         .await
         .with_context(|| format!("connecting to {}", settings.database.redacted_url()))?;
     let store = Store::new(pool);
-    let result = report(&store, &options).await;
+    let rules = Rules::from_settings(&settings.reconciliation);
+    let result = report(&store, &options, &rules).await;
     store.pool().close().await;
     let report = result?;
     if options.json {
@@ -168,7 +180,7 @@ pub async fn run(settings: &Settings, options: ReportOptions) -> anyhow::Result<
     })
 }
 
-async fn report(store: &Store, options: &ReportOptions) -> anyhow::Result<Report> {
+async fn report(store: &Store, options: &ReportOptions, rules: &Rules) -> anyhow::Result<Report> {
     let mut report = build(
         store,
         options.date,
@@ -178,7 +190,7 @@ async fn report(store: &Store, options: &ReportOptions) -> anyhow::Result<Report
     .await
     .map_err(explain)?;
     if options.verify {
-        report.verification = Some(verify(store).await.map_err(explain)?);
+        report.verification = Some(verify(store, rules).await.map_err(explain)?);
     }
     Ok(report)
 }
@@ -277,12 +289,17 @@ pub async fn build(
     Ok(report)
 }
 
-/// `--verify`: merchant_daily_totals against merchant_daily_totals_recomputed, all days.
-pub async fn verify(store: &Store) -> Result<Verification, sqlx::Error> {
-    let differences = store.daily_totals_differences().await?;
+/// `--verify`: every check of [`crate::store::CHECKS`], all days, the items re-evaluated
+/// with `rules` (the configured defaults) and the reference data as stored now.
+pub async fn verify(store: &Store, rules: &Rules) -> Result<Verification, sqlx::Error> {
+    // Loaded just before the checks' snapshot, not from a cache that may lag the tables.
+    let mut builder = SnapshotBuilder::new();
+    store.load_reference_into(&mut builder).await?;
+    let snapshot = builder.build(0);
+    let checks = store.verify(rules, &snapshot).await?;
     Ok(Verification {
-        consistent: differences.is_empty(),
-        differences,
+        consistent: checks.iter().all(Check::passed),
+        checks,
     })
 }
 
@@ -484,19 +501,70 @@ fn render_verification(out: &mut String, report: &Report) {
         return;
     };
     let _ = writeln!(out);
-    if v.consistent {
+    let failed = v.failed().count();
+    if failed == 0 {
         let _ = writeln!(
             out,
-            "Verify: merchant_daily_totals equal merchant_daily_totals_recomputed."
+            "Verification: all {} checks passed (derived tables equal what they derive from)",
+            v.checks.len()
         );
     } else {
         let _ = writeln!(
             out,
-            "Verify: merchant_daily_totals differ from merchant_daily_totals_recomputed in {} row(s) (running vs recomputed):",
-            v.differences.len()
+            "Verification: {failed} of {} checks FAILED",
+            v.checks.len()
         );
-        for d in &v.differences {
-            let _ = writeln!(out, "  {d}");
+    }
+    let rows: Vec<Vec<String>> = (v.checks.iter())
+        .map(|c| {
+            vec![
+                if c.passed() { "pass" } else { "FAIL" }.to_owned(),
+                c.name.to_owned(),
+                c.table.to_owned(),
+                c.checked.to_string(),
+                c.differing.to_string(),
+                c.proves.to_owned(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            ("result", Left),
+            ("check", Left),
+            ("table", Left),
+            ("compared", Right),
+            ("differ", Right),
+            ("proves", Left),
+        ],
+        &rows,
+    );
+    for c in &v.checks {
+        if let Some(note) = &c.note {
+            let _ = writeln!(out, "{}: {note}", c.name);
+        }
+    }
+    for c in v.failed() {
+        let _ = writeln!(out);
+        let shown = c.differences.len();
+        let _ = writeln!(
+            out,
+            "{} ({}): {} difference(s){}, stored vs recomputed:",
+            c.name,
+            c.table,
+            c.differing,
+            if i64::try_from(shown).is_ok_and(|n| n < c.differing) {
+                format!(" (first {shown} by key)")
+            } else {
+                String::new()
+            }
+        );
+        for d in &c.differences {
+            let _ = writeln!(
+                out,
+                "  {}: stored {}; recomputed {}",
+                d.key, d.stored, d.recomputed
+            );
         }
     }
 }

@@ -14,6 +14,7 @@ mod dead_letters;
 mod reconcile;
 mod reference;
 mod totals;
+mod verify;
 
 use std::collections::HashMap;
 
@@ -24,6 +25,7 @@ use sqlx::postgres::PgConnectOptions;
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
 pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
 pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
+pub use verify::{CHECKS, Check, Difference};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -296,10 +296,10 @@ impl DailyDeltas {
 
 /// Where an item counts in `merchant_daily_totals`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Bucket {
-    merchant_id: String,
-    date: NaiveDate,
-    currency: Currency,
+pub(super) struct Bucket {
+    pub(super) merchant_id: String,
+    pub(super) date: NaiveDate,
+    pub(super) currency: Currency,
 }
 
 /// The stored state of an item before this evaluation (`None`: new).
@@ -411,6 +411,76 @@ fn currency(code: &str) -> Result<Currency, sqlx::Error> {
     Currency::from_code(code.trim()).map_err(|e| sqlx::Error::Decode(e.to_string().into()))
 }
 
+/// The payment events and settlement lines of each of `refs` (references without any record
+/// are absent), each side sorted by (event time, id): the order [`judge`] takes its anchor
+/// from. The batch evaluation and `report --verify`'s re-evaluation both read through here, so
+/// the verifier judges exactly what the service judged.
+pub(super) async fn records_of(
+    conn: &mut sqlx::PgConnection,
+    refs: &[&str],
+) -> Result<HashMap<String, (Vec<PaymentEvent>, Vec<SettlementLine>)>, sqlx::Error> {
+    let events: Vec<EventRow> = sqlx::query_as(
+        "SELECT event_id, payment_reference, merchant_id, kind, amount, currency, event_time,
+                psp_reference
+           FROM payment_events WHERE payment_reference = ANY($1)",
+    )
+    .bind(refs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let lines: Vec<LineRow> = sqlx::query_as(
+        "SELECT line_id, batch_id, payment_reference, merchant_id, gross, fee, net, currency,
+                settlement_date, event_time
+           FROM settlement_lines WHERE payment_reference = ANY($1)",
+    )
+    .bind(refs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut by_ref: HashMap<String, (Vec<PaymentEvent>, Vec<SettlementLine>)> =
+        HashMap::with_capacity(refs.len());
+    for (event_id, reference, merchant_id, kind, amount, cur, event_time, psp) in events {
+        let kind = PaymentEventKind::parse(&kind)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown kind {kind}").into()))?;
+        by_ref
+            .entry(reference.clone())
+            .or_default()
+            .0
+            .push(PaymentEvent {
+                event_id,
+                payment_reference: reference,
+                merchant_id,
+                kind,
+                amount,
+                currency: currency(&cur)?,
+                event_time,
+                psp_reference: psp,
+            });
+    }
+    for (line_id, batch_id, reference, merchant_id, gross, fee, net, cur, date, event_time) in lines
+    {
+        by_ref
+            .entry(reference.clone())
+            .or_default()
+            .1
+            .push(SettlementLine {
+                line_id,
+                batch_id,
+                payment_reference: reference,
+                merchant_id,
+                gross,
+                fee,
+                net,
+                currency: currency(&cur)?,
+                settlement_date: date,
+                event_time,
+            });
+    }
+    for (events, lines) in by_ref.values_mut() {
+        events.sort_by(|a, b| (a.event_time, &a.event_id).cmp(&(b.event_time, &b.event_id)));
+        lines.sort_by(|a, b| (a.event_time, &a.line_id).cmp(&(b.event_time, &b.line_id)));
+    }
+    Ok(by_ref)
+}
+
 /// Evaluates `targets` and writes verdicts, history and outbox rows; adds the items' moves
 /// between daily buckets to `daily`.
 pub async fn evaluate_targets(
@@ -464,67 +534,13 @@ pub async fn evaluate_targets(
     }
 
     // Read everything the references hold, now that no one else can change them.
-    let events: Vec<EventRow> = sqlx::query_as(
-        "SELECT event_id, payment_reference, merchant_id, kind, amount, currency, event_time,
-                psp_reference
-           FROM payment_events WHERE payment_reference = ANY($1)",
-    )
-    .bind(&refs)
-    .fetch_all(&mut **tx)
-    .await?;
-    let lines: Vec<LineRow> = sqlx::query_as(
-        "SELECT line_id, batch_id, payment_reference, merchant_id, gross, fee, net, currency,
-                settlement_date, event_time
-           FROM settlement_lines WHERE payment_reference = ANY($1)",
-    )
-    .bind(&refs)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut by_ref: HashMap<String, (Vec<PaymentEvent>, Vec<SettlementLine>)> =
-        HashMap::with_capacity(refs.len());
-    for (event_id, reference, merchant_id, kind, amount, cur, event_time, psp) in events {
-        let kind = PaymentEventKind::parse(&kind)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown kind {kind}").into()))?;
-        by_ref
-            .entry(reference.clone())
-            .or_default()
-            .0
-            .push(PaymentEvent {
-                event_id,
-                payment_reference: reference,
-                merchant_id,
-                kind,
-                amount,
-                currency: currency(&cur)?,
-                event_time,
-                psp_reference: psp,
-            });
-    }
-    for (line_id, batch_id, reference, merchant_id, gross, fee, net, cur, date, event_time) in lines
-    {
-        by_ref
-            .entry(reference.clone())
-            .or_default()
-            .1
-            .push(SettlementLine {
-                line_id,
-                batch_id,
-                payment_reference: reference,
-                merchant_id,
-                gross,
-                fee,
-                net,
-                currency: currency(&cur)?,
-                settlement_date: date,
-                event_time,
-            });
-    }
+    let mut by_ref = records_of(tx, &refs).await?;
 
     let mut updates = ItemUpdates::default();
     let mut changes = Changes::default();
     let mut orphans = Vec::new();
     for (reference, (cause, caused_by)) in &targets.refs {
-        let Some((mut events, mut lines)) = by_ref.remove(reference) else {
+        let Some((events, lines)) = by_ref.remove(reference) else {
             // No record at all (rows deleted by hand): nothing to judge; a placeholder of
             // ours is removed again, a stored verdict is left for an audit to flag.
             if !prior.contains_key(reference) {
@@ -532,8 +548,6 @@ pub async fn evaluate_targets(
             }
             continue;
         };
-        events.sort_by(|a, b| (a.event_time, &a.event_id).cmp(&(b.event_time, &b.event_id)));
-        lines.sort_by(|a, b| (a.event_time, &a.line_id).cmp(&(b.event_time, &b.line_id)));
         let (evaluation, bucket) = judge(who, &events, &lines);
         outcome.evaluated += 1;
         let before = prior.get(reference);
@@ -577,7 +591,7 @@ pub async fn evaluate_targets(
 }
 
 /// The verdict on one reference and the daily bucket it counts in.
-fn judge(
+pub(super) fn judge(
     who: &Evaluator<'_>,
     events: &[PaymentEvent],
     lines: &[SettlementLine],

@@ -5,16 +5,21 @@
 //! payment settled exactly (MATCHED) and one settled 5.00 short whose deadline passes
 //! (AMOUNT_MISMATCH); merchant-001 (USD, 150 bps) has one MATCHED payment. A later payment
 //! and line three days on, on the same two partitions, push the watermark past the deadline.
+//! `--verify` is tried on that day tampered with in one place at a time (a fresh database
+//! each), and once after a real service run over simulated traffic, where it must find
+//! nothing.
 
 use std::process::Command;
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use payrecon::report::Report;
+use payrecon::simulate::SimulationOptions;
 use payrecon::store::{Batch, PartitionProgress, Source};
 use rust_decimal::Decimal;
 
-use crate::helpers::TestDb;
+use crate::helpers::{Fixture, TestDb};
 
 const PAYMENTS: &str = "payments";
 const SETTLEMENTS: &str = "settlements";
@@ -352,10 +357,7 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let printed: serde_json::Value = serde_json::from_str(&stdout).expect(&stdout);
     assert_eq!(printed["business_date"], "2026-01-04");
-    assert_eq!(
-        printed["verification"],
-        serde_json::json!({"consistent": true, "differences": []})
-    );
+    assert_eq!(printed["verification"]["consistent"], true, "{stdout}");
     let (code, stdout, stderr) = payrecon_report(&db, &["--verify", "--merchant", "merchant-000"]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(
@@ -363,17 +365,274 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
         "{stdout}"
     );
     assert!(
-        stdout.contains("Verify: merchant_daily_totals equal"),
+        stdout.contains("Verification: all 10 checks passed"),
         "{stdout}"
     );
 }
 
+/// `payrecon report --verify --json` against `db`: (exit code, the checks by name).
+fn verify_json(db: &TestDb) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let (code, stdout, stderr) = payrecon_report(db, &["--verify", "--json"]);
+    let printed: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    let checks = printed["verification"]["checks"]
+        .as_array()
+        .unwrap()
+        .clone();
+    (code, checks, stdout)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn report_verify_exits_2_and_names_the_row_when_the_daily_totals_drift() {
+async fn report_verify_passes_every_check_on_the_reconciled_day_and_says_what_it_compared() {
     let db = TestDb::new().await;
     reconciled_day(&db).await;
+
+    let (code, checks, stdout) = verify_json(&db);
+    assert_eq!(code, Some(0), "{stdout}");
+    let compared: Vec<(String, i64, i64)> = checks
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["checked"].as_i64().unwrap(),
+                c["differing"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        // Two merchants with one currency and one kind each.
+        ("payment_totals", 2),
+        ("settlement_totals", 2),
+        // Both merchants on 2026-01-01, merchant-000 again on 2026-01-04.
+        ("daily_totals", 3),
+        // pay-matched, pay-usd, pay-short, pay-later.
+        ("item_records", 4),
+        ("item_verdicts", 4),
+        ("item_history", 4),
+        // One row per item, two for pay-short (EXPECTED, then AMOUNT_MISMATCH).
+        ("history_chains", 5),
+        // pay-short opened an exception.
+        ("exceptions_outbox", 1),
+        // Partition 0 of both topics, in group g.
+        ("offsets_records_applied", 2),
+        ("offsets_cover_rows", 2),
+    ];
+    assert_eq!(
+        compared,
+        expected.map(|(n, checked)| (n.to_owned(), checked, 0)),
+        "{stdout}"
+    );
+    // Contiguous offsets from 0, no duplicate: nothing left unexplained.
+    let note = checks[8]["note"].as_str().unwrap();
     assert!(
-        payrecon::report::verify(&db.store)
+        note.starts_with("0 offset(s) below next_offset not applied"),
+        "{note}"
+    );
+    assert!(
+        note.contains("; 0 record(s) applied without a row"),
+        "{note}"
+    );
+
+    let (code, stdout, stderr) = payrecon_report(&db, &["--verify"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("Verification: all 10 checks passed"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_verify_passes_after_a_service_run_with_duplicates_dead_letters_and_late_lines() {
+    let f = Fixture::new(2).await;
+    let service = f.spawn_service("svc", &[]);
+    // Simulator defaults (mismatches, refunds, late lines, duplicates) and malformed records.
+    let options = SimulationOptions {
+        payments: 600,
+        seed: 7,
+        malformed: 6,
+        ..SimulationOptions::default()
+    };
+    let expected = f.produce(&options).await;
+    f.wait_drained(Duration::from_secs(120)).await;
+    f.assert_exact(&expected).await;
+    assert_eq!(service.terminate(Duration::from_secs(20)).await, Some(0));
+
+    // With the service's own settings, so the re-evaluation uses its rules.
+    let out = Command::new(env!("CARGO_BIN_EXE_payrecon"))
+        .args(["report", "--verify", "--json"])
+        .envs(f.service_env())
+        .env("PAYRECON_LOG__FILTER", "warn")
+        .env_remove("RUST_LOG")
+        .env_remove("PAYRECON_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let checks = printed["verification"]["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 10);
+    for c in checks {
+        assert!(c["checked"].as_i64().unwrap() > 0, "compared nothing: {c}");
+    }
+    // Duplicates were applied without a row of their own, and that is no difference.
+    let note = checks[8]["note"].as_str().unwrap();
+    assert!(
+        !note.contains("; 0 record(s) applied without a row"),
+        "{note}"
+    );
+}
+
+/// A derived table tampered with by hand, and the checks that must name it (check, the start
+/// of the differing row's key).
+struct Tamper {
+    what: &'static str,
+    sql: &'static str,
+    caught_by: &'static [(&'static str, &'static str)],
+}
+
+const TAMPERS: &[Tamper] = &[
+    Tamper {
+        what: "a running-total count +1",
+        sql: "UPDATE merchant_payment_totals SET event_count = event_count + 1
+               WHERE merchant_id = 'merchant-001'",
+        caught_by: &[("payment_totals", "merchant-001/USD/CAPTURE")],
+    },
+    Tamper {
+        what: "a running-total amount_sum changed",
+        sql: "UPDATE merchant_payment_totals SET amount_sum = amount_sum - 0.01
+               WHERE merchant_id = 'merchant-000'",
+        caught_by: &[("payment_totals", "merchant-000/EUR/CAPTURE")],
+    },
+    Tamper {
+        what: "a settlement running total's fee_sum changed",
+        sql: "UPDATE merchant_settlement_totals SET fee_sum = fee_sum + 1
+               WHERE merchant_id = 'merchant-001'",
+        caught_by: &[("settlement_totals", "merchant-001/USD")],
+    },
+    Tamper {
+        what: "a daily total changed",
+        sql: "UPDATE merchant_daily_totals SET captured = captured + 1
+               WHERE merchant_id = 'merchant-001' AND business_date = '2026-01-01'",
+        caught_by: &[("daily_totals", "merchant-001/2026-01-01/USD")],
+    },
+    Tamper {
+        what: "an offset -1",
+        sql: "UPDATE consumer_offsets SET next_offset = next_offset - 1 WHERE topic = 'payments'",
+        caught_by: &[
+            // The event at offset 3 is now an effect without its offset...
+            ("offsets_cover_rows", "payment_events payments[0]"),
+            // ...and 4 records cannot have been applied below offset 3.
+            ("offsets_records_applied", "g/payments[0]"),
+        ],
+    },
+    Tamper {
+        what: "records_applied +1",
+        sql: "UPDATE consumer_offsets SET records_applied = records_applied + 1
+               WHERE topic = 'settlements'",
+        caught_by: &[("offsets_records_applied", "g/settlements[0]")],
+    },
+    Tamper {
+        what: "records_applied -1",
+        sql: "UPDATE consumer_offsets SET records_applied = records_applied - 1
+               WHERE topic = 'payments'",
+        caught_by: &[("offsets_records_applied", "g/payments[0]")],
+    },
+    Tamper {
+        what: "an item's stored settled sum changed",
+        sql: "UPDATE reconciliation_items
+                 SET settled_gross = settled_gross + 1, settled_net = settled_net + 1
+               WHERE payment_reference = 'pay-matched'",
+        caught_by: &[("item_records", "pay-matched")],
+    },
+    Tamper {
+        what: "an item's stored expected fee changed",
+        sql: "UPDATE reconciliation_items SET expected_fee = 0
+               WHERE payment_reference = 'pay-usd'",
+        caught_by: &[("item_verdicts", "pay-usd")],
+    },
+    Tamper {
+        what: "an item's status changed without history",
+        sql: "UPDATE reconciliation_items SET status = 'MATCHED'
+               WHERE payment_reference = 'pay-short'",
+        caught_by: &[
+            ("item_history", "pay-short"),
+            ("item_verdicts", "pay-short"),
+            ("daily_totals", "merchant-000/2026-01-01/EUR"),
+        ],
+    },
+    Tamper {
+        what: "a history row deleted",
+        sql: "DELETE FROM reconciliation_history
+               WHERE payment_reference = 'pay-short' AND from_status IS NULL",
+        caught_by: &[("history_chains", "pay-short #")],
+    },
+    Tamper {
+        what: "an outbox row deleted",
+        sql: "DELETE FROM exceptions_outbox",
+        caught_by: &[("exceptions_outbox", "history #")],
+    },
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_verify_exits_2_and_names_the_check_for_each_kind_of_tampering() {
+    for tamper in TAMPERS {
+        // A fresh database each time: every check proves it catches its own fault.
+        let db = TestDb::new().await;
+        reconciled_day(&db).await;
+        let (code, _, stdout) = verify_json(&db);
+        assert_eq!(code, Some(0), "{}, before tampering: {stdout}", tamper.what);
+        let changed = sqlx::query(tamper.sql)
+            .execute(db.store.pool())
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(changed, 1, "{}", tamper.what);
+
+        let (code, checks, stdout) = verify_json(&db);
+        assert_eq!(code, Some(2), "{}: {stdout}", tamper.what);
+        for (name, key) in tamper.caught_by {
+            let check = (checks.iter())
+                .find(|c| c["name"] == *name)
+                .unwrap_or_else(|| panic!("no check {name}"));
+            let differences = check["differences"].as_array().unwrap();
+            assert!(
+                check["differing"].as_i64().unwrap() >= 1
+                    && differences
+                        .iter()
+                        .any(|d| d["key"].as_str().unwrap().starts_with(key)),
+                "{}: {name} does not name {key}: {check}",
+                tamper.what
+            );
+        }
+        let (code, stdout, stderr) = payrecon_report(&db, &["--verify", "--date", "2026-01-01"]);
+        assert_eq!(code, Some(2), "{}: {stdout}\n{stderr}", tamper.what);
+        let (name, key) = tamper.caught_by[0];
+        assert!(
+            stdout.contains("checks FAILED") && stdout.contains(&format!("\n{name} (")),
+            "{}: {stdout}",
+            tamper.what
+        );
+        assert!(
+            stdout.contains(&format!("\n  {key}")),
+            "{}: {stdout}",
+            tamper.what
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_verify_lists_the_differing_columns_stored_and_recomputed() {
+    let db = TestDb::new().await;
+    reconciled_day(&db).await;
+    let rules = db.reconciler().await.rules;
+    assert!(
+        payrecon::report::verify(&db.store, &rules)
             .await
             .unwrap()
             .consistent
@@ -387,22 +646,20 @@ async fn report_verify_exits_2_and_names_the_row_when_the_daily_totals_drift() {
     .await
     .unwrap();
 
-    let v = payrecon::report::verify(&db.store).await.unwrap();
+    let v = payrecon::report::verify(&db.store, &rules).await.unwrap();
     assert!(!v.consistent);
-    assert_eq!(v.differences.len(), 1, "{:?}", v.differences);
-    assert!(
-        v.differences[0].starts_with("merchant-001/2026-01-01/USD: "),
-        "{:?}",
-        v.differences
+    let failed: Vec<_> = v.failed().collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].name, "daily_totals");
+    assert_eq!(failed[0].differing, 1);
+    assert_eq!(
+        failed[0].differences,
+        [payrecon::store::Difference {
+            key: "merchant-001/2026-01-01/USD".into(),
+            stored: "captured=21.0000".into(),
+            recomputed: "captured=20.0000".into(),
+        }]
     );
-
-    let (code, stdout, stderr) = payrecon_report(&db, &["--verify", "--date", "2026-01-01"]);
-    assert_eq!(code, Some(2), "{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("differ from merchant_daily_totals_recomputed in 1 row(s)"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("merchant-001/2026-01-01/USD: "), "{stdout}");
     // Without --verify the report itself still succeeds.
     let (code, _, stderr) = payrecon_report(&db, &["--date", "2026-01-01"]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -659,10 +916,8 @@ async fn a_resolved_exception_leaves_the_open_exceptions_and_counts_as_resolved(
             .await
             .unwrap();
     assert_eq!((opened, resolved), (1, 1));
-    assert!(
-        payrecon::report::verify(&db.store)
-            .await
-            .unwrap()
-            .consistent
-    );
+    let v = payrecon::report::verify(&db.store, &reconciler.rules)
+        .await
+        .unwrap();
+    assert!(v.consistent, "{v:?}");
 }
