@@ -10,6 +10,9 @@
 //!    broker timestamp to commit, p50/p99.
 //! 4. Replay: `payrecon replay` of everything that service applied (backlog + latency run)
 //!    into a shadow schema and the comparison, records/s next to the end-to-end figure.
+//! 5. Hostile: the end-to-end run again on the same backlog with one hostile record after
+//!    every `--hostile-every` (default 10,000), each class in turn, one of them refused only
+//!    by PostgreSQL; records/s and the ratio to the clean end-to-end figure.
 //!
 //! `--reference-versions N` measures only the reference-data cache instead: the process's
 //! memory with N merchant versions loaded, the load time and the lookup rate.
@@ -45,6 +48,11 @@ pub struct BenchOptions {
     /// Partitions per input topic.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// The hostile stage: the end-to-end run again with one hostile record after every this
+    /// many (NUL characters, a 100 KB reference, an event time a month ahead, a record only
+    /// PostgreSQL refuses, in turn); 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    pub hostile_every: u64,
     /// Measure only the reference-data cache with this many merchant versions (N/4
     /// merchants with 4 versions each): process memory before and after loading, load time,
     /// lookups/s.
@@ -76,6 +84,11 @@ pub struct BenchReport {
     /// `payrecon replay` of everything the service applied in this run (backlog + latency
     /// run): records read, decoded, reconciled and committed into a shadow schema, per second.
     pub replay_records_per_sec: f64,
+    /// The end-to-end figure on the same backlog with `hostile_records` hostile records in it
+    /// (0 when the stage was skipped), and its ratio to the clean end-to-end figure.
+    pub hostile_end_to_end_records_per_sec: f64,
+    pub hostile_records: u64,
+    pub hostile_ratio: f64,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -198,32 +211,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         shutdown.clone(),
         Some(tx),
     ));
-    let mut applied = 0u64;
-    let mut first: Option<Instant> = None;
-    let mut first_batch = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while applied < records.len() as u64 {
-        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
-            Ok(Some(LoopEvent::Committed { records, .. })) => {
-                if first.is_none() {
-                    first = Some(Instant::now());
-                    first_batch = records;
-                }
-                applied += records;
-            }
-            Ok(Some(LoopEvent::Fenced)) => {}
-            Ok(None) => anyhow::bail!("the service stopped during the end-to-end run"),
-            Err(_) => anyhow::bail!("end-to-end run timed out with {applied} records applied"),
-        }
-    }
-    // Measured from the first commit (group join excluded); the first batch is not counted.
-    anyhow::ensure!(
-        applied > first_batch,
-        "the backlog of {applied} records was applied in one batch: nothing to measure the \
-         end-to-end rate with (use more --payments)"
-    );
-    let e2e_rate =
-        (applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64();
+    let e2e_rate = backlog_rate(&mut events, records.len() as u64).await?;
     println!(
         "end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)",
         100.0 * e2e_rate / store_rate
@@ -279,6 +267,16 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let service_peak_rss_mib = peak_rss_mib();
     let replay = replay_stage(&settings).await?;
     let _ = crate::store::drop_database(&admin, &db2).await;
+    let (hostile_rate, hostile_records) = if o.hostile_every > 0 {
+        let sim = SimulationOptions {
+            payments: o.payments,
+            malformed: 0,
+            ..SimulationOptions::default()
+        };
+        hostile_stage(settings.clone(), &admin, &cluster, &sim, &records, &o).await?
+    } else {
+        (0.0, 0)
+    };
     let report = BenchReport {
         records: records.len(),
         store_only_records_per_sec: store_rate.round(),
@@ -291,6 +289,9 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         latency_max_ms: histogram.max(),
         peak_rss_mib: service_peak_rss_mib,
         replay_records_per_sec: replay.records_per_sec.round(),
+        hostile_end_to_end_records_per_sec: hostile_rate.round(),
+        hostile_records,
+        hostile_ratio: (1000.0 * hostile_rate / e2e_rate).round() / 1000.0,
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
@@ -307,6 +308,13 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         replay.result.as_str(),
         e2e_rate
     );
+    if hostile_records > 0 {
+        println!(
+            "hostile end-to-end:   {hostile_rate:>10.0} records/s  ({hostile_records} hostile records, 1 per {}; {:.0}% of the clean end-to-end)",
+            o.hostile_every,
+            100.0 * report.hostile_ratio
+        );
+    }
     println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(&report)?);
     Ok(BenchOutcome::Pipeline(report))
@@ -485,6 +493,160 @@ async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::replay::Repl
         outcome.differences
     );
     Ok(outcome)
+}
+
+/// Waits for `total` records to be committed; their rate from the first commit on (group join
+/// excluded, the first batch not counted).
+async fn backlog_rate(
+    events: &mut mpsc::UnboundedReceiver<LoopEvent>,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let mut applied = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut first_batch = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied < total {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some(LoopEvent::Committed { records, .. })) => {
+                if first.is_none() {
+                    first = Some(Instant::now());
+                    first_batch = records;
+                }
+                applied += records;
+            }
+            Ok(Some(LoopEvent::Fenced)) => {}
+            Ok(None) => anyhow::bail!("the service stopped during the end-to-end run"),
+            Err(_) => anyhow::bail!("end-to-end run timed out with {applied} records applied"),
+        }
+    }
+    anyhow::ensure!(
+        applied > first_batch,
+        "the backlog of {applied} records was applied in one batch: nothing to measure the \
+         end-to-end rate with (use more --payments)"
+    );
+    Ok((applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64())
+}
+
+/// The hostile records of the hostile stage, in turn: one for each class validation catches,
+/// and one that only PostgreSQL refuses (found by bisection under savepoints).
+const HOSTILE_CLASSES: [&str; 4] = [
+    "invalid_text",
+    "field_too_long",
+    "implausible_event_time",
+    "database_refused",
+];
+
+/// `records` with one hostile payment event after every `every` of them (a spoilt copy of
+/// the payment before it; bytes as the codec would see them). Returns the log and the number
+/// of hostile records.
+fn with_hostile_records(
+    records: &[Generated],
+    every: u64,
+    encoder: &crate::codec::Encoder,
+) -> anyhow::Result<(Vec<Generated>, u64)> {
+    let mut out = Vec::with_capacity(records.len() + records.len() / every as usize + 1);
+    let mut last_payment = None;
+    let mut n = 0u64;
+    for (i, r) in records.iter().enumerate() {
+        out.push(r.clone());
+        if let Generated::Payment(p) = r {
+            last_payment = Some(p);
+        }
+        let Some(p) = last_payment else { continue };
+        if !(i as u64 + 1).is_multiple_of(every) {
+            continue;
+        }
+        let mut h = p.clone();
+        h.event_id = format!("hostile-{n}-{}", p.event_id);
+        match HOSTILE_CLASSES[n as usize % HOSTILE_CLASSES.len()] {
+            "invalid_text" => h.merchant_id.push('\0'),
+            "field_too_long" => h.payment_reference = "r".repeat(100_000),
+            "implausible_event_time" => {
+                h.event_time = chrono::Utc::now() + chrono::Duration::days(30)
+            }
+            _ => h.psp_reference = Some(REFUSED_PSP.into()),
+        }
+        out.push(Generated::Malformed {
+            payments_topic: true,
+            key: p.payment_reference.clone(),
+            bytes: encoder.encode_payment(&h)?,
+        });
+        n += 1;
+    }
+    Ok((out, n))
+}
+
+/// The psp_reference the hostile stage's database refuses (a CHECK the service knows nothing
+/// of), so its bisection path is measured too.
+const REFUSED_PSP: &str = "bench-refused-by-the-database";
+
+/// Stage 5: end-to-end again, on the same backlog with hostile records in it, into a database
+/// of its own: records/s through the same service loop.
+async fn hostile_stage(
+    mut settings: Settings,
+    admin: &PgConnectOptions,
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    sim: &SimulationOptions,
+    records: &[Generated],
+    o: &BenchOptions,
+) -> anyhow::Result<(f64, u64)> {
+    let (payments_topic, settlements_topic) =
+        ("bench.hostile.payments", "bench.hostile.settlements");
+    cluster.create_topic(payments_topic, o.partitions, 1)?;
+    cluster.create_topic(settlements_topic, o.partitions, 1)?;
+    let (db, url, store) = fresh_store(admin, "hostile").await?;
+    load_reference(&store, sim, &settings).await?;
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE payment_events ADD CONSTRAINT bench_refuses_one_psp_reference
+             CHECK (psp_reference IS DISTINCT FROM '{REFUSED_PSP}')"
+    ))
+    .execute(store.pool())
+    .await?;
+    store.pool().close().await;
+    settings.database.url = SecretString::from(url);
+    settings.kafka.payments_topic = payments_topic.into();
+    settings.kafka.settlements_topic = settlements_topic.into();
+    settings.kafka.group_id = "bench-hostile".into();
+    let sr =
+        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let encoder = crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+    let (log, hostile) = with_hostile_records(records, o.hostile_every, &encoder)?;
+    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    crate::simulate::produce(
+        &producer,
+        &encoder,
+        payments_topic,
+        settlements_topic,
+        &log,
+        0,
+        |_| {},
+    )
+    .await?;
+    let shutdown = CancellationToken::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let service = tokio::spawn(crate::app::run(
+        settings.clone(),
+        shutdown.clone(),
+        Some(tx),
+    ));
+    let rate = backlog_rate(&mut events, log.len() as u64).await?;
+    shutdown.cancel();
+    service.await??;
+    let store = Store::new(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&crate::store::database_url(admin, &db))
+            .await?,
+    );
+    let kept = store.list_dead_letters(false, i64::MAX).await?.len() as u64;
+    store.pool().close().await;
+    let _ = crate::store::drop_database(admin, &db).await;
+    anyhow::ensure!(
+        kept == hostile,
+        "{hostile} hostile records produced, {kept} dead-lettered"
+    );
+    Ok((rate, hostile))
 }
 
 /// Splits generated records into batches exactly as the consumer would build them.

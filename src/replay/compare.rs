@@ -56,6 +56,17 @@ const DEAD_LETTER_COLUMNS: [&str; 5] = [
     "payload_sha256",
     "broker_timestamp",
 ];
+const CONFLICT_COLUMNS: [&str; 9] = [
+    "record_type",
+    "record_id",
+    "stored_topic",
+    "stored_partition",
+    "stored_offset",
+    "stored_fields",
+    "incoming_fields",
+    "differing_fields",
+    "payload_sha256",
+];
 const ITEM_COLUMNS: [&str; 13] = [
     "merchant_id",
     "business_date",
@@ -356,7 +367,6 @@ impl<'c> Comparison<'c> {
 
     /// Open dead letters, by position.
     pub async fn dead_letters(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
-        let (l, s) = (&self.live, &self.shadow);
         let side = |schema: &str| {
             format!(
                 "SELECT x.topic, x.partition, x.\"offset\", x.error_kind, x.error_message,
@@ -366,6 +376,42 @@ impl<'c> Comparison<'c> {
                    FROM {schema}.dead_letters x"
             )
         };
+        self.by_position(
+            "dead_letter",
+            side,
+            "x.replayed_at IS NULL AND",
+            &DEAD_LETTER_COLUMNS,
+            out,
+        )
+        .await
+    }
+
+    /// Conflicting duplicates, by the position of the conflicting record.
+    pub async fn conflicting_duplicates(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        let side = |schema: &str| {
+            format!(
+                "SELECT x.topic, x.partition, x.\"offset\", x.record_type, x.record_id,
+                        x.stored_topic, x.stored_partition, x.stored_offset, x.stored_fields,
+                        x.incoming_fields, x.differing_fields,
+                        encode(sha256(x.payload), 'hex') AS payload_sha256, true AS present
+                   FROM {schema}.conflicting_duplicates x"
+            )
+        };
+        self.by_position("conflicting_duplicate", side, "", &CONFLICT_COLUMNS, out)
+            .await
+    }
+
+    /// Rows kept per log position (dead letters, conflicting duplicates): live (filtered by
+    /// `live_filter`, within the audited range) against the shadow, column by column.
+    async fn by_position(
+        &mut self,
+        kind: &'static str,
+        side: impl Fn(&str) -> String,
+        live_filter: &str,
+        columns: &[&str],
+        out: &mut ReportWriter,
+    ) -> anyhow::Result<()> {
+        let (l, s) = (&self.live, &self.shadow);
         let sql = format!(
             "SELECT key, problem, values, positions FROM (
                 SELECT coalesce(s.topic, l.topic) AS t, coalesce(s.partition, l.partition) AS p,
@@ -374,18 +420,18 @@ impl<'c> Comparison<'c> {
                            || coalesce(s.\"offset\", l.\"offset\") AS key,
                        {PROBLEM} AS problem, {values} AS values
                   FROM ({ss}) s
-                  FULL JOIN ({ls} WHERE x.replayed_at IS NULL AND {inr}) l
+                  FULL JOIN ({ls} WHERE {live_filter} {inr}) l
                     ON l.topic = s.topic AND l.partition = s.partition AND l.\"offset\" = s.\"offset\") d
               CROSS JOIN LATERAL (SELECT jsonb_build_array(jsonb_build_object(
                     'topic', d.t, 'partition', d.p, 'offset', d.o)) AS positions) pos
               WHERE jsonb_array_length(values) > 0
               ORDER BY t COLLATE \"C\", p, o",
-            values = values_sql(&DEAD_LETTER_COLUMNS, &[]),
+            values = values_sql(columns, &[]),
             ss = side(s),
             ls = side(l),
             inr = self.in_range("x", "topic", "partition", "\"offset\""),
         );
-        self.stream("dead_letter", &sql, None, out).await
+        self.stream(kind, &sql, None, out).await
     }
 
     /// The items of the comparable references (see the module doc).

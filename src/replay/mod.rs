@@ -567,6 +567,7 @@ impl Job<'_> {
         out.begin_differences()?;
         c.rows(&mut out).await?;
         c.dead_letters(&mut out).await?;
+        c.conflicting_duplicates(&mut out).await?;
         let (compared, not_comparable, apart) = c.items(&mut out).await?;
         c.daily_totals(&mut out).await?;
         c.end().await?;

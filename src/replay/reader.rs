@@ -27,7 +27,9 @@ use super::range::{PartitionRange, Plan};
 use crate::codec::{Codec, DecodeError, Stream};
 use crate::config::Settings;
 use crate::domain::Record;
-use crate::store::{Batch, CommitError, DeadLetter, PartitionProgress, Reconciler, Source, Store};
+use crate::store::{
+    Batch, CommitError, DeadLetter, PartitionProgress, RawRecord, Reconciler, Source, Store,
+};
 
 /// Everything the reader needs.
 pub struct Reader<'a> {
@@ -388,9 +390,20 @@ impl Reader<'_> {
         else {
             return Ok(false); // shutdown while the registry was unavailable
         };
+        let raw = || RawRecord {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            broker_timestamp: time_ms.and_then(DateTime::from_timestamp_millis),
+        };
         match decoded {
-            Ok(Record::Payment(p)) => builder.batch.payments.push((p, source)),
-            Ok(Record::Settlement(s)) => builder.batch.settlements.push((s, source)),
+            Ok(Record::Payment(p)) => {
+                builder.batch.raw.insert(source, raw());
+                builder.batch.payments.push((p, source));
+            }
+            Ok(Record::Settlement(s)) => {
+                builder.batch.raw.insert(source, raw());
+                builder.batch.settlements.push((s, source));
+            }
             Err(DecodeError::Poison { kind, message }) => {
                 builder.batch.dead_letters.push(DeadLetter {
                     source,

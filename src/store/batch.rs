@@ -409,7 +409,7 @@ impl Apply<'_> {
         let not_inserted = unique
             .iter()
             .filter(|r| !inserted.contains(r.0.id()))
-            .map(|r| *r)
+            .copied()
             .chain(repeats.iter().map(|&(i, _)| records[i]));
         for r in not_inserted {
             let id = r.0.id();

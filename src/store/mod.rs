@@ -123,7 +123,7 @@ pub fn printable(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for (n, c) in s.chars().enumerate() {
         if n == max {
-            out.push_str("…");
+            out.push('…');
             break;
         }
         if c.is_control() {

@@ -394,15 +394,18 @@ fn exceptions_outbox_sql() -> &'static str {
       WHERE o.seq IS NOT NULL OR h.publishes"
 }
 
-/// Distinct log positions that left a row: a dead letter replayed later has an event or line
-/// at its own position, which must count once.
+/// Distinct log positions that left a row (an event, a line, a dead letter or a conflicting
+/// duplicate): a dead letter replayed later has an event or line at its own position, which
+/// must count once.
 const POSITIONS: &str = "SELECT source_topic AS topic, source_partition AS partition,
                                 source_offset AS log_offset FROM payment_events
                          UNION
                          SELECT source_topic, source_partition, source_offset
                            FROM settlement_lines
                          UNION
-                         SELECT topic, partition, \"offset\" FROM dead_letters";
+                         SELECT topic, partition, \"offset\" FROM dead_letters
+                         UNION
+                         SELECT topic, partition, \"offset\" FROM conflicting_duplicates";
 
 fn offsets_records_applied_sql() -> String {
     format!(
@@ -437,6 +440,8 @@ fn offsets_cover_rows_sql() -> &'static str {
           FROM settlement_lines
         UNION ALL
         SELECT 'dead_letters', topic, partition, \"offset\" FROM dead_letters
+        UNION ALL
+        SELECT 'conflicting_duplicates', topic, partition, \"offset\" FROM conflicting_duplicates
      )
      SELECT format('%s %s[%s]', r.source, r.topic, r.partition) AS key,
             coalesce('next_offset=' || o.next_offset, 'no stored offset') AS stored,

@@ -261,14 +261,7 @@ async fn conflicting_duplicates_are_kept_with_both_versions_and_never_change_the
     fx.wait_drained(Duration::from_secs(60)).await;
     fx.assert_exact(&expected).await;
 
-    let rows: Vec<(
-        String,
-        String,
-        Vec<String>,
-        serde_json::Value,
-        serde_json::Value,
-        Vec<u8>,
-    )> = sqlx::query_as(
+    let rows: Vec<Conflict> = sqlx::query_as(
         "SELECT record_type, record_id, differing_fields, stored_fields, incoming_fields,
                     payload
                FROM conflicting_duplicates ORDER BY id",
@@ -303,6 +296,16 @@ async fn conflicting_duplicates_are_kept_with_both_versions_and_never_change_the
     assert_eq!(counted, 2.0);
     assert_eq!(service.terminate(Duration::from_secs(20)).await, Some(0));
 }
+
+/// A conflicting_duplicates row: type, id, differing fields, stored and incoming fields, bytes.
+type Conflict = (
+    String,
+    String,
+    Vec<String>,
+    serde_json::Value,
+    serde_json::Value,
+    Vec<u8>,
+);
 
 async fn readiness(port: u16) -> (u16, String) {
     let r = reqwest::get(format!("http://127.0.0.1:{port}/health/ready"))

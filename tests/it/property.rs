@@ -175,9 +175,10 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
     let reconciler = db.reconciler().await;
     let handle = tokio::runtime::Handle::current();
     let topics = vec![payments_topic.to_owned(), settlements_topic.to_owned()];
-    // The runner's closure is `Fn`: the log positions and the tally live in cells.
-    let next = std::cell::RefCell::new([0i64; 2]);
-    let ends: std::cell::RefCell<HashMap<End, usize>> = Default::default();
+    // The runner's closure is `Fn`: the log positions and the tally live behind a lock
+    // (held across the case's awaits; nothing else takes it).
+    let next = tokio::sync::Mutex::new([0i64; 2]);
+    let ends: tokio::sync::Mutex<HashMap<End, usize>> = Default::default();
 
     let mut runner = TestRunner::new(Config {
         cases: 128,
@@ -200,8 +201,8 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
     let result = runner.run(&strategy, |inputs| {
         tokio::task::block_in_place(|| {
             handle.block_on(async {
-                let mut next = next.borrow_mut();
-                let mut ends = ends.borrow_mut();
+                let mut next = next.lock().await;
+                let mut ends = ends.lock().await;
                 let mut batch = Batch {
                     topics: topics.clone(),
                     ..Batch::default()
@@ -310,7 +311,7 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
 
 /// The batch's advance of each topic's partition 0, from the first offset it holds.
 fn progress(batch: &mut Batch, sources: &[Source], next: &[i64; 2]) {
-    for topic in 0..2 {
+    for (topic, &next_offset) in next.iter().enumerate() {
         let Some(first) = sources
             .iter()
             .filter(|s| s.topic == topic)
@@ -324,7 +325,7 @@ fn progress(batch: &mut Batch, sources: &[Source], next: &[i64; 2]) {
             topic: batch.topics[topic].clone(),
             partition: 0,
             expected: (first > 0).then_some(first),
-            next_offset: next[topic],
+            next_offset,
             records,
             last_record_time: None,
         });
