@@ -225,6 +225,9 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
         counter!(OFFSET_GAPS, "topic" => topic.to_string()).absolute(0);
         counter!(CONFLICTING_DUPLICATES, "topic" => topic.to_string()).absolute(0);
     }
+    for (sqlstate, disposition) in [("connection", "retry"), ("record", "isolate")] {
+        counter!(DATABASE_ERRORS, "sqlstate" => sqlstate, "disposition" => disposition).absolute(0);
+    }
     for operation in ["assign", "seek"] {
         counter!(POSITIONING_ERRORS, "operation" => operation).absolute(0);
     }

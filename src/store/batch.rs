@@ -278,29 +278,26 @@ impl Apply<'_> {
                 continue;
             }
             let (ps, ss) = slice((a, b));
-            out.refused.push(self.refused(tx, ps, ss).await?);
+            match self.refused(tx, ps, ss).await? {
+                Ok(applied) => out.merge(applied),
+                Err(dead_letter) => out.refused.push(dead_letter),
+            }
         }
         Ok(out)
     }
 
-    /// A record refused on its own: dead-lettered if its twin goes through, else the refusal
-    /// lies in the system.
+    /// A record refused on its own: dead-lettered (`Ok(Err)`) if its twin goes through, else
+    /// the refusal lies in the system (`Err`). `Ok(Ok)`: accepted on this second try (its
+    /// refusal depended on the records tried with it, which are applied by now).
     async fn refused(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         payments: &Payments<'_>,
         settlements: &Settlements<'_>,
-    ) -> Result<DeadLetter, CommitError> {
-        // The record's own refusal (it was rolled back in `bisect`; run it again for the error).
+    ) -> Result<Result<Applied, DeadLetter>, CommitError> {
         let refusal = match self.attempt(tx, payments, settlements).await? {
             Err(e) => e,
-            // Refused with others, accepted alone: a refusal that depends on a combination
-            // (e.g. two records breaking a constraint together) is the system's to explain.
-            Ok(_) => {
-                return Err(CommitError::Permanent(sqlx::Error::Protocol(
-                    "a record refused inside the batch was accepted alone; stopping rather than guessing".into(),
-                )));
-            }
+            Ok(applied) => return Ok(Ok(applied)),
         };
         let twin_p: Vec<(PaymentEvent, Source)> = payments
             .iter()
@@ -331,14 +328,14 @@ impl Apply<'_> {
             .expect("one record");
         let raw = self.raw.get(&source).cloned().unwrap_or_default();
         tracing::warn!(topic = %self.topics[source.topic], partition = source.partition, offset = source.offset, error = %describe(&refusal), "dead-lettering a record PostgreSQL refuses");
-        Ok(DeadLetter {
+        Ok(Err(DeadLetter {
             source,
             key: raw.key,
             payload: raw.payload,
             error_kind: crate::codec::PoisonKind::DatabaseRefused.as_str(),
             error_message: describe(&refusal),
             broker_timestamp: raw.broker_timestamp,
-        })
+        }))
     }
 
     /// Inserts the records, keeps conflicting duplicates, reconciles what was inserted.
