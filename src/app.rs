@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::codec::{Codec, registry_settings};
-use crate::config::Settings;
+use crate::config::{Settings, redact_text, redact_url};
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::{Reconciler, Store};
@@ -33,7 +33,7 @@ pub async fn connect_store(
         {
             Ok(pool) => return Ok(Store::new(pool)),
             Err(e) => {
-                tracing::warn!(database = %settings.database.redacted_url(), error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
+                tracing::warn!(database = %settings.database.redacted_url(), error = %redact_text(&e.to_string()), retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => anyhow::bail!("shutdown before PostgreSQL answered"),
                     _ = tokio::time::sleep(backoff) => {}
@@ -51,7 +51,7 @@ pub async fn run(
     shutdown: CancellationToken,
     observer: Option<mpsc::UnboundedSender<LoopEvent>>,
 ) -> anyhow::Result<()> {
-    tracing::info!(database = %settings.database.redacted_url(), brokers = %settings.kafka.bootstrap_servers, group = %settings.kafka.group_id, registry = %settings.registry.url, "starting payrecon");
+    tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), "starting payrecon");
     let store = connect_store(&settings, &shutdown).await?;
     store.migrate().await.context("applying migrations")?;
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)

@@ -122,8 +122,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // The last stop before a person reads it: whatever error got here unscrubbed (a
+            // driver or client quoting a URL) loses its credentials now.
+            let message = crate::config::redact_text(&format!("{e:#}"));
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

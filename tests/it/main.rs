@@ -14,4 +14,5 @@ mod reconciliation;
 mod reference;
 mod replay;
 mod report;
+mod secrets;
 mod tansu;
