@@ -189,10 +189,10 @@ pub fn instance_id() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// Re-evaluates items without waiting for new records: after every reference-data reload
-/// the items that waited for reference data (an unknown merchant or FX rate that has now
-/// arrived), and every second the items the watermark made due beyond what the batches
-/// swept themselves.
+/// Re-evaluates items without waiting for new records: at start and after every
+/// reference-data reload the items that waited for reference data (an unknown merchant or FX
+/// rate that has now arrived) and those a correction queued, and every second the items the
+/// watermark made due beyond what the batches swept themselves.
 pub async fn reevaluate_in_background(
     store: Store,
     reconciler: Reconciler,
@@ -201,6 +201,9 @@ pub async fn reevaluate_in_background(
     stop: CancellationToken,
 ) {
     let mut reloads = reconciler.cache.subscribe();
+    // Once at start as after a reload: reference data may have been loaded or corrected while
+    // no instance ran.
+    reloads.mark_changed();
     let instance = instance_id();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -215,9 +218,19 @@ pub async fn reevaluate_in_background(
             _ = tick.tick() => false,
         };
         let result = if reference_changed {
-            store
+            match store
                 .reevaluate_missing_reference(&group, &instance, &reconciler, 1000)
                 .await
+            {
+                Ok(mut outcome) => store
+                    .reevaluate_corrected(&group, &instance, &reconciler, 1000)
+                    .await
+                    .map(|corrected| {
+                        outcome.merge(corrected);
+                        outcome
+                    }),
+                Err(e) => Err(e),
+            }
         } else {
             store
                 .reevaluate_due(&group, &instance, &reconciler, 1000)

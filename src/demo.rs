@@ -247,8 +247,8 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
         store.migrate().await?;
         let (merchants, rates) = crate::simulate::reference_data(&sim)?;
-        store.upsert_merchants(&merchants).await?;
-        store.upsert_rates(&rates).await?;
+        store.load_merchants(&merchants, None).await?;
+        store.load_rates(&rates, None).await?;
         println!(
             "reference data:           {} merchants, {} FX rate versions",
             merchants.len(),

@@ -24,6 +24,7 @@ use sqlx::postgres::PgConnectOptions;
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, Source};
 pub use dead_letters::{DeadLetterRow, ReplayResult};
 pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
+pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
