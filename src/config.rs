@@ -47,7 +47,8 @@ pub struct DatabaseSettings {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `Debug` is written by hand: `options` may hold `sasl.password` and the like.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
@@ -64,6 +65,32 @@ pub struct KafkaSettings {
     /// Raw librdkafka options (security, tuning) passed through unchanged.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = (self.options.iter())
+            .map(|(k, v)| {
+                let shown = if is_secret_kafka_option(k) { "***" } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &redact_url(&self.bootstrap_servers))
+            .field("group_id", &self.group_id)
+            .field("payments_topic", &self.payments_topic)
+            .field("settlements_topic", &self.settlements_topic)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+/// librdkafka options whose value is a credential: passwords and secrets by name, PEM
+/// material given inline, and the OAUTHBEARER settings (their config string holds secrets).
+fn is_secret_kafka_option(key: &str) -> bool {
+    is_secret_key(key) || key.ends_with(".pem") || key.starts_with("sasl.oauthbearer")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +253,23 @@ impl Settings {
                 !PROTECTED_KAFKA_OPTIONS.contains(&key.as_str()),
                 "invalid configuration: kafka.options.{key} is set by payrecon and cannot be overridden"
             );
+        }
+        // librdkafka checks every option's name and value here, at start-up, rather than when
+        // the first client is created: rdkafka's error there quotes the value, so a misspelt
+        // "sasl.pasword" would print the password.
+        if let Err(e) = self.kafka.client_config().create_native_config() {
+            let message = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+                    let desc = if value.is_empty() {
+                        desc
+                    } else {
+                        desc.replace(&value, "***")
+                    };
+                    format!("kafka.options.{key}: {desc}")
+                }
+                other => redact_text(&other.to_string()),
+            };
+            anyhow::bail!("invalid configuration: {message}");
         }
         Ok(())
     }
@@ -675,5 +719,39 @@ mod tests {
         let options = s.database.connect_options().unwrap();
         assert_eq!(options.get_port(), 5433);
         assert_eq!(options.get_database(), Some("db"));
+    }
+
+    #[test]
+    fn a_bad_kafka_option_is_refused_at_start_up_without_showing_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        for (key, fragment) in [("sasl.pasword", "sasl.pasword"), ("linger.ms", "linger.ms")] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(
+                &path,
+                format!("[kafka.options]\n\"{key}\" = \"Sekr1t-x\"\n"),
+            )
+            .unwrap();
+            let err = Settings::load_from(Some(&path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(fragment), "{err}");
+            assert!(!err.contains("Sekr1t"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kafka_credentials_do_not_reach_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka.options]\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"Sekr1t\"\n\
+             \"ssl.key.password\" = \"Sekr1t\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("Sekr1t"), "{debug}");
+        assert!(debug.contains("\"svc\""), "{debug}");
     }
 }
