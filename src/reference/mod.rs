@@ -3,9 +3,12 @@
 //!
 //! Owns: the temporal "as of" lookup (the version valid at an event's own time), the cache
 //! and how it refreshes (PostgreSQL LISTEN/NOTIFY on every change plus a periodic full reload
-//! as a safety net), and parsing of operator CSV files. A refresh builds a complete new
-//! [`Snapshot`] off the hot path and swaps it in; a batch takes one `Arc<Snapshot>` and uses
-//! it throughout, so what a batch sees is consistent within that batch.
+//! as a safety net), parsing of operator CSV files, and what tells two versions of one key
+//! apart ([`differences`]: the store refuses to overwrite a stored version with a different
+//! one unless it is a recorded correction, see `store::reference`). A refresh builds a
+//! complete new [`Snapshot`] off the hot path and swaps it in; a batch takes one
+//! `Arc<Snapshot>` and uses it throughout, so what a batch sees is consistent within that
+//! batch.
 //!
 //! It does not decide what a missing reference means for reconciliation.
 
