@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::codec::{Codec, registry_settings};
-use crate::config::Settings;
+use crate::config::{Settings, redact_text, redact_url};
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::{Reconciler, Store};
@@ -33,7 +33,7 @@ pub async fn connect_store(
         {
             Ok(pool) => return Ok(Store::new(pool)),
             Err(e) => {
-                tracing::warn!(database = %settings.database.redacted_url(), error = %e, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
+                tracing::warn!(database = %settings.database.redacted_url(), error = %redact_text(&e.to_string()), retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => anyhow::bail!("shutdown before PostgreSQL answered"),
                     _ = tokio::time::sleep(backoff) => {}
@@ -51,7 +51,7 @@ pub async fn run(
     shutdown: CancellationToken,
     observer: Option<mpsc::UnboundedSender<LoopEvent>>,
 ) -> anyhow::Result<()> {
-    tracing::info!(database = %settings.database.redacted_url(), brokers = %settings.kafka.bootstrap_servers, group = %settings.kafka.group_id, registry = %settings.registry.url, "starting payrecon");
+    tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), "starting payrecon");
     let store = connect_store(&settings, &shutdown).await?;
     store.migrate().await.context("applying migrations")?;
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
@@ -195,10 +195,10 @@ pub fn instance_id() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// Re-evaluates items without waiting for new records: after every reference-data reload
-/// the items that waited for reference data (an unknown merchant or FX rate that has now
-/// arrived), and every second the items the watermark made due beyond what the batches
-/// swept themselves.
+/// Re-evaluates items without waiting for new records: at start and after every
+/// reference-data reload the items that waited for reference data (an unknown merchant or FX
+/// rate that has now arrived) and those a correction queued, and every second the items the
+/// watermark made due beyond what the batches swept themselves.
 pub async fn reevaluate_in_background(
     store: Store,
     reconciler: Reconciler,
@@ -207,6 +207,9 @@ pub async fn reevaluate_in_background(
     stop: CancellationToken,
 ) {
     let mut reloads = reconciler.cache.subscribe();
+    // Once at start as after a reload: reference data may have been loaded or corrected while
+    // no instance ran.
+    reloads.mark_changed();
     let instance = instance_id();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,9 +224,19 @@ pub async fn reevaluate_in_background(
             _ = tick.tick() => false,
         };
         let result = if reference_changed {
-            store
+            match store
                 .reevaluate_missing_reference(&group, &instance, &reconciler, 1000)
                 .await
+            {
+                Ok(mut outcome) => store
+                    .reevaluate_corrected(&group, &instance, &reconciler, 1000)
+                    .await
+                    .map(|corrected| {
+                        outcome.merge(corrected);
+                        outcome
+                    }),
+                Err(e) => Err(e),
+            }
         } else {
             store
                 .reevaluate_due(&group, &instance, &reconciler, 1000)

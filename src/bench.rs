@@ -98,8 +98,8 @@ async fn load_reference(
     settings: &Settings,
 ) -> anyhow::Result<crate::store::Reconciler> {
     let (merchants, rates) = crate::simulate::reference_data(sim)?;
-    store.upsert_merchants(&merchants).await?;
-    store.upsert_rates(&rates).await?;
+    store.load_merchants(&merchants, None).await?;
+    store.load_rates(&rates, None).await?;
     let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
     cache.reload(store).await?;
     Ok(crate::store::Reconciler::new(

@@ -78,10 +78,27 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ReferenceAction {
     /// Load CSV files of merchant versions or FX rate versions (the header says which; see
-    /// docs/operations.md). Each file loads whole or not at all.
+    /// docs/operations.md). All the files load in one transaction, whole or not at all.
+    ///
+    /// Reference data is an append-only history: a version identical to the stored one with
+    /// the same key and start is left alone (counted as unchanged); a different one refuses
+    /// the whole load, naming the file, row, key and the fields that differ, unless
+    /// --correct is given.
     Load {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Correct stored versions that differ from the files' instead of refusing the load.
+        /// Each correction is recorded (who, when, why, values before and after, in
+        /// `reference_corrections`), and the running service re-evaluates the payment
+        /// references whose pricing it changes.
+        #[arg(long, requires = "reason")]
+        correct: bool,
+        /// Why the stored values are wrong (required with --correct).
+        #[arg(long, requires = "correct")]
+        reason: Option<String>,
+        /// Who corrects (default: the OS user).
+        #[arg(long, requires = "correct")]
+        by: Option<String>,
     },
 }
 
@@ -122,8 +139,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // The last stop before a person reads it: whatever error got here unscrubbed (a
+            // driver or client quoting a URL) loses its credentials now.
+            let message = crate::config::redact_text(&format!("{e:#}"));
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
@@ -189,9 +209,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(options) => crate::replay::command(settings, options).await,
         Command::Report(options) => crate::report::run(&settings, options).await,
         Command::Reference {
-            action: ReferenceAction::Load { files },
+            action:
+                ReferenceAction::Load {
+                    files,
+                    correct,
+                    reason,
+                    by,
+                },
         } => {
-            load_reference(&settings, &files).await?;
+            let correction = if correct {
+                let reason = reason.unwrap_or_default();
+                anyhow::ensure!(
+                    !reason.trim().is_empty(),
+                    "a correction needs a --reason: it is what an auditor reads"
+                );
+                Some(crate::store::Correction {
+                    reason,
+                    by: by.unwrap_or_else(|| {
+                        whoami::fallible::username().unwrap_or_else(|_| "unknown".into())
+                    }),
+                    source: None,
+                })
+            } else {
+                None
+            };
+            load_reference(&settings, &files, correction).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(options) => {
@@ -216,9 +258,14 @@ pub async fn simulate(
             crate::app::connect_store(settings, &tokio_util::sync::CancellationToken::new())
                 .await?;
         store.migrate().await?;
-        let m = store.upsert_merchants(&merchants).await?;
-        let r = store.upsert_rates(&rates).await?;
-        println!("loaded reference data: {m} merchant versions, {r} FX rate versions");
+        let m = store.load_merchants(&merchants, None).await?;
+        let r = store.load_rates(&rates, None).await?;
+        println!(
+            "loaded reference data: {} merchant versions, {} FX rate versions ({} unchanged)",
+            m.inserted,
+            r.inserted,
+            m.unchanged + r.unchanged
+        );
         store.pool().close().await;
     }
     if let Some(partitions) = create_topics {
@@ -260,24 +307,80 @@ pub async fn simulate(
     Ok(expected)
 }
 
-/// `payrecon reference load`: validates every file first, then loads them.
-async fn load_reference(settings: &Settings, files: &[PathBuf]) -> anyhow::Result<()> {
+/// `payrecon reference load`: validates every file first, then loads them all in one
+/// transaction.
+async fn load_reference(
+    settings: &Settings,
+    files: &[PathBuf],
+    correction: Option<crate::store::Correction>,
+) -> anyhow::Result<()> {
     use crate::reference::csv::{ReferenceFile, parse};
     let mut parsed = Vec::new();
     for path in files {
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let content = parse(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        parsed.push((path, content));
+        parsed.push(content);
     }
     let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
     store.migrate().await?;
-    for (path, content) in parsed {
-        let (kind, n) = match &content {
-            ReferenceFile::Merchants(m) => ("merchant versions", store.upsert_merchants(m).await?),
-            ReferenceFile::Rates(r) => ("FX rate versions", store.upsert_rates(r).await?),
+    let contents: Vec<&ReferenceFile> = parsed.iter().map(|p| &p.content).collect();
+    let correction = correction.map(|c| crate::store::Correction {
+        source: Some(
+            (files.iter())
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        ..c
+    });
+    let summaries = match store
+        .load_reference_files(&contents, correction.as_ref())
+        .await
+    {
+        Ok(s) => s,
+        Err(crate::store::LoadError::Conflicts(conflicts)) => {
+            let lines: Vec<String> = conflicts
+                .iter()
+                .map(|c| {
+                    let changes: Vec<String> = c.changes.iter().map(ToString::to_string).collect();
+                    format!(
+                        "  {}: row {}: {}: {}",
+                        files[c.file].display(),
+                        parsed[c.file].rows[c.index],
+                        c.key,
+                        changes.join("; ")
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "nothing was loaded: {} version(s) differ from the stored version with the same \
+                 key; reference data is an append-only history (payments were priced with the \
+                 stored values), so change it only with --correct --reason \"...\":\n{}",
+                conflicts.len(),
+                lines.join("\n")
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for ((path, content), summary) in files.iter().zip(&contents).zip(summaries) {
+        let kind = match content {
+            ReferenceFile::Merchants(_) => "merchant versions",
+            ReferenceFile::Rates(_) => "FX rate versions",
         };
-        println!("{}: loaded {n} {kind}", path.display());
+        print!(
+            "{}: loaded {} {kind}, {} unchanged",
+            path.display(),
+            summary.inserted,
+            summary.unchanged
+        );
+        if summary.corrected > 0 {
+            print!(
+                ", corrected {} (re-evaluating {} payment references)",
+                summary.corrected, summary.queued
+            );
+        }
+        println!();
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use anyhow::Context;
 use rdkafka::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::domain::Limits;
@@ -49,7 +50,8 @@ pub struct DatabaseSettings {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `Debug` is written by hand: `options` may hold `sasl.password` and the like.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
@@ -66,6 +68,32 @@ pub struct KafkaSettings {
     /// Raw librdkafka options (security, tuning) passed through unchanged.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = (self.options.iter())
+            .map(|(k, v)| {
+                let shown = if is_secret_kafka_option(k) { "***" } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &redact_url(&self.bootstrap_servers))
+            .field("group_id", &self.group_id)
+            .field("payments_topic", &self.payments_topic)
+            .field("settlements_topic", &self.settlements_topic)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+/// librdkafka options whose value is a credential: passwords and secrets by name, PEM
+/// material given inline, and the OAUTHBEARER settings (their config string holds secrets).
+fn is_secret_kafka_option(key: &str) -> bool {
+    is_secret_key(key) || key.ends_with(".pem") || key.starts_with("sasl.oauthbearer")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +291,23 @@ impl Settings {
                 "invalid configuration: kafka.options.{key} is set by payrecon and cannot be overridden"
             );
         }
+        // librdkafka checks every option's name and value here, at start-up, rather than when
+        // the first client is created: rdkafka's error there quotes the value, so a misspelt
+        // "sasl.pasword" would print the password.
+        if let Err(e) = self.kafka.client_config().create_native_config() {
+            let message = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+                    let desc = if value.is_empty() {
+                        desc
+                    } else {
+                        desc.replace(&value, "***")
+                    };
+                    format!("kafka.options.{key}: {desc}")
+                }
+                other => redact_text(&other.to_string()),
+            };
+            anyhow::bail!("invalid configuration: {message}");
+        }
         Ok(())
     }
 }
@@ -270,12 +315,41 @@ impl Settings {
 impl DatabaseSettings {
     /// Connection options parsed from the URL (sslmode, sslrootcert ... come from its query).
     /// Sessions are named `payrecon` so operators can find them in `pg_stat_activity`.
+    ///
+    /// The URL is parsed here, not by sqlx's `FromStr`, for two reasons: a parse error names
+    /// the setting and the *redacted* URL (never the URL itself), and query parameters sqlx
+    /// does not know are dropped with a warning naming only the key, because sqlx would log
+    /// their value (`?sslpassword=...` is a libpq parameter sqlx ignores).
     pub fn connect_options(&self) -> anyhow::Result<PgConnectOptions> {
-        let options = self
-            .url
-            .expose_secret()
-            .parse::<PgConnectOptions>()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: database.url: {e}"))?;
+        let raw = self.url.expose_secret();
+        let invalid = |e: &dyn std::fmt::Display| {
+            // Neither url's nor sqlx's parse errors quote the input today; scrubbed anyway,
+            // because a future version quoting it would otherwise print the password.
+            anyhow::anyhow!(
+                "invalid configuration: database.url ({}) is not a valid PostgreSQL URL: {}",
+                redact_url(raw),
+                redact_text(&e.to_string())
+            )
+        };
+        let mut url = url::Url::parse(raw).map_err(|e| invalid(&e))?;
+        let (known, unknown): (Vec<_>, Vec<_>) = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .partition(|(k, _)| is_sqlx_parameter(k));
+        if !unknown.is_empty() {
+            for (key, _) in &unknown {
+                tracing::warn!(
+                    %key,
+                    "ignoring unrecognized parameter of database.url (value not shown)"
+                );
+            }
+            if known.is_empty() {
+                url.set_query(None);
+            } else {
+                url.query_pairs_mut().clear().extend_pairs(known);
+            }
+        }
+        let options = PgConnectOptions::from_url(&url).map_err(|e| invalid(&e))?;
         Ok(options.application_name("payrecon"))
     }
 
@@ -285,24 +359,140 @@ impl DatabaseSettings {
             .acquire_timeout(self.connect_timeout)
     }
 
-    /// The URL with any password replaced, safe to log.
+    /// The URL with any credential replaced, safe to log.
     pub fn redacted_url(&self) -> String {
         redact_url(self.url.expose_secret())
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+/// Whether sqlx 0.8's URL parser knows the query parameter `key` (it logs the value of any
+/// other one).
+fn is_sqlx_parameter(key: &str) -> bool {
+    const KNOWN: &[&str] = &[
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+        "statement-cache-capacity",
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "application_name",
+        "options",
+    ];
+    KNOWN.contains(&key) || (key.starts_with("options[") && key.ends_with(']'))
+}
+
+/// Whether the value of parameter `key` is a credential (`password`, `sslpassword`, `pass`,
+/// `passwd`, `pwd`, `*_secret`, `*_token`...). Erring towards "yes": redacting a harmless
+/// value costs a less helpful log line, missing a secret costs a leak.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "passwd", "password", "pwd", "secret", "token"]
+        .iter()
+        .any(|s| key.ends_with(s))
+}
+
+/// Replaces the value of every secret `key=value` pair (URL query parameters and libpq
+/// `key=value` strings alike, see [`is_secret_key`]) with `***`. A value ends at whitespace,
+/// and in a URL (`url_query`) also at `&`; a value in single quotes (libpq) ends at the
+/// closing quote, backslash escapes included.
+fn redact_secret_parameters(s: &str, url_query: bool) -> String {
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || "_-.[]".contains(c);
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(eq) = rest.find('=') {
+        let before = &rest[..eq];
+        let key_end = before.trim_end().len();
+        let key_start = before[..key_end]
+            .rfind(|c: char| !is_key_char(c))
+            .map_or(0, |i| {
+                i + before[i..].chars().next().map_or(1, char::len_utf8)
+            });
+        let key = &before[key_start..key_end];
+        out.push_str(&rest[..=eq]);
+        rest = &rest[eq + 1..];
+        if key.is_empty() || !is_secret_key(key) {
+            continue;
+        }
+        let value = rest.trim_start();
+        out.push_str(&rest[..rest.len() - value.len()]);
+        let len = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            let close = quoted.char_indices().find_map(|(i, c)| {
+                let end = !escaped && c == '\'';
+                escaped = !escaped && c == '\\';
+                end.then_some(i)
+            });
+            close.map_or(value.len(), |i| i + 2)
+        } else {
+            value
+                .find(|c: char| c.is_whitespace() || (url_query && c == '&'))
+                .unwrap_or(value.len())
+        };
+        out.push_str("***");
+        rest = &value[len..];
     }
+    out.push_str(rest);
+    out
+}
+
+/// A connection string safe to log: credentials replaced by `***`, whatever the string's
+/// shape. Passwords may hold `@`, `:`, `/`, `?` or `#` unencoded, so no attempt is made to
+/// find where a well-formed URL's password ends:
+/// - with a scheme: everything between `://` and the *last* `@` goes, user name included
+///   (`postgres://u:p@ss@host/db` is `postgres://***@host/db`);
+/// - without a scheme: everything up to the last `@` (`u:secret@host` is `***@host`), unless
+///   it reads as a libpq `key=value` string (where `@` may be part of a user name);
+/// - everywhere: the value of `password=`, `sslpassword=`, `pass=` and the like.
+///
+/// It over-redacts rather than under-redacts: an `@` later in the query also hides the host.
+pub fn redact_url(url: &str) -> String {
+    let has_scheme = url.contains("://");
+    let s = redact_secret_parameters(url, has_scheme);
+    if let Some((scheme, rest)) = s.split_once("://") {
+        return match rest.rfind('@') {
+            Some(at) => format!("{scheme}://***{}", &rest[at..]),
+            None => s,
+        };
+    }
+    let keyword_form = s.contains('=');
+    match s.rfind('@') {
+        Some(at) if !keyword_form => format!("***{}", &s[at..]),
+        _ => s,
+    }
+}
+
+/// Free text (an error message from a driver or an HTTP client) with every URL's credentials
+/// and every secret `key=value` redacted. URLs inside text are found by their `://`; the
+/// credentials of each end at the last `@` before the next whitespace (clients print URLs
+/// serialized, with spaces percent-encoded).
+pub fn redact_text(text: &str) -> String {
+    let s = redact_secret_parameters(text, true);
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let token_end = tail.find(char::is_whitespace).unwrap_or(tail.len());
+        match tail[..token_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl KafkaSettings {
@@ -434,16 +624,171 @@ mod tests {
     }
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:s3cret@h:5432/db?sslmode=require"),
-            "postgres://u:***@h:5432/db?sslmode=require"
+    fn a_password_never_survives_redaction_whatever_the_url_looks_like() {
+        // (input, secrets that must not appear, what must still be there)
+        let cases: &[(&str, &[&str], &str)] = &[
+            (
+                "postgres://u:s3cret@h:5432/db?sslmode=require",
+                &["s3cret"],
+                "@h:5432/db?sslmode=require",
+            ),
+            ("postgres://u:p@ss@host/db", &["p@ss", "ss@"], "@host/db"),
+            (
+                "postgres://u:pa:ss:wd@host/db",
+                &["pa:ss", "ss:wd"],
+                "@host/db",
+            ),
+            ("postgres://u:pa/ss@host/db", &["pa/ss", "ss@"], "@host/db"),
+            ("postgres://u:pa?ss@host/db", &["pa?ss", "ss@"], "@host/db"),
+            ("postgres://u:pa#ss@host/db", &["pa#ss", "ss@"], "@host/db"),
+            (
+                "postgres://u:p%40ss%2Fw@host/db",
+                &["p%40ss", "ss%2Fw"],
+                "@host/db",
+            ),
+            (
+                "postgres://u:v6secret@[::1]:5432/db",
+                &["v6secret"],
+                "@[::1]:5432/db",
+            ),
+            ("postgres://justauser@h/db", &[], "@h/db"),
+            ("u:nosch3me@h:5432/db", &["nosch3me"], "@h:5432/db"),
+            (
+                "host=h user=u password=kw-secret dbname=d",
+                &["kw-secret"],
+                "host=h",
+            ),
+            (
+                "host=h password='quo ted\\' secret' port=5",
+                &["quo", "ted", "secret'"],
+                "port=5",
+            ),
+            ("host=h password = spaced dbname=d", &["spaced"], "dbname=d"),
+            (
+                "postgres://h/db?sslmode=require&password=qu3ry&application_name=a",
+                &["qu3ry"],
+                "application_name=a",
+            ),
+            (
+                "postgres://h/db?sslpassword=ssl-s3cret",
+                &["ssl-s3cret"],
+                "sslpassword=***",
+            ),
+            (
+                "http://h/?pass=p1&pwd=p2&api_token=p3",
+                &["p1", "p2", "p3"],
+                "http://h/",
+            ),
+            (
+                "postgres://u:p@ss@h/db?password=a@b",
+                &["p@ss", "ss@", "a@b"],
+                "@h/db",
+            ),
+            (
+                "::not a url at all:: user:g@rbage@",
+                &["user:g", "rbage"],
+                "***@",
+            ),
+            ("not a url, no credential", &[], "not a url, no credential"),
+            (
+                "SASL_SSL://svc:k4fka@broker1:9092,broker2:9092",
+                &["k4fka"],
+                "broker2:9092",
+            ),
+        ];
+        for (input, secrets, kept) in cases {
+            let out = redact_url(input);
+            for secret in *secrets {
+                assert!(
+                    !out.contains(secret),
+                    "{input:?} -> {out:?} leaks {secret:?}"
+                );
+            }
+            assert!(out.contains(kept), "{input:?} -> {out:?} lost {kept:?}");
+            if !secrets.is_empty() {
+                assert_ne!(
+                    &out, input,
+                    "a credential form must never come back unchanged"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn urls_inside_error_messages_lose_their_credentials() {
+        let message = "error sending request for url (https://key:p@ss)w0rd@registry:8081/schemas/ids/1): \
+                       connection refused; retry password=plain";
+        let out = redact_text(message);
+        for secret in ["key", "p@ss", "ss)w0rd", "plain"] {
+            assert!(!out.contains(secret), "{out} leaks {secret}");
+        }
+        assert!(
+            out.contains("https://***@registry:8081/schemas/ids/1)"),
+            "{out}"
         );
+        assert_eq!(redact_text("no url in here"), "no url in here");
+    }
+
+    #[test]
+    fn an_unparsable_database_url_is_named_but_not_shown() {
         let s = Settings::load_from(
             None,
-            env(&[("PAYRECON_DATABASE__URL", "postgres://u:s3cret@h/db")]),
+            env(&[("PAYRECON_DATABASE__URL", "postgres://u:p@ss@h:notaport/db")]),
         )
         .unwrap();
-        assert!(!format!("{s:?}").contains("s3cret"));
+        let err = s.database.connect_options().unwrap_err().to_string();
+        assert!(err.contains("database.url"), "{err}");
+        assert!(err.contains("postgres://***@h:notaport/db"), "{err}");
+        assert!(!err.contains("p@ss") && !err.contains("ss@"), "{err}");
+        assert!(!format!("{s:?}").contains("p@ss"));
+    }
+
+    #[test]
+    fn database_url_parameters_sqlx_does_not_know_are_dropped() {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "PAYRECON_DATABASE__URL",
+                "postgres://u@h:5433/db?sslpassword=x&application_name=ignored&sslmode=disable",
+            )]),
+        )
+        .unwrap();
+        let options = s.database.connect_options().unwrap();
+        assert_eq!(options.get_port(), 5433);
+        assert_eq!(options.get_database(), Some("db"));
+    }
+
+    #[test]
+    fn a_bad_kafka_option_is_refused_at_start_up_without_showing_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        for (key, fragment) in [("sasl.pasword", "sasl.pasword"), ("linger.ms", "linger.ms")] {
+            let path = dir.path().join("c.toml");
+            std::fs::write(
+                &path,
+                format!("[kafka.options]\n\"{key}\" = \"Sekr1t-x\"\n"),
+            )
+            .unwrap();
+            let err = Settings::load_from(Some(&path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(fragment), "{err}");
+            assert!(!err.contains("Sekr1t"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kafka_credentials_do_not_reach_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[kafka.options]\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"Sekr1t\"\n\
+             \"ssl.key.password\" = \"Sekr1t\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("Sekr1t"), "{debug}");
+        assert!(debug.contains("\"svc\""), "{debug}");
     }
 }

@@ -165,7 +165,13 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
     use sqlx::Connection;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let opts: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "DATABASE_URL ({}) is not a valid PostgreSQL URL: {}",
+            crate::config::redact_url(&url),
+            crate::config::redact_text(&format!("{e}"))
+        )
+    })?;
     match sqlx::PgConnection::connect_with(&opts).await {
         Ok(c) => {
             let _ = c.close().await;
@@ -214,7 +220,10 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     let (admin, _throwaway) = postgres_admin().await?;
     crate::store::recreate_database(&admin, &o.database).await?;
     let url = crate::store::database_url(&admin, &o.database);
-    println!("PostgreSQL database:      {url}");
+    println!(
+        "PostgreSQL database:      {}",
+        crate::config::redact_url(&url)
+    );
     settings.database.url = SecretString::from(url);
     settings.kafka.bootstrap_servers = bootstrap.clone();
     settings.kafka.group_id = "payrecon-demo".into();
@@ -238,8 +247,8 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
         store.migrate().await?;
         let (merchants, rates) = crate::simulate::reference_data(&sim)?;
-        store.upsert_merchants(&merchants).await?;
-        store.upsert_rates(&rates).await?;
+        store.load_merchants(&merchants, None).await?;
+        store.load_rates(&rates, None).await?;
         println!(
             "reference data:           {} merchants, {} FX rate versions",
             merchants.len(),

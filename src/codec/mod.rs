@@ -19,6 +19,8 @@ use apache_avro::Schema;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
 use schema_registry_converter::error::SRCError;
+
+use crate::config::redact_text;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
 
 use chrono::{DateTime, Utc};
@@ -152,7 +154,7 @@ pub fn registry_settings(url: &str, timeout: Duration) -> Result<SrSettings, Dec
     SrSettings::new_builder(url.to_owned())
         .set_timeout(timeout)
         .build()
-        .map_err(|e| DecodeError::Transient(e.to_string()))
+        .map_err(|e| DecodeError::Transient(redact_text(&e.to_string())))
 }
 
 impl Codec {
@@ -258,7 +260,9 @@ impl Codec {
             );
         }
         self.decoder.remove_errors_from_cache();
-        DecodeError::Transient(e.to_string())
+        // The converter's message carries reqwest's, which prints the request URL with its
+        // user info: the registry's basic-auth credentials when they are in registry.url.
+        DecodeError::Transient(redact_text(&e.to_string()))
     }
 
     async fn scales_for(&self, schema_id: u32) -> Result<Arc<Scales>, DecodeError> {
@@ -338,6 +342,11 @@ pub async fn register_schema(
         SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned()),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("registering the schema for {topic}: {e}"))?;
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "registering the schema for {topic}: {}",
+            redact_text(&e.to_string())
+        )
+    })?;
     Ok((registered.id, Schema::parse_str(schema)?))
 }

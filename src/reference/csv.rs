@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Timelike, Utc};
 use rust_decimal::Decimal;
 
 use super::{FxRate, MerchantStatus, MerchantVersion};
@@ -21,6 +21,15 @@ use crate::domain::Currency;
 pub enum ReferenceFile {
     Merchants(Vec<MerchantVersion>),
     Rates(Vec<FxRate>),
+}
+
+/// A parsed file and where each version came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub content: ReferenceFile,
+    /// The row of each version, in the same order (the header is row 1), so a message about
+    /// a version can point at its row.
+    pub rows: Vec<usize>,
 }
 
 /// A validation error, naming where.
@@ -83,9 +92,8 @@ impl Row<'_> {
 
     fn time(&self, field: &str) -> Result<DateTime<Utc>, CsvError> {
         let v = self.text(field)?;
-        DateTime::parse_from_rfc3339(v)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| self.err(field, format!("{v:?} is not an RFC 3339 time ({e})")))
+        let t = parse_time(v).map_err(|message| self.err(field, message))?;
+        Ok(t)
     }
 
     fn decimal(&self, field: &str, min_exclusive_zero: bool) -> Result<Decimal, CsvError> {
@@ -133,8 +141,31 @@ impl Row<'_> {
     }
 }
 
+/// A validity start: RFC 3339, or a plain `YYYY-MM-DD` date meaning midnight UTC; no finer
+/// than a microsecond, because PostgreSQL would round a finer time and the next load of the
+/// same file would no longer find its version by key.
+pub fn parse_time(v: &str) -> Result<DateTime<Utc>, String> {
+    let t = match DateTime::parse_from_rfc3339(v) {
+        Ok(t) => t.with_timezone(&Utc),
+        Err(e) => match NaiveDate::parse_from_str(v, "%Y-%m-%d") {
+            Ok(d) => d.and_time(chrono::NaiveTime::MIN).and_utc(),
+            Err(_) => {
+                return Err(format!(
+                    "{v:?} is neither an RFC 3339 time nor a YYYY-MM-DD date ({e})"
+                ));
+            }
+        },
+    };
+    if t.nanosecond() % 1_000 != 0 {
+        return Err(format!(
+            "{v:?} is more precise than a microsecond, which PostgreSQL cannot store"
+        ));
+    }
+    Ok(t)
+}
+
 /// Parses and validates a whole file.
-pub fn parse(input: impl Read) -> Result<ReferenceFile, CsvError> {
+pub fn parse(input: impl Read) -> Result<Parsed, CsvError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(input);
@@ -172,14 +203,18 @@ pub fn parse(input: impl Read) -> Result<ReferenceFile, CsvError> {
     }
     let mut merchants = Vec::new();
     let mut rates = Vec::new();
+    let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, record) in reader.records().enumerate() {
-        let number = i + 2;
         let record = record.map_err(|e| CsvError {
-            row: number,
+            row: e.position().map_or(i + 2, |p| p.line() as usize),
             field: "-".into(),
             message: e.to_string(),
         })?;
+        // The line the record starts on: the spreadsheet row for an ordinary file, and still
+        // the line to look at when a quoted field spans lines.
+        let number = record.position().map_or(i + 2, |p| p.line() as usize);
+        rows.push(number);
         let row = Row {
             number,
             columns: &columns,
@@ -234,11 +269,12 @@ pub fn parse(input: impl Read) -> Result<ReferenceFile, CsvError> {
             rates.push(r);
         }
     }
-    Ok(if is_merchants {
+    let content = if is_merchants {
         ReferenceFile::Merchants(merchants)
     } else {
         ReferenceFile::Rates(rates)
-    })
+    };
+    Ok(Parsed { content, rows })
 }
 
 #[cfg(test)]
@@ -250,7 +286,9 @@ mod tests {
         let file = "merchant_id,valid_from,name,settlement_currency,fee_bps,fee_fixed,status,settlement_deadline\n\
                     m1,2026-01-01T00:00:00Z,Shop,EUR,150,0.10,ACTIVE,3d\n\
                     m1,2026-03-01T00:00:00Z,Shop,EUR,175,0.10,ACTIVE,\n";
-        let ReferenceFile::Merchants(m) = parse(file.as_bytes()).unwrap() else {
+        let parsed = parse(file.as_bytes()).unwrap();
+        assert_eq!(parsed.rows, [2, 3]);
+        let ReferenceFile::Merchants(m) = parsed.content else {
             panic!("not merchants")
         };
         assert_eq!(m.len(), 2);
@@ -291,5 +329,47 @@ mod tests {
         assert_eq!((err.row, err.field.as_str()), (3, "rate"), "{err}");
         let err = parse("foo,bar\n1,2\n".as_bytes()).unwrap_err();
         assert_eq!((err.row, err.field.as_str()), (1, "header"));
+    }
+
+    #[test]
+    fn a_plain_date_is_midnight_utc() {
+        let t = |v: &str| parse_time(v).unwrap();
+        assert_eq!(t("2026-03-01"), t("2026-03-01T00:00:00Z"));
+        assert_eq!(t("2026-03-01T01:00:00+01:00"), t("2026-03-01"));
+        assert_eq!(
+            t("2026-02-28T23:59:59.123456Z").timestamp_subsec_micros(),
+            123_456
+        );
+        let file = "base_currency,quote_currency,valid_from,rate\nUSD,EUR,2026-03-01,0.9\n";
+        let ReferenceFile::Rates(r) = parse(file.as_bytes()).unwrap().content else {
+            panic!("not rates")
+        };
+        assert_eq!(r[0].valid_from, t("2026-03-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn a_time_that_is_not_a_date_or_finer_than_a_microsecond_is_refused() {
+        for bad in [
+            "2026-13-01",
+            "2026-03-01 00:00",
+            "01/03/2026",
+            "2026-03-01T00:00:00",
+            "2026-03-01T00:00:00.0000001Z",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad} was accepted");
+        }
+        let file = "merchant_id,valid_from,name,settlement_currency,fee_bps,fee_fixed,status\n\
+                    m1,2026-02-30,Shop,EUR,150,0,ACTIVE\n";
+        let err = parse(file.as_bytes()).unwrap_err();
+        assert_eq!((err.row, err.field.as_str()), (2, "valid_from"), "{err}");
+    }
+
+    #[test]
+    fn rows_are_the_lines_records_start_on() {
+        let file = "merchant_id,valid_from,name,settlement_currency,fee_bps,fee_fixed,status\n\
+                    m1,2026-01-01,Shop,EUR,150,0,ACTIVE\n\
+                    m2,2026-01-01,\"Two\nLines\",EUR,150,0,ACTIVE\n\
+                    m3,2026-01-01,Shop,EUR,150,0,ACTIVE\n";
+        assert_eq!(parse(file.as_bytes()).unwrap().rows, [2, 3, 5]);
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! Owns: the temporal "as of" lookup (the version valid at an event's own time), the cache
 //! and how it refreshes (PostgreSQL LISTEN/NOTIFY on every change plus a periodic full reload
-//! as a safety net), and parsing of operator CSV files. A refresh builds a complete new
-//! [`Snapshot`] off the hot path and swaps it in; a batch takes one `Arc<Snapshot>` and uses
-//! it throughout, so what a batch sees is consistent within that batch.
+//! as a safety net), parsing of operator CSV files, and what tells two versions of one key
+//! apart ([`differences`]: the store refuses to overwrite a stored version with a different
+//! one unless it is a recorded correction, see `store::reference`). A refresh builds a
+//! complete new [`Snapshot`] off the hot path and swaps it in; a batch takes one
+//! `Arc<Snapshot>` and uses it throughout, so what a batch sees is consistent within that
+//! batch.
 //!
 //! It does not decide what a missing reference means for reconciliation.
 
@@ -117,6 +120,108 @@ impl MerchantVersion {
             settlement_deadline: self.settlement_deadline,
             payment_deadline: self.payment_deadline,
         }
+    }
+}
+
+/// A version's fields other than its key, by column name, as text (`None`: not set), so a
+/// loaded version can be compared with the stored one and a correction can record both.
+/// Decimals are normalized (`150` and `150.0000` are the same fee) and durations counted in
+/// whole microseconds (what PostgreSQL keeps), so only a real change of value differs.
+pub type VersionFields = Vec<(&'static str, Option<String>)>;
+
+/// One field in which a loaded version differs from the stored version with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldChange {
+    /// Column name, as in the CSV header.
+    pub field: &'static str,
+    pub stored: Option<String>,
+    pub loaded: Option<String>,
+}
+
+impl std::fmt::Display for FieldChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
+        write!(
+            f,
+            "{} stored {}, file {}",
+            self.field,
+            show(&self.stored),
+            show(&self.loaded)
+        )
+    }
+}
+
+/// The fields of two versions of one key that differ, in column order.
+pub fn differences(stored: &VersionFields, loaded: &VersionFields) -> Vec<FieldChange> {
+    stored
+        .iter()
+        .zip(loaded)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((field, a), (_, b))| FieldChange {
+            field,
+            stored: a.clone(),
+            loaded: b.clone(),
+        })
+        .collect()
+}
+
+fn decimal_text(d: Decimal) -> String {
+    d.normalize().to_string()
+}
+
+fn duration_text(d: Duration) -> String {
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    humantime::format_duration(Duration::from_micros(micros)).to_string()
+}
+
+impl MerchantVersion {
+    /// The key as an operator names it: `merchant m1 valid from 2026-01-01T00:00:00Z`.
+    pub fn describe_key(&self) -> String {
+        format!(
+            "merchant {} valid from {}",
+            self.merchant_id,
+            self.valid_from
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        )
+    }
+
+    /// Every field but the key (`merchant_id`, `valid_from`); see [`VersionFields`].
+    pub fn fields(&self) -> VersionFields {
+        vec![
+            ("name", Some(self.name.clone())),
+            (
+                "settlement_currency",
+                Some(self.settlement_currency.code().to_owned()),
+            ),
+            ("fee_bps", Some(decimal_text(self.fee_bps))),
+            ("fee_fixed", Some(decimal_text(self.fee_fixed))),
+            ("status", Some(self.status.as_str().to_owned())),
+            ("tolerance_abs", self.tolerance_abs.map(decimal_text)),
+            ("tolerance_rel", self.tolerance_rel.map(decimal_text)),
+            (
+                "settlement_deadline",
+                self.settlement_deadline.map(duration_text),
+            ),
+            ("payment_deadline", self.payment_deadline.map(duration_text)),
+        ]
+    }
+}
+
+impl FxRate {
+    /// The key as an operator names it: `FX rate USD/EUR valid from 2026-01-01T00:00:00Z`.
+    pub fn describe_key(&self) -> String {
+        format!(
+            "FX rate {}/{} valid from {}",
+            self.base,
+            self.quote,
+            self.valid_from
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        )
+    }
+
+    /// Every field but the key (`base_currency`, `quote_currency`, `valid_from`).
+    pub fn fields(&self) -> VersionFields {
+        vec![("rate", Some(decimal_text(self.rate)))]
     }
 }
 
@@ -310,6 +415,10 @@ pub struct Snapshot {
     pub generation: u64,
     /// When it was loaded (cache age metric).
     pub loaded_at: Option<DateTime<Utc>>,
+    /// The PostgreSQL snapshot (`pg_snapshot` text) the tables were read in: which
+    /// transactions' changes this copy includes. The re-evaluation of corrected references
+    /// takes only the corrections it includes. `None`: not read from PostgreSQL.
+    pub database_snapshot: Option<String>,
 }
 
 /// What a snapshot holds, for logs and the benchmark.
@@ -583,9 +692,11 @@ impl ReferenceCache {
     /// snapshot as they arrive; the previous snapshot stays in use until the swap.
     pub async fn reload(&self, store: &Store) -> Result<Arc<Snapshot>, sqlx::Error> {
         let mut builder = SnapshotBuilder::new();
-        store.load_reference_into(&mut builder).await?;
+        let seen = store.load_reference_into(&mut builder).await?;
         let generation = self.snapshot().generation + 1;
-        let snapshot = Arc::new(builder.build(generation));
+        let mut snapshot = builder.build(generation);
+        snapshot.database_snapshot = Some(seen);
+        let snapshot = Arc::new(snapshot);
         *self.current.write().expect("reference cache lock") = snapshot.clone();
         self.loaded.send_replace(generation);
         crate::metrics::reference_loaded(Utc::now().timestamp_millis() as f64 / 1000.0);

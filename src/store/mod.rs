@@ -25,6 +25,7 @@ use sqlx::postgres::PgConnectOptions;
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
 pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
 pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
+pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 pub use verify::{CHECKS, Check, Difference};
 
 /// The migrations in `migrations/`, embedded in the binary.

@@ -120,7 +120,8 @@ pub enum Cause {
     Records,
     /// The watermark passed the item's deadline.
     Deadline,
-    /// Reference data changed while the item waited for it.
+    /// Reference data changed while the item waited for it, or a correction changed the
+    /// reference data it was judged with.
     ReferenceData,
 }
 
@@ -370,6 +371,30 @@ pub async fn missing_reference_items(
           ORDER BY payment_reference LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(after)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Takes (deletes) up to `limit` references a reference-data correction queued, in key order,
+/// skipping entries another transaction holds, and only those queued by a transaction that
+/// `seen` (the `pg_snapshot` the cache was loaded in) includes: evaluated with a cache from
+/// before the correction, an entry would be used up without the correction applying. The
+/// others wait for the reload the correction's NOTIFY triggers.
+pub async fn take_corrected_items(
+    tx: &mut Transaction<'_, Postgres>,
+    seen: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "DELETE FROM reference_reevaluations
+          WHERE payment_reference IN (
+                SELECT payment_reference FROM reference_reevaluations
+                 WHERE pg_visible_in_snapshot(queued_by, $1::pg_snapshot)
+                 ORDER BY payment_reference LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING payment_reference",
+    )
+    .bind(seen)
     .bind(limit)
     .fetch_all(&mut **tx)
     .await
@@ -860,6 +885,49 @@ impl super::Store {
             daily.write(&mut tx).await?;
             tx.commit().await?;
             after = last;
+        }
+    }
+}
+
+impl super::Store {
+    /// Re-evaluates, with the cache's current snapshot and cause REFERENCE_DATA, the items a
+    /// reference-data correction queued (see `store::reference`), in transactions of `chunk`
+    /// items; called after every reload, like [`Self::reevaluate_missing_reference`]. An
+    /// entry leaves the queue in the transaction that evaluates it, so a failure leaves it
+    /// for the next reload.
+    pub async fn reevaluate_corrected(
+        &self,
+        group: &str,
+        instance: &str,
+        reconciler: &Reconciler,
+        chunk: i64,
+    ) -> Result<ReconcileOutcome, sqlx::Error> {
+        let snapshot = reconciler.cache.snapshot();
+        let mut outcome = ReconcileOutcome::default();
+        let Some(seen) = snapshot.database_snapshot.as_deref() else {
+            return Ok(outcome);
+        };
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let refs = take_corrected_items(&mut tx, seen, chunk).await?;
+            if refs.is_empty() {
+                return Ok(outcome);
+            }
+            let mut targets = Targets::default();
+            for r in refs {
+                targets.other(r, Cause::ReferenceData);
+            }
+            let who = Evaluator {
+                group,
+                instance,
+                rules: &reconciler.rules,
+                snapshot: &snapshot,
+                watermark: reconciler.watermark(&mut tx, group).await?,
+            };
+            let mut daily = DailyDeltas::default();
+            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
+            daily.write(&mut tx).await?;
+            tx.commit().await?;
         }
     }
 }

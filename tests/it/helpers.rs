@@ -71,8 +71,8 @@ impl TestDb {
         // The simulator's reference data, so simulated traffic is priced like in production.
         let (merchants, rates) = payrecon::simulate::reference_data(&SimulationOptions::default())
             .expect("the simulation's reference data");
-        store.upsert_merchants(&merchants).await.unwrap();
-        store.upsert_rates(&rates).await.unwrap();
+        store.load_merchants(&merchants, None).await.unwrap();
+        store.load_rates(&rates, None).await.unwrap();
         TestDb { name, url, store }
     }
 

@@ -16,4 +16,5 @@ mod reconciliation;
 mod reference;
 mod replay;
 mod report;
+mod secrets;
 mod tansu;

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use crate::helpers::{Fixture, wait_for};
 
 /// `hours` after 2026-01-01T00:00:00Z.
-fn at(hours: i64) -> DateTime<Utc> {
+pub(crate) fn at(hours: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(hours)
 }
 
@@ -20,11 +20,11 @@ fn eur() -> Currency {
     Currency::from_code("EUR").unwrap()
 }
 
-fn money(s: &str) -> Decimal {
+pub(crate) fn money(s: &str) -> Decimal {
     s.parse().unwrap()
 }
 
-fn capture(reference: &str, merchant: &str, amount: &str, hour: i64) -> Generated {
+pub(crate) fn capture(reference: &str, merchant: &str, amount: &str, hour: i64) -> Generated {
     Generated::Payment(PaymentEvent {
         event_id: format!("evt-{reference}"),
         payment_reference: reference.into(),
@@ -37,7 +37,13 @@ fn capture(reference: &str, merchant: &str, amount: &str, hour: i64) -> Generate
     })
 }
 
-fn line(reference: &str, merchant: &str, gross: &str, fee: &str, hour: i64) -> Generated {
+pub(crate) fn line(
+    reference: &str,
+    merchant: &str,
+    gross: &str,
+    fee: &str,
+    hour: i64,
+) -> Generated {
     let (gross, fee) = (money(gross), money(fee));
     Generated::Settlement(SettlementLine {
         line_id: format!("line-{reference}"),
@@ -54,7 +60,7 @@ fn line(reference: &str, merchant: &str, gross: &str, fee: &str, hour: i64) -> G
 }
 
 /// The stored status of `reference`, if it has an item.
-async fn status(f: &Fixture, reference: &str) -> Option<String> {
+pub(crate) async fn status(f: &Fixture, reference: &str) -> Option<String> {
     sqlx::query_scalar("SELECT status FROM reconciliation_items WHERE payment_reference = $1")
         .bind(reference)
         .fetch_optional(f.db.store.pool())
@@ -62,7 +68,7 @@ async fn status(f: &Fixture, reference: &str) -> Option<String> {
         .unwrap()
 }
 
-async fn wait_status(f: &Fixture, reference: &str, expected: &str) {
+pub(crate) async fn wait_status(f: &Fixture, reference: &str, expected: &str) {
     wait_for(
         Duration::from_secs(30),
         &format!("{reference} to become {expected}"),
@@ -72,7 +78,7 @@ async fn wait_status(f: &Fixture, reference: &str, expected: &str) {
 }
 
 /// (from, to, cause, caused_by) of every status change of `reference`, oldest first.
-async fn history(
+pub(crate) async fn history(
     f: &Fixture,
     reference: &str,
 ) -> Vec<(Option<String>, String, String, Vec<String>)> {
@@ -119,7 +125,7 @@ async fn a_late_settlement_turns_missing_settlement_into_matched_and_both_are_pu
     let f = Fixture::new(1).await;
     // EUR, 150 bps, no fixed fee.
     f.db.store
-        .upsert_merchants(&[merchant("shop", 150, at(-24))])
+        .load_merchants(&[merchant("shop", 150, at(-24))], None)
         .await
         .unwrap();
     let service = f.spawn_service("a", &[]);
@@ -240,7 +246,7 @@ async fn an_unknown_merchant_is_an_exception_until_its_reference_data_is_loaded(
 async fn a_reference_change_mid_stream_applies_from_its_validity_start_without_a_restart() {
     let f = Fixture::new(1).await;
     f.db.store
-        .upsert_merchants(&[merchant("shop", 100, at(-24))])
+        .load_merchants(&[merchant("shop", 100, at(-24))], None)
         .await
         .unwrap();
     let service = f.spawn_service("a", &[]);
@@ -261,7 +267,7 @@ async fn a_reference_change_mid_stream_applies_from_its_validity_start_without_a
     // the table's NOTIFY (the metric says when).
     let changed = Utc::now().timestamp_millis() as f64 / 1000.0;
     f.db.store
-        .upsert_merchants(&[merchant("shop", 200, at(10))])
+        .load_merchants(&[merchant("shop", 200, at(10))], None)
         .await
         .unwrap();
     wait_for(
@@ -497,7 +503,7 @@ async fn a_transactional_relay_fences_its_predecessor_and_publishes_exactly_once
     .unwrap();
     let second = f.spawn_service("tx-second", &env);
     f.db.store
-        .upsert_merchants(&[merchant("txshop", 250, at(-24))])
+        .load_merchants(&[merchant("txshop", 250, at(-24))], None)
         .await
         .unwrap();
     wait_status(&f, "tx-1", "MATCHED").await;
