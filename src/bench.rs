@@ -172,26 +172,22 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
     let (payments_topic, settlements_topic) = ("bench.payments", "bench.settlements");
-    cluster.create_topic(payments_topic, o.partitions, 1)?;
-    cluster.create_topic(settlements_topic, o.partitions, 1)?;
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
         storage: crate::registry::Storage::Memory,
     })
     .await?;
-    let (db2, url2, store) = fresh_store(&admin, "e2e").await?;
-    load_reference(&store, &sim, &settings).await?;
-    store.pool().close().await;
-    settings.database.url = SecretString::from(url2);
     settings.kafka.bootstrap_servers = bootstrap;
-    settings.kafka.payments_topic = payments_topic.into();
-    settings.kafka.settlements_topic = settlements_topic.into();
-    settings.kafka.group_id = "bench".into();
     settings.registry.url = registry_url;
     settings.http.listen = "127.0.0.1:0".parse()?;
-    let sr =
-        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let encoder = crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+    let stage = Stage {
+        tag: "e2e",
+        group: "bench",
+        topics: (payments_topic, settlements_topic),
+        refuse_psp: false,
+    };
+    let (db2, encoder) = stage
+        .prepare(&mut settings, &admin, &cluster, &sim, o.partitions)
+        .await?;
     let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
     crate::simulate::produce(
         &producer,
@@ -203,7 +199,6 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         |_| {},
     )
     .await?;
-
     let shutdown = CancellationToken::new();
     let (tx, mut events) = mpsc::unbounded_channel();
     let service = tokio::spawn(crate::app::run(
@@ -580,6 +575,56 @@ fn with_hostile_records(
 /// of), so its bisection path is measured too.
 const REFUSED_PSP: &str = "bench-refused-by-the-database";
 
+/// An end-to-end stage's topics, database and consumer group.
+struct Stage {
+    tag: &'static str,
+    group: &'static str,
+    topics: (&'static str, &'static str),
+    /// Adds a CHECK that refuses [`REFUSED_PSP`] (the hostile stage).
+    refuse_psp: bool,
+}
+
+impl Stage {
+    /// Creates the topics and a database with the simulation's reference data, points
+    /// `settings` at them and registers the schemas; returns the database name and the
+    /// encoder.
+    async fn prepare(
+        &self,
+        settings: &mut Settings,
+        admin: &PgConnectOptions,
+        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        sim: &SimulationOptions,
+        partitions: i32,
+    ) -> anyhow::Result<(String, crate::codec::Encoder)> {
+        let (payments_topic, settlements_topic) = self.topics;
+        cluster.create_topic(payments_topic, partitions, 1)?;
+        cluster.create_topic(settlements_topic, partitions, 1)?;
+        let (db, url, store) = fresh_store(admin, self.tag).await?;
+        load_reference(&store, sim, settings).await?;
+        if self.refuse_psp {
+            sqlx::raw_sql(&format!(
+                "ALTER TABLE payment_events ADD CONSTRAINT bench_refuses_one_psp_reference
+                     CHECK (psp_reference IS DISTINCT FROM '{REFUSED_PSP}')"
+            ))
+            .execute(store.pool())
+            .await?;
+        }
+        store.pool().close().await;
+        settings.database.url = SecretString::from(url);
+        settings.kafka.payments_topic = payments_topic.into();
+        settings.kafka.settlements_topic = settlements_topic.into();
+        settings.kafka.group_id = self.group.into();
+        let sr = crate::codec::registry_settings(
+            &settings.registry.url,
+            settings.registry.request_timeout,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let encoder =
+            crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+        Ok((db, encoder))
+    }
+}
+
 /// Stage 5: end-to-end again, on the same backlog with hostile records in it, into a database
 /// of its own: records/s through the same service loop.
 async fn hostile_stage(
@@ -590,27 +635,16 @@ async fn hostile_stage(
     records: &[Generated],
     o: &BenchOptions,
 ) -> anyhow::Result<(f64, u64)> {
-    let (payments_topic, settlements_topic) =
-        ("bench.hostile.payments", "bench.hostile.settlements");
-    cluster.create_topic(payments_topic, o.partitions, 1)?;
-    cluster.create_topic(settlements_topic, o.partitions, 1)?;
-    let (db, url, store) = fresh_store(admin, "hostile").await?;
-    load_reference(&store, sim, &settings).await?;
-    sqlx::raw_sql(&format!(
-        "ALTER TABLE payment_events ADD CONSTRAINT bench_refuses_one_psp_reference
-             CHECK (psp_reference IS DISTINCT FROM '{REFUSED_PSP}')"
-    ))
-    .execute(store.pool())
-    .await?;
-    store.pool().close().await;
-    settings.database.url = SecretString::from(url);
-    settings.kafka.payments_topic = payments_topic.into();
-    settings.kafka.settlements_topic = settlements_topic.into();
-    settings.kafka.group_id = "bench-hostile".into();
-    let sr =
-        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let encoder = crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+    let stage = Stage {
+        tag: "hostile",
+        group: "bench-hostile",
+        topics: ("bench.hostile.payments", "bench.hostile.settlements"),
+        refuse_psp: true,
+    };
+    let (payments_topic, settlements_topic) = stage.topics;
+    let (db, encoder) = stage
+        .prepare(&mut settings, admin, cluster, sim, o.partitions)
+        .await?;
     let (log, hostile) = with_hostile_records(records, o.hostile_every, &encoder)?;
     let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
     crate::simulate::produce(

@@ -333,36 +333,12 @@ fn progress(batch: &mut Batch, sources: &[Source], next: &[i64; 2]) {
 }
 
 async fn where_it_ended(db: &TestDb, topics: &[String], s: &Source) -> Option<End> {
-    let pool = db.store.pool();
-    let topic = &topics[s.topic];
     let table = ["payment_events", "settlement_lines"][s.topic];
-    let applied: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {table} WHERE source_topic = $1 AND source_partition = $2 AND source_offset = $3"
-    ))
-    .bind(topic)
-    .bind(s.partition)
-    .bind(s.offset)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let dead: i64 = sqlx::query_scalar(
-        r#"SELECT count(*) FROM dead_letters WHERE topic = $1 AND partition = $2 AND "offset" = $3"#,
-    )
-    .bind(topic)
-    .bind(s.partition)
-    .bind(s.offset)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let conflict: i64 = sqlx::query_scalar(
-        r#"SELECT count(*) FROM conflicting_duplicates WHERE topic = $1 AND partition = $2 AND "offset" = $3"#,
-    )
-    .bind(topic)
-    .bind(s.partition)
-    .bind(s.offset)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let source = ("source_topic", "source_partition", "source_offset");
+    let kept = ("topic", "partition", "\"offset\"");
+    let applied = rows_at(db, table, source, &topics[s.topic], s).await;
+    let dead = rows_at(db, "dead_letters", kept, &topics[s.topic], s).await;
+    let conflict = rows_at(db, "conflicting_duplicates", kept, &topics[s.topic], s).await;
     match (applied, dead, conflict) {
         (1, 0, 0) => Some(End::Applied),
         (0, 1, 0) => Some(End::DeadLettered),
@@ -371,4 +347,23 @@ async fn where_it_ended(db: &TestDb, topics: &[String], s: &Source) -> Option<En
         (0, 0, 0) => Some(End::Duplicate),
         _ => None,
     }
+}
+
+/// Rows of `table` at the log position `s` (`columns`: its topic, partition, offset columns).
+async fn rows_at(
+    db: &TestDb,
+    table: &str,
+    (t, p, o): (&str, &str, &str),
+    topic: &str,
+    s: &Source,
+) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {table} WHERE {t} = $1 AND {p} = $2 AND {o} = $3"
+    ))
+    .bind(topic)
+    .bind(s.partition)
+    .bind(s.offset)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap()
 }
