@@ -134,6 +134,10 @@ impl DecodeError {
     }
 }
 
+/// The largest allocation the Avro reader may make for one value: above any Kafka record
+/// (`message.max.bytes` defaults to 1 MB), far below what would hurt the process.
+pub const MAX_AVRO_ALLOCATION: usize = 16 * 1024 * 1024;
+
 /// Decimal scales of a writer schema's decimal fields, by field name. Avro decimals carry
 /// their scale in the schema, not in the value, so each writer schema is inspected once.
 type Scales = HashMap<String, u32>;
@@ -159,6 +163,11 @@ pub fn registry_settings(url: &str, timeout: Duration) -> Result<SrSettings, Dec
 
 impl Codec {
     pub fn new(settings: SrSettings) -> Self {
+        // A body can claim a string or array of any length in a few bytes; the Avro reader
+        // allocates what it claims before finding the bytes missing. Nothing in one Kafka
+        // record can be larger than the record, so bound every allocation (process-wide,
+        // first call wins) far below the 512 MiB default.
+        apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
         Codec {
             decoder: AvroDecoder::new(settings),
             scales: RwLock::new(HashMap::new()),

@@ -12,9 +12,11 @@ use rust_decimal::Decimal;
 
 use crate::helpers::{Fixture, simulation, wait_for};
 
-/// One hostile payment event, made from a clean one by `spoil`.
+/// One hostile payment event, made from a clean one by `spoil` (or bytes made by `raw` from
+/// the payment schema id).
 struct Hostile {
     spoil: fn(&mut PaymentEvent),
+    raw: Option<fn(u32) -> Vec<u8>>,
     /// The dead-letter reason it must get.
     reason: &'static str,
     /// A part of the stored message.
@@ -42,7 +44,10 @@ async fn one_hostile_record(h: Hostile) {
     let mut spoilt = clean.clone();
     spoilt.event_id = format!("hostile-{}", clean.event_id);
     (h.spoil)(&mut spoilt);
-    let bytes = encoder.encode_payment(&spoilt).unwrap();
+    let bytes = match h.raw {
+        Some(raw) => raw(encoder.payment_schema_id()),
+        None => encoder.encode_payment(&spoilt).unwrap(),
+    };
     records.insert(
         records.len() / 2,
         Generated::Malformed {
@@ -97,6 +102,7 @@ async fn a_nul_character_in_an_id_is_dead_lettered_as_invalid_text() {
         reason: "invalid_text",
         message: "U+0000",
         prepare: None,
+        raw: None,
     })
     .await;
 }
@@ -108,6 +114,7 @@ async fn a_reference_of_hundreds_of_kilobytes_is_dead_lettered_as_too_long() {
         reason: "field_too_long",
         message: "300000 bytes long",
         prepare: None,
+        raw: None,
     })
     .await;
 }
@@ -119,6 +126,7 @@ async fn an_amount_beyond_the_columns_is_dead_lettered_as_out_of_range() {
         reason: "amount_out_of_range",
         message: "exceeds the maximum",
         prepare: None,
+        raw: None,
     })
     .await;
 }
@@ -129,6 +137,32 @@ async fn an_event_time_days_ahead_of_the_broker_is_dead_lettered_before_it_reach
         spoil: |p| p.event_time = chrono::Utc::now() + chrono::Duration::days(3),
         reason: "implausible_event_time",
         message: "ahead of the broker timestamp",
+        prepare: None,
+        raw: None,
+    })
+    .await;
+}
+
+/// Eight bytes that claim a 400 MB event_id: the Avro reader's allocations are bounded (16 MiB,
+/// not its 512 MiB default), so the record is refused before anything is allocated for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_claiming_a_400_mb_string_is_dead_lettered_before_anything_is_allocated() {
+    one_hostile_record(Hostile {
+        spoil: |_| {},
+        raw: Some(|schema_id| {
+            // Avro long, zig-zag varint: 2 * 400_000_000.
+            let mut body = Vec::new();
+            let mut n: u64 = 800_000_000;
+            while n >= 0x80 {
+                body.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            body.push(n as u8);
+            body.extend_from_slice(b"abc");
+            payrecon::codec::frame(schema_id, &body)
+        }),
+        reason: "undecodable_body",
+        message: "maximum allowed: 16777216",
         prepare: None,
     })
     .await;
@@ -146,6 +180,7 @@ async fn a_record_the_database_refuses_is_isolated_and_dead_lettered_with_the_sq
             "ALTER TABLE payment_events ADD CONSTRAINT test_refuses_one_psp_reference
                  CHECK (psp_reference IS DISTINCT FROM 'refuse-me')",
         ),
+        raw: None,
     })
     .await;
 }
