@@ -48,6 +48,60 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Settings every session starts with, so that a dead or frozen peer cannot hold row
+    /// locks (and with them a partition) for long.
+    pub session: SessionSettings,
+}
+
+/// PostgreSQL session settings (GUCs) sent with every connection; `0s` disables one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Longest single statement (a runaway query).
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Longest wait for a lock: a batch blocked on a row a frozen session holds fails with
+    /// 55P03 and is retried, instead of hanging.
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    /// A session idle inside a transaction this long is ended by the server, releasing its
+    /// locks: the bound on how long a frozen or cut-off instance can hold a partition's
+    /// offset row.
+    #[serde(with = "humantime_serde")]
+    pub idle_in_transaction_session_timeout: Duration,
+    /// Server-side TCP keepalive: idle time before the first probe, interval, probes.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalives_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalives_interval: Duration,
+    pub tcp_keepalives_count: u32,
+    /// How long data sent to a client may stay unacknowledged before the server drops the
+    /// connection (a network black hole while a statement's results are sent).
+    #[serde(with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+}
+
+impl SessionSettings {
+    /// The settings as (name, value) pairs for the connection's startup options.
+    pub fn options(&self) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let s = |d: Duration| d.as_secs().to_string();
+        vec![
+            ("statement_timeout", ms(self.statement_timeout)),
+            ("lock_timeout", ms(self.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(self.idle_in_transaction_session_timeout),
+            ),
+            ("tcp_keepalives_idle", s(self.tcp_keepalives_idle)),
+            ("tcp_keepalives_interval", s(self.tcp_keepalives_interval)),
+            (
+                "tcp_keepalives_count",
+                self.tcp_keepalives_count.to_string(),
+            ),
+            ("tcp_user_timeout", ms(self.tcp_user_timeout)),
+        ]
+    }
 }
 
 /// `Debug` is written by hand: `options` may hold `sasl.password` and the like.
@@ -350,7 +404,9 @@ impl DatabaseSettings {
             }
         }
         let options = PgConnectOptions::from_url(&url).map_err(|e| invalid(&e))?;
-        Ok(options.application_name("payrecon"))
+        Ok(options
+            .application_name("payrecon")
+            .options(self.session.options()))
     }
 
     pub fn pool_options(&self) -> PgPoolOptions {

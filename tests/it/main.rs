@@ -7,6 +7,7 @@ mod helpers;
 mod bad_input;
 mod crash;
 mod fencing;
+mod frozen;
 mod hostile;
 mod observability;
 mod outage;
