@@ -100,6 +100,9 @@ impl SessionSettings {
                 self.tcp_keepalives_count.to_string(),
             ),
             ("tcp_user_timeout", ms(self.tcp_user_timeout)),
+            // NOTICEs ("relation ... already exists, skipping" from every migration run) are
+            // not the operator's business; warnings and errors still arrive.
+            ("client_min_messages", "warning".to_owned()),
         ]
     }
 }
@@ -406,7 +409,10 @@ impl DatabaseSettings {
         let options = PgConnectOptions::from_url(&url).map_err(|e| invalid(&e))?;
         Ok(options
             .application_name("payrecon")
-            .options(self.session.options()))
+            .options(self.session.options())
+            // sqlx's slow-statement warning carries the whole SQL text; the batch commit
+            // histogram measures the same thing. Kept, but at DEBUG.
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)))
     }
 
     pub fn pool_options(&self) -> PgPoolOptions {

@@ -363,8 +363,8 @@ async fn read_exceptions_topic(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
-    let consumer: StreamConsumer = config
-        .create()
+    let consumer: StreamConsumer<crate::kafka::EndOfPartitionIsNormal> = config
+        .create_with_context(crate::kafka::EndOfPartitionIsNormal)
         .context("creating the exceptions topic's reader")?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer

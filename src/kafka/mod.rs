@@ -15,6 +15,26 @@ pub mod lag;
 mod progress;
 
 pub use assignment::Assignment;
+
+/// A client context for readers that ask for end-of-partition events
+/// (`enable.partition.eof`): librdkafka also reports each one as a "global error", which the
+/// default context logs at ERROR although reaching the end is what such a reader waits for.
+/// Every other error is logged as the default context would.
+pub struct EndOfPartitionIsNormal;
+
+impl rdkafka::ClientContext for EndOfPartitionIsNormal {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        match error {
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) | KafkaError::PartitionEOF(_) => {
+                tracing::debug!(%reason, "end of partition")
+            }
+            other => tracing::error!(error = %other, %reason, "librdkafka error"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsNormal {}
 pub use consumer::{ConsumerLoop, LoopEvent};
 pub use progress::Progress;
 

@@ -270,8 +270,11 @@ fn quote_ident(name: &str) -> String {
 }
 
 async fn admin_execute(admin: &PgConnectOptions, sql: &str) -> Result<(), sqlx::Error> {
-    use sqlx::{Connection, Executor};
-    let mut conn = sqlx::PgConnection::connect_with(admin).await?;
+    use sqlx::{ConnectOptions, Connection, Executor};
+    let admin = admin
+        .clone()
+        .log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1));
+    let mut conn = sqlx::PgConnection::connect_with(&admin).await?;
     conn.execute(sql).await?;
     conn.close().await
 }
