@@ -16,14 +16,28 @@ use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::{Reconciler, Store};
 
-/// Connects to PostgreSQL, retrying with backoff (the database may start after us) until
-/// `shutdown`.
+/// How long a start-up waits for a database that does not answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Patience {
+    /// Until shutdown (the service: the database may start after it).
+    Forever,
+    /// `database.startup_timeout` (commands: a cron job or an init container must end).
+    Bounded,
+}
+
+/// Connects to PostgreSQL. A refusal retrying cannot fix (authentication failed, database or
+/// role missing, TLS refused) fails at once, naming the cause; anything else (connection
+/// refused, timeouts, the server starting up) is retried with backoff, forever or up to
+/// `database.startup_timeout` depending on `patience`, until `shutdown`.
 pub async fn connect_store(
     settings: &Settings,
     shutdown: &CancellationToken,
+    patience: Patience,
 ) -> anyhow::Result<Store> {
     let options = settings.database.connect_options()?;
     let mut backoff = settings.pipeline.retry_initial_backoff;
+    let started = std::time::Instant::now();
+    let database = settings.database.redacted_url();
     loop {
         match settings
             .database
@@ -33,7 +47,18 @@ pub async fn connect_store(
         {
             Ok(pool) => return Ok(Store::new(pool)),
             Err(e) => {
-                tracing::warn!(database = %settings.database.redacted_url(), error = %redact_text(&e.to_string()), retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
+                let cause = redact_text(&crate::store::describe(&e));
+                if let Some(why) = crate::store::refused_connection(&e) {
+                    anyhow::bail!("cannot connect to PostgreSQL at {database}: {why} ({cause})");
+                }
+                let limit = settings.database.startup_timeout;
+                if matches!(patience, Patience::Bounded) && started.elapsed() + backoff > limit {
+                    anyhow::bail!(
+                        "PostgreSQL at {database} did not answer within database.startup_timeout ({}): {cause}",
+                        humantime::format_duration(limit)
+                    );
+                }
+                tracing::warn!(%database, error = %cause, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => anyhow::bail!("shutdown before PostgreSQL answered"),
                     _ = tokio::time::sleep(backoff) => {}
@@ -52,7 +77,7 @@ pub async fn run(
     observer: Option<mpsc::UnboundedSender<LoopEvent>>,
 ) -> anyhow::Result<()> {
     tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), "starting payrecon");
-    let store = connect_store(&settings, &shutdown).await?;
+    let store = connect_store(&settings, &shutdown, Patience::Forever).await?;
     store.migrate().await.context("applying migrations")?;
     let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -142,8 +142,12 @@ pub fn main() -> ExitCode {
             // The last stop before a person reads it: whatever error got here unscrubbed (a
             // driver or client quoting a URL) loses its credentials now.
             let message = crate::config::redact_text(&format!("{e:#}"));
-            tracing::error!("{message}");
-            eprintln!("error: {message}");
+            // Once: a JSON log line for log collectors, a plain last line for a person.
+            if crate::telemetry::json() {
+                tracing::error!("{message}");
+            } else {
+                eprintln!("error: {message}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -171,8 +175,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
-            store.migrate().await.context("applying migrations")?;
+            let store = crate::app::connect_store(
+                &settings,
+                &CancellationToken::new(),
+                crate::app::Patience::Bounded,
+            )
+            .await?;
+            store
+                .migrate_within(settings.database.startup_timeout)
+                .await
+                .context("applying migrations")?;
             println!("migrations applied to {}", settings.database.redacted_url());
             Ok(ExitCode::SUCCESS)
         }
@@ -254,9 +266,12 @@ pub async fn simulate(
     let options = &options.clone().with_rules(&settings.reconciliation);
     if load_reference {
         let (merchants, rates) = crate::simulate::reference_data(options)?;
-        let store =
-            crate::app::connect_store(settings, &tokio_util::sync::CancellationToken::new())
-                .await?;
+        let store = crate::app::connect_store(
+            settings,
+            &tokio_util::sync::CancellationToken::new(),
+            crate::app::Patience::Bounded,
+        )
+        .await?;
         store.migrate().await?;
         let m = store.load_merchants(&merchants, None).await?;
         let r = store.load_rates(&rates, None).await?;
@@ -322,7 +337,12 @@ async fn load_reference(
         let content = parse(file).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         parsed.push(content);
     }
-    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    let store = crate::app::connect_store(
+        settings,
+        &CancellationToken::new(),
+        crate::app::Patience::Bounded,
+    )
+    .await?;
     store.migrate().await?;
     let contents: Vec<&ReferenceFile> = parsed.iter().map(|p| &p.content).collect();
     let correction = correction.map(|c| crate::store::Correction {
@@ -386,8 +406,15 @@ async fn load_reference(
 }
 
 async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::Result<ExitCode> {
-    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
-    store.migrate().await?;
+    let store = crate::app::connect_store(
+        settings,
+        &CancellationToken::new(),
+        crate::app::Patience::Bounded,
+    )
+    .await?;
+    // Inspecting must never create or change a schema (a wrong database.url would be
+    // migrated silently otherwise).
+    store.require_schema().await?;
     match action {
         DeadLetterAction::List { all, limit, json } => {
             let rows = store.list_dead_letters(!all, limit).await?;

@@ -48,6 +48,11 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a command (`migrate`, `reference load`, `dead-letters`, `simulate`) waits for
+    /// a database that does not answer, and `migrate` for another instance's migration,
+    /// before it fails. `payrecon run` waits for the database as long as it takes.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
     /// Settings every session starts with, so that a dead or frozen peer cannot hold row
     /// locks (and with them a partition) for long.
     pub session: SessionSettings,

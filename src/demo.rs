@@ -244,7 +244,12 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     }
     .with_rules(&settings.reconciliation);
     {
-        let store = crate::app::connect_store(&settings, &CancellationToken::new()).await?;
+        let store = crate::app::connect_store(
+            &settings,
+            &CancellationToken::new(),
+            crate::app::Patience::Bounded,
+        )
+        .await?;
         store.migrate().await?;
         let (merchants, rates) = crate::simulate::reference_data(&sim)?;
         store.load_merchants(&merchants, None).await?;
@@ -325,7 +330,12 @@ async fn summarize(
     elapsed: Duration,
     fenced: u32,
 ) -> anyhow::Result<ExitCode> {
-    let store = crate::app::connect_store(settings, &CancellationToken::new()).await?;
+    let store = crate::app::connect_store(
+        settings,
+        &CancellationToken::new(),
+        crate::app::Patience::Bounded,
+    )
+    .await?;
     // Everything is consumed; wait for the last due items to be judged and the last
     // exceptions to be published.
     let lateness = crate::store::Rules::from_settings(&settings.reconciliation).allowed_lateness;

@@ -105,6 +105,24 @@ pub fn disposition(e: &sqlx::Error) -> Disposition {
     }
 }
 
+/// Why PostgreSQL refused a *connection* for a reason retrying cannot fix, if it did:
+/// authentication failed (28P01), no such role or no pg_hba entry (28000), no such database
+/// (3D000), TLS refused or failed (a `Tls` error). `None`: worth retrying (refused
+/// connection, timeouts, the server starting up: 57P03).
+pub fn refused_connection(e: &sqlx::Error) -> Option<&'static str> {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") => Some("authentication failed (wrong password?)"),
+            Some("28000") => Some("the role does not exist or pg_hba.conf refuses it"),
+            Some("3D000") => Some("the database does not exist"),
+            Some(c) if c.starts_with("28") => Some("authorization refused"),
+            _ => None,
+        },
+        sqlx::Error::Tls(_) => Some("TLS refused or failed"),
+        _ => None,
+    }
+}
+
 /// `SQLSTATE 22021: invalid byte sequence ...` for database errors, the error otherwise; safe
 /// to log and to store (no record content beyond what PostgreSQL's message carries).
 pub fn describe(e: &sqlx::Error) -> String {
@@ -186,9 +204,55 @@ impl Store {
     }
 
     /// Applies pending migrations (idempotent; safe with many instances starting at once,
-    /// sqlx takes an advisory lock).
+    /// sqlx takes an advisory lock). A lock wait that `lock_timeout` ends (another instance
+    /// is migrating) or a lost connection is retried for up to `patience`.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        self.migrate_within(std::time::Duration::from_secs(120))
+            .await
+    }
+
+    /// [`Store::migrate`], retrying transient failures for up to `patience`.
+    pub async fn migrate_within(
+        &self,
+        patience: std::time::Duration,
+    ) -> Result<(), sqlx::migrate::MigrateError> {
+        let started = std::time::Instant::now();
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            match MIGRATOR.run(&self.pool).await {
+                Err(sqlx::migrate::MigrateError::Execute(e))
+                    if disposition(&e) == Disposition::Retry
+                        && started.elapsed() + backoff < patience =>
+                {
+                    tracing::warn!(error = %describe(&e), retry_in = ?backoff, "migrations not applied yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fails unless every migration of this binary is applied: for commands that must not
+    /// change the schema (inspecting dead letters), so they never migrate a wrong or empty
+    /// database by accident.
+    pub async fn require_schema(&self) -> anyhow::Result<()> {
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        let missing = MIGRATOR
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count();
+        anyhow::ensure!(
+            missing == 0,
+            "this database does not have payrecon's schema ({missing} of {} migrations not applied): run `payrecon migrate` against it first (or check database.url)",
+            MIGRATOR.iter().count()
+        );
+        Ok(())
     }
 
     /// Stored `next_offset` of each requested partition; absent when never committed.

@@ -18,4 +18,5 @@ mod reference;
 mod replay;
 mod report;
 mod secrets;
+mod startup;
 mod tansu;
