@@ -40,7 +40,8 @@ pub enum Command {
     Simulate {
         #[command(flatten)]
         options: crate::simulate::SimulationOptions,
-        /// Create the input topics with this many partitions if missing.
+        /// Create the input topics with this many partitions if missing (and the exceptions
+        /// topic with one).
         #[arg(long)]
         create_topics: Option<i32>,
         /// Load the simulation's reference data (merchants, FX rates) into the configured
@@ -290,6 +291,8 @@ pub async fn simulate(
             partitions,
         )
         .await?;
+        // The relay publishes there; a broker without auto-creation would refuse it.
+        crate::kafka::ensure_topics(&k.client_config(), &[&settings.exceptions.topic], 1).await?;
     }
     let sr =
         crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
