@@ -188,7 +188,9 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     if let Some(id) = transactional_id {
         config.set("transactional.id", id);
     }
-    let producer: FutureProducer = config.create().context("creating the relay producer")?;
+    let producer: FutureProducer<crate::kafka::Quiet> = config
+        .create_with_context(crate::kafka::Quiet::default())
+        .context("creating the relay producer")?;
     if let Some(id) = transactional_id {
         // Fences every earlier producer with this id: the broker aborts its open transaction
         // and rejects its writes, so a cut-off predecessor cannot land anything any more.
@@ -363,8 +365,8 @@ async fn read_exceptions_topic(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
-    let consumer: StreamConsumer<crate::kafka::EndOfPartitionIsNormal> = config
-        .create_with_context(crate::kafka::EndOfPartitionIsNormal)
+    let consumer: StreamConsumer<crate::kafka::Quiet> = config
+        .create_with_context(crate::kafka::Quiet::default())
         .context("creating the exceptions topic's reader")?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer

@@ -37,11 +37,23 @@ pub struct RebalanceContext {
     pub(super) assignment: Arc<Mutex<Assignment>>,
     /// Told of every assignment (stall timer) and of a failed one (readiness, retry).
     pub(super) progress: Arc<super::progress::Progress>,
+    /// Rate limits librdkafka's repeated reports.
+    pub(super) throttle: super::logs::Throttle,
     pub(super) shutdown: CancellationToken,
     pub(super) retry_backoff: Duration,
 }
 
-impl ClientContext for RebalanceContext {}
+/// librdkafka's logs and errors, rate limited (a broker outage repeats them many times a
+/// second).
+impl ClientContext for RebalanceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.throttle.log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.throttle.error(error, reason);
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn rebalance(

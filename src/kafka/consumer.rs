@@ -118,6 +118,7 @@ impl ConsumerLoop {
             group: settings.kafka.group_id.clone(),
             assignment: assignment.clone(),
             progress: progress.clone(),
+            throttle: Default::default(),
             shutdown,
             retry_backoff: settings.pipeline.retry_initial_backoff,
         };
@@ -190,7 +191,12 @@ impl ConsumerLoop {
                     }
                     Err(e) => {
                         crate::metrics::transient_error("broker");
-                        tracing::warn!(error = %e, "Kafka consumer error; continuing");
+                        // Rate limited like librdkafka's own reports of the same outage.
+                        self.consumer.context().throttle.log(
+                            rdkafka::config::RDKafkaLogLevel::Warning,
+                            "consumer",
+                            &format!("Kafka consumer error; continuing: {e}"),
+                        );
                         tokio::time::sleep(self.initial_backoff).await;
                     }
                 },

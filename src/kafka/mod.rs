@@ -12,29 +12,30 @@
 mod assignment;
 mod consumer;
 pub mod lag;
+pub mod logs;
 mod progress;
 
 pub use assignment::Assignment;
 
-/// A client context for readers that ask for end-of-partition events
-/// (`enable.partition.eof`): librdkafka also reports each one as a "global error", which the
-/// default context logs at ERROR although reaching the end is what such a reader waits for.
-/// Every other error is logged as the default context would.
-pub struct EndOfPartitionIsNormal;
+/// The client context of every Kafka client payrecon creates besides the consumer (whose
+/// [`assignment`] context does the same): librdkafka's logs and error callbacks rate limited,
+/// end of partition not an error (see [`logs`]).
+#[derive(Default)]
+pub struct Quiet {
+    throttle: logs::Throttle,
+}
 
-impl rdkafka::ClientContext for EndOfPartitionIsNormal {
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.throttle.log(level, fac, message);
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-        match error {
-            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) | KafkaError::PartitionEOF(_) => {
-                tracing::debug!(%reason, "end of partition")
-            }
-            other => tracing::error!(error = %other, %reason, "librdkafka error"),
-        }
+        self.throttle.error(error, reason);
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsNormal {}
+impl rdkafka::consumer::ConsumerContext for Quiet {}
 pub use consumer::{ConsumerLoop, LoopEvent};
 pub use progress::Progress;
 
