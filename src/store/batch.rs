@@ -317,9 +317,16 @@ impl Apply<'_> {
             .await;
         savepoint(tx, SAVEPOINT_ROLLBACK).await?;
         savepoint(tx, SAVEPOINT_RELEASE).await?;
-        if let Err(e) = twin {
-            tracing::error!(record = %describe(&refusal), twin = %describe(&e), "PostgreSQL refuses a harmless twin of the refused record too: the schema or the database is wrong, not the record");
-            return Err(CommitError::Permanent(e));
+        match twin {
+            Ok(_) => {}
+            // The connection, not the twin, failed: retry the whole batch.
+            Err(e) if disposition(&e) == Disposition::Retry => {
+                return Err(CommitError::Transient(e));
+            }
+            Err(e) => {
+                tracing::error!(record = %describe(&refusal), twin = %describe(&e), "PostgreSQL refuses a harmless twin of the refused record too: the schema or the database is wrong, not the record");
+                return Err(CommitError::Permanent(e));
+            }
         }
         let source = payments
             .first()
