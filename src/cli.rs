@@ -41,7 +41,7 @@ pub enum Command {
         #[command(flatten)]
         options: crate::simulate::SimulationOptions,
         /// Create the input topics with this many partitions if missing.
-        #[arg(long)]
+        #[arg(long, visible_alias = "partitions")]
         create_topics: Option<i32>,
         /// Load the simulation's reference data (merchants, FX rates) into the configured
         /// database first, so the records can be priced.
@@ -288,13 +288,14 @@ pub async fn simulate(
     }
     let producer: rdkafka::producer::FutureProducer = k.producer_config().create()?;
     let total = records.len();
-    crate::simulate::produce(
+    crate::simulate::produce_stamped(
         &producer,
         &encoder,
         &k.payments_topic,
         &k.settlements_topic,
         &records,
         options.rate,
+        options.broker_time,
         |n| {
             tracing::info!(produced = n, total, "simulating");
         },

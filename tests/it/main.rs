@@ -8,6 +8,7 @@ mod bad_input;
 mod crash;
 mod fencing;
 mod hostile;
+mod idleness;
 mod observability;
 mod outage;
 mod property;
