@@ -115,16 +115,20 @@ pub struct WatermarkWatch {
 }
 
 impl WatermarkWatch {
+    /// `seen_up_to`: the group's highest event time, read before `lags` were fetched.
     async fn refresh(
         &self,
         store: &Store,
         group: &str,
+        seen_up_to: Option<chrono::DateTime<Utc>>,
         lags: &HashMap<(String, i32), PartitionLag>,
     ) {
         self.log_ends.update(lags.iter().map(|(k, l)| {
             let end = crate::reconcile::LogEnd {
                 low: l.low_watermark,
                 high: l.high_watermark,
+                seen_up_to,
+                capped: true,
             };
             (k.clone(), end)
         }));
@@ -156,14 +160,24 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
+        // Read before the log ends are fetched (see `LogEnd::seen_up_to`).
+        let seen_up_to = match &watch {
+            Some(_) => store.highest_event_time(&kafka.group_id).await,
+            None => Ok(None),
+        };
         match measure(&kafka, &client, &store).await {
             Ok(lags) => {
                 for ((topic, partition), lag) in &lags {
                     crate::metrics::commit_lag(topic, *partition, lag.records, lag.seconds);
                 }
                 stall.judge(&lags);
-                if let Some(w) = &watch {
-                    w.refresh(&store, &kafka.group_id, &lags).await;
+                match (&watch, &seen_up_to) {
+                    (Some(w), Ok(seen)) => w.refresh(&store, &kafka.group_id, *seen, &lags).await,
+                    // Not refreshed: the log ends go stale, and stale is never idle.
+                    (Some(_), Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read the group's event times")
+                    }
+                    (None, _) => {}
                 }
                 let now = Utc::now();
                 crate::metrics::lag_refreshed(now.timestamp_millis() as f64 / 1000.0);

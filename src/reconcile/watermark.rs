@@ -15,6 +15,15 @@ pub struct LogEnd {
     pub low: i64,
     /// Offset the next produced record will get.
     pub high: i64,
+    /// The highest event time applied on any of the group's partitions, read *before* this
+    /// log end was fetched (live service; `None` in a replay, whose log ends are fixed). A
+    /// record that reaches a caught-up partition after the fetch was produced after every
+    /// record behind this time, so an idle partition holds the watermark at it: records
+    /// applied since, which may have been produced after that record, cannot push the
+    /// watermark past it before the next fetch shows the partition as it is.
+    pub seen_up_to: Option<DateTime<Utc>>,
+    /// Whether `seen_up_to` applies (live log ends).
+    pub capped: bool,
 }
 
 /// What the group has applied on one input partition.
@@ -154,19 +163,34 @@ pub fn group_watermark(
         .iter()
         .map(|c| (c.topic.as_str(), c.partition))
         .collect();
-    let counting = partitions.iter().filter(|p| !p.standing.is_idle());
+    // What each partition counts with: its contribution, or for an idle one the cap of its
+    // log end (live) or nothing at all (fixed log ends: a replay).
+    let caps: BTreeMap<(&str, i32), Option<DateTime<Utc>>> = clocks
+        .iter()
+        .filter_map(|c| {
+            let end = c.log_end.filter(|e| e.capped)?;
+            let lateness = rules.for_topic(&c.topic).allowed_lateness;
+            let cap = end.seen_up_to.and_then(|t| t.checked_sub_signed(lateness));
+            Some(((c.topic.as_str(), c.partition), cap))
+        })
+        .collect();
+    let mut counting = partitions.iter().filter_map(|p| {
+        if !p.standing.is_idle() {
+            return Some(p.contribution);
+        }
+        caps.get(&(p.topic.as_str(), p.partition)).copied()
+    });
     let watermark = if expected_partitions.is_some_and(|n| (distinct.len() as i64) < n) {
         None
     } else if expected_partitions.is_some() {
         // Every counting partition must have an event time; one without holds at the epoch.
         counting
-            .map(|p| p.contribution)
             .try_fold(None::<DateTime<Utc>>, |acc, c| {
                 c.map(|c| Some(acc.map_or(c, |a| a.min(c))))
             })
             .flatten()
     } else {
-        counting.filter_map(|p| p.contribution).min()
+        counting.flatten().min()
     };
     GroupWatermark {
         watermark: watermark.unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
@@ -245,7 +269,12 @@ mod tests {
                 next_offset: next,
                 last_record_time: last.map(t),
                 max_event_time: max.map(t),
-                log_end: end.map(|(low, high)| LogEnd { low, high }),
+                log_end: end.map(|(low, high)| LogEnd {
+                    low,
+                    high,
+                    seen_up_to: None,
+                    capped: false,
+                }),
             })
             .collect()
     }
@@ -404,6 +433,38 @@ mod tests {
                 "{case}"
             );
         }
+    }
+
+    #[test]
+    fn a_live_idle_partition_holds_the_watermark_at_what_was_applied_when_its_log_end_was_fetched()
+    {
+        // Partition 1 was caught up when its log end was fetched; the group had applied event
+        // times up to h10 then. Partition 0 has since applied records up to h200 (perhaps
+        // produced after a record that reached partition 1 after the fetch).
+        let mut c = clocks(&[
+            ("payments", 0, Some(9), Some(200), Some(200), Some((0, 9))),
+            ("payments", 1, Some(2), Some(1), Some(1), Some((0, 2))),
+        ]);
+        for clock in &mut c {
+            let end = clock.log_end.as_mut().unwrap();
+            end.capped = true;
+            end.seen_up_to = Some(t(10));
+        }
+        let got = group_watermark(&c, &rules(), Some(2));
+        assert_eq!(got.partitions[1].standing.as_str(), "idle_quiet");
+        assert_eq!(got.watermark, t(9));
+        // Nothing applied anywhere when it was fetched: held at the epoch.
+        for clock in &mut c {
+            clock.log_end.as_mut().unwrap().seen_up_to = None;
+        }
+        let got = group_watermark(&c, &rules(), Some(2));
+        assert_eq!(got.watermark, DateTime::<Utc>::UNIX_EPOCH);
+        // A fetch after everything was applied: the idle partition no longer holds it.
+        for clock in &mut c {
+            clock.log_end.as_mut().unwrap().seen_up_to = Some(t(200));
+        }
+        let got = group_watermark(&c, &rules(), Some(2));
+        assert_eq!(got.watermark, t(199));
     }
 
     #[test]

@@ -394,6 +394,8 @@ impl Job<'_> {
                 let end = crate::reconcile::LogEnd {
                     low: p.start.min(p.limit),
                     high: p.limit,
+                    seen_up_to: None,
+                    capped: false,
                 };
                 ((p.topic.clone(), p.partition), end)
             })

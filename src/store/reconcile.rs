@@ -1137,6 +1137,20 @@ pub struct Backlog {
 }
 
 impl super::Store {
+    /// The highest event time applied on any partition of `group` (the lag reporter reads it
+    /// before fetching the log ends: `LogEnd::seen_up_to`).
+    pub async fn highest_event_time(
+        &self,
+        group: &str,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT max(max_event_time) FROM consumer_offsets WHERE consumer_group = $1",
+        )
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// What is still to do for reconciliation to be final for what has been consumed.
     pub async fn reconciliation_backlog(
         &self,

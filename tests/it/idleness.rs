@@ -126,7 +126,15 @@ async fn judged(
         .kafka
         .watermarks()
         .into_iter()
-        .map(|(k, (low, high))| (k, payrecon::reconcile::LogEnd { low, high }))
+        .map(|(k, (low, high))| {
+            let end = payrecon::reconcile::LogEnd {
+                low,
+                high,
+                seen_up_to: None,
+                capped: false,
+            };
+            (k, end)
+        })
         .collect();
     let cache = std::sync::Arc::new(payrecon::reference::ReferenceCache::default());
     let reconciler = payrecon::store::Reconciler::new(
@@ -232,4 +240,297 @@ async fn a_settlement_burst_once_per_simulated_day_does_not_hold_deadlines_back(
     .map(|h: i32| h as u32)
     .collect();
     assert_eq!(hours, vec![4]);
+}
+
+// ------------------------------------------------------------------ hand-made partitions
+
+use chrono::{DateTime, Utc};
+use payrecon::domain::{PaymentEvent, PaymentEventKind};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::reconciliation::{at, capture, history, line, status, wait_status};
+
+/// A merchant settling in EUR at 100 bps: a capture of 100.00 settles as gross 100.00, fee 1.00.
+async fn load_shop(f: &Fixture) {
+    f.db.store
+        .load_merchants(
+            &[payrecon::reference::MerchantVersion {
+                merchant_id: "shop".into(),
+                valid_from: at(-24),
+                name: "Shop".into(),
+                settlement_currency: payrecon::domain::Currency::from_code("EUR").unwrap(),
+                fee_bps: rust_decimal::Decimal::new(100, 0),
+                fee_fixed: rust_decimal::Decimal::ZERO,
+                status: payrecon::reference::MerchantStatus::Active,
+                tolerance_abs: None,
+                tolerance_rel: None,
+                settlement_deadline: None,
+                payment_deadline: None,
+            }],
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+/// Produces one record to an explicit partition with an explicit broker timestamp.
+async fn send(
+    f: &Fixture,
+    producer: &FutureProducer,
+    r: &Generated,
+    partition: i32,
+    broker_time: DateTime<Utc>,
+) {
+    let encoder = f.encoder().await;
+    let (topic, key, bytes) = match r {
+        Generated::Payment(p) => (
+            &f.kafka.payments_topic,
+            &p.payment_reference,
+            encoder.encode_payment(p).unwrap(),
+        ),
+        Generated::Settlement(l) => (
+            &f.kafka.settlements_topic,
+            &l.payment_reference,
+            encoder.encode_settlement(l).unwrap(),
+        ),
+        Generated::Malformed { .. } => unreachable!(),
+    };
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .partition(partition)
+                .payload(&bytes)
+                .timestamp(broker_time.timestamp_millis()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
+/// A matched pair for `reference` at `hour` on partition `p` of both topics (broker time =
+/// event time).
+async fn matched_pair(f: &Fixture, producer: &FutureProducer, reference: &str, p: i32, hour: i64) {
+    send(
+        f,
+        producer,
+        &capture(reference, "shop", "100.00", hour),
+        p,
+        at(hour),
+    )
+    .await;
+    send(
+        f,
+        producer,
+        &line(reference, "shop", "100.00", "1.00", hour),
+        p,
+        at(hour),
+    )
+    .await;
+}
+
+fn ever_missing(h: &[(Option<String>, String, String, Vec<String>)]) -> bool {
+    h.iter().any(|(_, to, _, _)| to == "MISSING_SETTLEMENT")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_behind_holds_deadlines_back_while_the_others_are_live() {
+    let f = Fixture::new(4).await;
+    load_shop(&f).await;
+    // A long session: the frozen instance keeps its partitions (they stay behind) until it
+    // is resumed.
+    let env = [
+        service_env()[0],
+        ("PAYRECON_KAFKA__SESSION_TIMEOUT", "45s"),
+        ("PAYRECON_KAFKA__MAX_POLL_INTERVAL", "60s"),
+    ];
+    let a = f.spawn_service("a", &env);
+    let b = f.spawn_service("b", &env);
+    let producer = f.producer();
+    // Every partition gets a record, so none is empty.
+    for p in 0..4 {
+        matched_pair(&f, &producer, &format!("warm-{p}"), p, 1).await;
+    }
+    send(
+        &f,
+        &producer,
+        &capture("pay-late", "shop", "100.00", 3),
+        0,
+        at(3),
+    )
+    .await;
+    f.wait_drained(Duration::from_secs(60)).await;
+    // Which settlements partition does `a` own once both share the group?
+    let settlements = f.kafka.settlements_topic.clone();
+    let owned_by_a = std::sync::Mutex::new(None);
+    crate::helpers::wait_for(
+        Duration::from_secs(60),
+        "both instances to own partitions",
+        || async {
+            let (Some(ma), Some(mb)) = (a.metrics().await, b.metrics().await) else {
+                return false;
+            };
+            let owns = |body: &str, p: i32| {
+                crate::helpers::metric_value(
+                    body,
+                    payrecon::metrics::PARTITION_ASSIGNED,
+                    &[
+                        &format!("topic=\"{settlements}\""),
+                        &format!("partition=\"{p}\""),
+                    ],
+                ) == 1.0
+            };
+            let a_owns: Vec<i32> = (0..4).filter(|p| owns(&ma, *p)).collect();
+            let b_owns: Vec<i32> = (0..4).filter(|p| owns(&mb, *p)).collect();
+            *owned_by_a.lock().unwrap() = a_owns.first().copied();
+            !a_owns.is_empty() && !b_owns.is_empty() && a_owns.len() + b_owns.len() == 4
+        },
+    )
+    .await;
+    let x = owned_by_a.lock().unwrap().unwrap();
+    assert_eq!(status(&f, "pay-late").await.as_deref(), Some("EXPECTED"));
+
+    // `a` freezes; pay-late's line goes to its partition (unread: a backlog), while every
+    // other partition moves 200 h on. The line's broker time (h24) is long before the
+    // stream time: only the backlog, not the broker time, tells that it must be waited for.
+    a.sigstop();
+    send(
+        &f,
+        &producer,
+        &line("pay-late", "shop", "100.00", "1.00", 24),
+        x,
+        at(24),
+    )
+    .await;
+    for p in 0..4 {
+        matched_pair(&f, &producer, &format!("push-{p}"), p, 200).await;
+    }
+    // `b` applies its partitions, refreshes the high watermarks and sweeps several times.
+    let b_partitions = f.kafka.watermarks();
+    crate::helpers::wait_for(
+        Duration::from_secs(30),
+        "b to apply its partitions",
+        || async {
+            let offsets = f.db.offsets(&f.group).await;
+            let ms = b.metrics().await.unwrap_or_default();
+            b_partitions.iter().all(|((t, p), (_, high))| {
+                let mine = crate::helpers::metric_value(
+                    &ms,
+                    payrecon::metrics::PARTITION_ASSIGNED,
+                    &[&format!("topic=\"{t}\""), &format!("partition=\"{p}\"")],
+                ) == 1.0;
+                !mine || offsets.get(&(t.clone(), *p)) == Some(high)
+            })
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = history(&f, "pay-late").await;
+    assert!(
+        !ever_missing(&held),
+        "a false exception while a partition was behind: {held:?}"
+    );
+    assert_eq!(status(&f, "pay-late").await.as_deref(), Some("EXPECTED"));
+    assert!(
+        b.metric(
+            payrecon::metrics::WATERMARK_PARTITION_STANDING,
+            &["standing=\"behind\""]
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 1.0,
+        "b reports the backlog"
+    );
+
+    a.sigcont();
+    f.wait_drained(Duration::from_secs(60)).await;
+    wait_status(&f, "pay-late", "MATCHED").await;
+    assert!(!ever_missing(&history(&f, "pay-late").await));
+    for r in [
+        "warm-0", "warm-1", "warm-2", "warm-3", "push-0", "push-1", "push-2", "push-3",
+    ] {
+        assert_eq!(status(&f, r).await.as_deref(), Some("MATCHED"), "{r}");
+    }
+    assert_eq!(a.terminate(Duration::from_secs(20)).await, Some(0));
+    assert_eq!(b.terminate(Duration::from_secs(20)).await, Some(0));
+    assert_replay_matches(&f).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_that_becomes_active_after_being_idle_never_reopens_a_judged_deadline() {
+    let f = Fixture::new(4).await;
+    load_shop(&f).await;
+    let service = f.spawn_service("svc", &service_env());
+    let producer = f.producer();
+    for p in 0..4 {
+        matched_pair(&f, &producer, &format!("warm-{p}"), p, 1).await;
+    }
+    // pay-gone (h5, never settled: deadline h77) on payments partition 0; partitions 0..2
+    // move to h100, partition 3 of both topics stays quiet (last broker time h1).
+    send(
+        &f,
+        &producer,
+        &capture("pay-gone", "shop", "100.00", 5),
+        0,
+        at(5),
+    )
+    .await;
+    for p in 0..3 {
+        matched_pair(&f, &producer, &format!("push-{p}"), p, 100).await;
+    }
+    f.wait_drained(Duration::from_secs(60)).await;
+    wait_status(&f, "pay-gone", "MISSING_SETTLEMENT").await;
+
+    // Partition 3 becomes active again with an old event time (h50, produced at broker time
+    // h101): the group watermark drops below pay-gone's deadline (to h49).
+    let revived = capture("pay-revived", "shop", "100.00", 50);
+    send(&f, &producer, &revived, 3, at(101)).await;
+    f.wait_drained(Duration::from_secs(60)).await;
+    wait_status(&f, "pay-revived", "EXPECTED").await;
+    // A refund of pay-gone re-evaluates it at the lower group watermark: it keeps the
+    // watermark it was judged at, so it does not go back to EXPECTED.
+    let Generated::Payment(c) = capture("pay-gone", "shop", "100.00", 6) else {
+        unreachable!()
+    };
+    let refund = Generated::Payment(PaymentEvent {
+        event_id: "evt-pay-gone-refund".into(),
+        kind: PaymentEventKind::Refund,
+        amount: "10.00".parse().unwrap(),
+        ..c
+    });
+    send(&f, &producer, &refund, 0, at(101)).await;
+    f.wait_drained(Duration::from_secs(60)).await;
+    crate::helpers::wait_for(Duration::from_secs(30), "the refund to be evaluated", || async {
+        history(&f, "pay-gone").await.iter().any(|(_, _, _, by)| by.iter().any(|id| id == "evt-pay-gone-refund"))
+            || sqlx::query_scalar::<_, i32>(
+                "SELECT payment_events FROM reconciliation_items WHERE payment_reference = 'pay-gone'",
+            )
+            .fetch_one(f.db.store.pool())
+            .await
+            .unwrap()
+                == 2
+    })
+    .await;
+    let h = history(&f, "pay-gone").await;
+    assert_eq!(
+        status(&f, "pay-gone").await.as_deref(),
+        Some("MISSING_SETTLEMENT"),
+        "{h:?}"
+    );
+    assert!(
+        !h.iter().any(
+            |(from, to, _, _)| from.as_deref() == Some("MISSING_SETTLEMENT") && to == "EXPECTED"
+        ),
+        "a judged deadline was reopened: {h:?}"
+    );
+    assert_eq!(status(&f, "pay-revived").await.as_deref(), Some("EXPECTED"));
+
+    // Every partition moves to h130: pay-revived's deadline (h122) passes.
+    for p in 0..4 {
+        matched_pair(&f, &producer, &format!("later-{p}"), p, 130).await;
+    }
+    f.wait_drained(Duration::from_secs(60)).await;
+    wait_status(&f, "pay-revived", "MISSING_SETTLEMENT").await;
+    assert_eq!(service.terminate(Duration::from_secs(20)).await, Some(0));
+    assert_replay_matches(&f).await;
 }
