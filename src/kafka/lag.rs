@@ -66,6 +66,19 @@ pub async fn measure(
         .collect())
 }
 
+/// (low, high) watermarks of every partition of both input topics, from a client of its own
+/// (blocking: tools such as `payrecon report`).
+pub fn log_ends(kafka: &KafkaSettings) -> anyhow::Result<HashMap<(String, i32), (i64, i64)>> {
+    let client: BaseConsumer = kafka.client_config().create()?;
+    watermarks(
+        &client,
+        &[
+            kafka.payments_topic.clone(),
+            kafka.settlements_topic.clone(),
+        ],
+    )
+}
+
 fn watermarks(
     client: &BaseConsumer,
     topics: &[String],
