@@ -43,7 +43,7 @@
 //! 1. it is **caught up**: its stored `next_offset` is at least its high watermark as last
 //!    fetched from the broker (a partition without a stored row starts at the log's low
 //!    watermark, so an empty partition is caught up). A high watermark older than a bound
-//!    (three lag refreshes) counts as unknown, and unknown is never idle;
+//!    (three lag refreshes plus 5 s) counts as unknown, and unknown is never idle;
 //! 2. nothing with an event time was ever applied on it (**empty**), or its last record's
 //!    *broker timestamp* is more than the topic's `idle_timeout` behind the group's
 //!    **stream time**, the highest broker timestamp applied on any input partition
@@ -62,12 +62,27 @@
 //! partition that sets the stream time is never quiet), and the watermark stays at the
 //! epoch.
 //!
-//! What it costs. A record produced to an idle partition after the last high-watermark
-//! fetch (at most a lag refresh, 5 s by default) is judged like any late record: it is in
-//! time if its event time is within the allowed lateness of the others'. A partition that
-//! becomes active again with older event times lowers the group watermark; an item never
-//! goes back: it is evaluated at the higher of the group watermark and the watermark it was
-//! last judged at (stored with the item), so a judged deadline is never reopened.
+//! **The fetch race, and the cap that closes it.** A high watermark is fetched every lag
+//! refresh, so a record can reach a caught-up partition after the fetch, while records on
+//! other partitions (maybe produced after it) push their event times ahead. Hence, in the
+//! service, an idle partition is not simply left out: it counts with the group's highest
+//! event time *as read before its high watermark was fetched* (`LogEnd::seen_up_to`). That
+//! record was produced after every record behind that time, so if it turns out to be late,
+//! it is late by what was produced before it, as any late record; records applied since
+//! cannot carry the watermark past it until the next fetch shows the partition as it is.
+//! The price: the watermark follows the data one lag refresh late. A replay's log ends are
+//! fixed (the ends of its ranges), so there is no race and no cap; at the end of a run the
+//! cap is the highest event time, above every contribution, so it changes nothing there.
+//!
+//! **Late records and monotonicity.** A partition that becomes active again with older
+//! event times lowers the group watermark; an item never goes back: it is evaluated at the
+//! higher of the group watermark and the watermark it was last judged at (stored with the
+//! item), so a judged deadline is never reopened by a lower watermark. No row shared by
+//! all instances is needed for that.
+//!
+//! **Not done.** Deadlines in business days of the acquirer's settlement calendar ("T+2"):
+//! deadlines are durations of event time; a settlements topic that is quiet over a weekend
+//! is idle once the payments run `idle_timeout` of broker time past its last burst.
 
 mod evaluate;
 mod status;
