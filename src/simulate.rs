@@ -80,7 +80,8 @@ pub struct SimulationOptions {
     pub settlement_rhythm: SettlementRhythm,
     /// The records' broker timestamps: the time they are produced, or their own event time
     /// (so broker time follows the simulated clock: a simulated day of quiet on a partition
-    /// is a day of broker time, which idleness is judged by).
+    /// is a day of broker time, which idleness is judged by). On a broker with time-based
+    /// retention, records stamped older than `retention.ms` are deleted soon after.
     #[arg(long, value_enum, default_value = "now")]
     pub broker_time: BrokerTime,
     /// The service's reconciliation.settlement_deadline, to predict the statuses

@@ -283,7 +283,14 @@ mod tests {
     fn partitions_are_judged_by_offsets_and_broker_time_never_by_the_clock() {
         // (case, rows, expected partitions, expected standings in (topic, partition) order,
         //  expected watermark in hours; None = the epoch)
-        let cases: Vec<(&str, Vec<Row>, Option<i64>, Vec<&str>, Option<i64>)> = vec![
+        type Case = (
+            &'static str,
+            Vec<Row>,
+            Option<i64>,
+            Vec<&'static str>,
+            Option<i64>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "an empty, caught-up partition does not hold the others back",
                 vec![

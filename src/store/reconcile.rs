@@ -110,12 +110,15 @@ pub struct Reconciler {
     pub log_ends: Option<Arc<LogEnds>>,
 }
 
+/// A log end and when it was fetched (`None`: fixed, never stale).
+type FetchedLogEnd = (LogEnd, Option<std::time::Instant>);
+
 /// The input partitions' log ends (low and high watermarks) as last fetched, shared between
 /// the lag reporter that fetches them and the transactions that judge the watermark.
 #[derive(Debug)]
 pub struct LogEnds {
     /// (topic, partition) → log end and when it was fetched (`None`: fixed, never stale).
-    ends: std::sync::RwLock<HashMap<(String, i32), (LogEnd, Option<std::time::Instant>)>>,
+    ends: std::sync::RwLock<HashMap<(String, i32), FetchedLogEnd>>,
     /// A log end fetched longer ago than this counts as unknown: a partition is never idle
     /// on an old answer.
     max_age: std::time::Duration,
