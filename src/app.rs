@@ -14,7 +14,7 @@ use crate::codec::{Codec, registry_settings};
 use crate::config::{Settings, redact_text, redact_url};
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
-use crate::store::{Reconciler, Store};
+use crate::store::{LogEnds, Reconciler, Store};
 
 /// How long a start-up waits for a database that does not answer.
 #[derive(Debug, Clone, Copy)]
@@ -122,11 +122,17 @@ pub async fn run(
             }
         }
     };
+    // The lag reporter fills in the partitions' log ends; a log end older than three of its
+    // rounds is unknown, so no partition is judged idle on a stale answer.
+    let log_ends = Arc::new(LogEnds::live(
+        settings.pipeline.lag_refresh_interval * 3 + Duration::from_secs(5),
+    ));
     let reconciler = Reconciler::new(
         &settings.reconciliation,
         cache.clone(),
         Some(input_partitions),
-    );
+    )
+    .with_log_ends(log_ends.clone());
     let consumer = ConsumerLoop::new(
         &settings,
         store.clone(),
@@ -190,6 +196,10 @@ pub async fn run(
             assignment: consumer.assignment(),
             timeout: settings.pipeline.stall_timeout,
         },
+        Some(crate::kafka::lag::WatermarkWatch {
+            reconciler: reconciler.clone(),
+            log_ends,
+        }),
         stop.clone(),
     ));
     let consumer_stop = stop.clone();

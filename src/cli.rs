@@ -42,7 +42,7 @@ pub enum Command {
         options: crate::simulate::SimulationOptions,
         /// Create the input topics with this many partitions if missing (and the exceptions
         /// topic with one).
-        #[arg(long)]
+        #[arg(long, visible_alias = "partitions")]
         create_topics: Option<i32>,
         /// Load the simulation's reference data (merchants, FX rates) into the configured
         /// database first, so the records can be priced.
@@ -306,13 +306,14 @@ pub async fn simulate(
     }
     let producer: rdkafka::producer::FutureProducer = k.producer_config().create()?;
     let total = records.len();
-    crate::simulate::produce(
+    crate::simulate::produce_stamped(
         &producer,
         &encoder,
         &k.payments_topic,
         &k.settlements_topic,
         &records,
         options.rate,
+        options.broker_time,
         |n| {
             tracing::info!(produced = n, total, "simulating");
         },

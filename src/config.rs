@@ -201,15 +201,36 @@ pub struct ReconciliationSettings {
     /// How long after a settlement line its payment event may still arrive.
     #[serde(with = "humantime_serde")]
     pub payment_deadline: Duration,
-    /// The event-time watermark is the highest event time seen minus this.
+    /// A partition's highest event time counts in the watermark minus this (how late a
+    /// record may arrive and still be in time).
     #[serde(with = "humantime_serde")]
     pub allowed_lateness: Duration,
+    /// A caught-up input partition whose last record's broker timestamp is more than this
+    /// behind the group's stream time (the highest broker timestamp applied) stops holding
+    /// the watermark back; see `reconcile::watermark`. Broker time, not the wall clock, so a
+    /// replay judges it the same.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Per input topic overrides of `idle_timeout` and `allowed_lateness`, keyed by topic
+    /// name (a settlements topic that receives one burst a day needs a longer idle timeout).
+    #[serde(default)]
+    pub topics: BTreeMap<String, TopicClockSettings>,
     /// Items the watermark made due that one batch re-evaluates at most (the rest follow in
     /// the next batches).
     pub due_sweep_limit: i64,
     /// Full reload of the reference cache, besides the reload on every change notification.
     #[serde(with = "humantime_serde")]
     pub reference_full_reload: Duration,
+}
+
+/// One input topic's watermark overrides; unset fields take the global value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicClockSettings {
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub allowed_lateness: Option<Duration>,
 }
 
 /// The exceptions topic and the outbox relay that publishes to it.

@@ -28,6 +28,12 @@ pub const LAG_REFRESHED: &str = "payrecon_commit_lag_last_refresh_timestamp_seco
 pub const STATUS_CHANGES: &str = "payrecon_reconciliation_status_changes_total";
 pub const EXCEPTIONS: &str = "payrecon_reconciliation_exceptions_total";
 pub const WATERMARK: &str = "payrecon_reconciliation_watermark_timestamp_seconds";
+pub const WATERMARK_GROUP: &str = "payrecon_watermark_group_timestamp_seconds";
+pub const WATERMARK_STREAM_TIME: &str = "payrecon_watermark_stream_time_timestamp_seconds";
+pub const WATERMARK_PARTITION: &str = "payrecon_watermark_partition_timestamp_seconds";
+pub const WATERMARK_PARTITION_IDLE: &str = "payrecon_watermark_partition_idle";
+pub const WATERMARK_PARTITION_STANDING: &str = "payrecon_watermark_partition_standing";
+pub const WATERMARK_HOLDING: &str = "payrecon_watermark_holding_partitions";
 pub const EXCEPTIONS_PUBLISHED: &str = "payrecon_exceptions_published_total";
 pub const OUTBOX_PENDING: &str = "payrecon_exceptions_outbox_pending";
 pub const OUTBOX_OLDEST: &str = "payrecon_exceptions_outbox_oldest_pending_seconds";
@@ -137,6 +143,33 @@ fn describe() {
         WATERMARK,
         metrics::Unit::Seconds,
         "The event-time watermark of the last batch (the lowest of the input partitions' highest event times, minus allowed lateness), as Unix time; deadlines are judged against it."
+    );
+    describe_gauge!(
+        WATERMARK_GROUP,
+        metrics::Unit::Seconds,
+        "The group's event-time watermark as judged after each lag refresh (the lowest contribution of the input partitions that are not idle), as Unix time; 0 while it is held at 1970."
+    );
+    describe_gauge!(
+        WATERMARK_STREAM_TIME,
+        metrics::Unit::Seconds,
+        "The group's stream time: the highest broker timestamp applied on any input partition (idleness is judged against it, never the wall clock), as Unix time."
+    );
+    describe_gauge!(
+        WATERMARK_PARTITION,
+        metrics::Unit::Seconds,
+        "An input partition's contribution to the watermark: its highest event time minus the topic's allowed lateness, as Unix time (0: nothing with an event time applied)."
+    );
+    describe_gauge!(
+        WATERMARK_PARTITION_IDLE,
+        "1 when the input partition is idle and left out of the watermark (caught up, and empty or quiet for longer than the idle timeout in broker time), else 0."
+    );
+    describe_gauge!(
+        WATERMARK_PARTITION_STANDING,
+        "1 for the input partition's current standing: active, behind (records not applied yet), unknown (no fresh high watermark), idle_empty or idle_quiet; 0 for the others."
+    );
+    describe_gauge!(
+        WATERMARK_HOLDING,
+        "Input partitions that count in the watermark but have no event time, holding it at 1970: behind or unknown partitions never read yet. Deadlines cannot pass while it is above 0."
     );
     describe_counter!(
         EXCEPTIONS_PUBLISHED,
@@ -256,6 +289,32 @@ pub fn reconciled(outcome: &crate::store::ReconcileOutcome) {
     {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
     }
+}
+
+/// The watermark was judged (after a lag refresh): the group's, and every partition's part.
+pub fn group_watermark(w: &crate::reconcile::GroupWatermark) {
+    let seconds = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis() as f64 / 1000.0;
+    gauge!(WATERMARK_GROUP).set(seconds(w.watermark).max(0.0));
+    gauge!(WATERMARK_STREAM_TIME).set(w.stream_time.map_or(0.0, seconds));
+    let mut holding = 0;
+    for p in &w.partitions {
+        let labels = [
+            ("topic", p.topic.clone()),
+            ("partition", p.partition.to_string()),
+        ];
+        gauge!(WATERMARK_PARTITION, &labels).set(p.contribution.map_or(0.0, seconds).max(0.0));
+        gauge!(WATERMARK_PARTITION_IDLE, &labels).set(if p.standing.is_idle() { 1.0 } else { 0.0 });
+        for standing in crate::reconcile::watermark::STANDINGS {
+            let mut labels = labels.to_vec();
+            labels.push(("standing", standing.to_owned()));
+            let on = p.standing.as_str() == standing;
+            gauge!(WATERMARK_PARTITION_STANDING, &labels).set(if on { 1.0 } else { 0.0 });
+        }
+        if !p.standing.is_idle() && p.contribution.is_none() {
+            holding += 1;
+        }
+    }
+    gauge!(WATERMARK_HOLDING).set(holding as f64);
 }
 
 /// The relay published `n` outbox rows; `pending` remain.

@@ -57,6 +57,11 @@ pub struct ReportOptions {
     /// every merchant) and exit 2 if any differs.
     #[arg(long)]
     pub verify: bool,
+    /// Also show the event-time watermark per input partition: which partitions count in
+    /// it and which are idle and why (reads the partitions' log ends from the broker, as
+    /// the service does).
+    #[arg(long)]
+    pub watermark: bool,
 }
 
 /// The report of one business day.
@@ -76,6 +81,32 @@ pub struct Report {
     /// With `--verify` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verification: Option<Verification>,
+    /// With `--watermark` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<WatermarkReport>,
+}
+
+/// The group's watermark as the service judges it now (see `reconcile::watermark`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WatermarkReport {
+    pub consumer_group: String,
+    /// Deadlines before it have passed; the Unix epoch while it is held.
+    pub watermark: DateTime<Utc>,
+    /// The highest broker timestamp applied on any input partition.
+    pub stream_time: Option<DateTime<Utc>>,
+    pub partitions: Vec<PartitionWatermarkRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionWatermarkRow {
+    pub topic: String,
+    pub partition: i32,
+    /// active, behind, unknown (count in the watermark); idle_empty, idle_quiet (do not).
+    pub standing: &'static str,
+    /// Records not applied yet (`behind` only).
+    pub records_behind: Option<i64>,
+    /// Highest event time minus the topic's allowed lateness.
+    pub contribution: Option<DateTime<Utc>>,
 }
 
 /// A row of the `open_exceptions` view.
@@ -166,7 +197,10 @@ pub async fn run(settings: &Settings, options: ReportOptions) -> anyhow::Result<
         .with_context(|| format!("connecting to {}", settings.database.redacted_url()))?;
     let store = Store::new(pool);
     let rules = Rules::from_settings(&settings.reconciliation);
-    let result = report(&store, &options, &rules).await;
+    let mut result = report(&store, &options, &rules).await;
+    if let (Ok(r), true) = (&mut result, options.watermark) {
+        r.watermark = Some(watermark(settings, &store).await?);
+    }
     store.pool().close().await;
     let report = result?;
     if options.json {
@@ -193,6 +227,91 @@ async fn report(store: &Store, options: &ReportOptions, rules: &Rules) -> anyhow
         report.verification = Some(verify(store, rules).await.map_err(explain)?);
     }
     Ok(report)
+}
+
+/// Judges the watermark as the service does: the group's highest event time, then the
+/// partitions' log ends from the broker, then the stored offsets.
+async fn watermark(settings: &Settings, store: &Store) -> anyhow::Result<WatermarkReport> {
+    let group = settings.kafka.group_id.clone();
+    let seen_up_to = store.highest_event_time(&group).await?;
+    let kafka = settings.kafka.clone();
+    let ends = tokio::task::spawn_blocking(move || crate::kafka::lag::log_ends(&kafka))
+        .await?
+        .context("reading the input partitions' log ends from the broker")?;
+    let ends = ends
+        .into_iter()
+        .map(|(k, (low, high))| {
+            let end = crate::reconcile::LogEnd {
+                low,
+                high,
+                seen_up_to,
+                capped: true,
+            };
+            (k, end)
+        })
+        .collect();
+    let reconciler = crate::store::Reconciler::new(
+        &settings.reconciliation,
+        std::sync::Arc::new(crate::reference::ReferenceCache::default()),
+        None,
+    )
+    .with_log_ends(std::sync::Arc::new(crate::store::LogEnds::fixed(ends)));
+    let mut conn = store.pool().acquire().await?;
+    let w = reconciler.group_watermark(&mut conn, &group).await?;
+    Ok(WatermarkReport {
+        consumer_group: group,
+        watermark: w.watermark,
+        stream_time: w.stream_time,
+        partitions: (w.partitions.iter())
+            .map(|p| PartitionWatermarkRow {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                standing: p.standing.as_str(),
+                records_behind: match p.standing {
+                    crate::reconcile::watermark::Standing::Behind { records } => Some(records),
+                    _ => None,
+                },
+                contribution: p.contribution,
+            })
+            .collect(),
+    })
+}
+
+fn render_watermark(out: &mut String, report: &Report) {
+    let Some(w) = &report.watermark else {
+        return;
+    };
+    let time = |t: Option<DateTime<Utc>>| t.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339());
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Watermark of {}: {} (stream time {}); idle partitions (caught up, and empty or quiet for longer than the idle timeout in broker time) do not count",
+        w.consumer_group,
+        w.watermark.to_rfc3339(),
+        time(w.stream_time)
+    );
+    let rows: Vec<Vec<String>> = (w.partitions.iter())
+        .map(|p| {
+            vec![
+                p.topic.clone(),
+                p.partition.to_string(),
+                p.standing.to_owned(),
+                p.records_behind.map_or_else(String::new, |n| n.to_string()),
+                time(p.contribution),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            ("topic", Left),
+            ("partition", Right),
+            ("standing", Left),
+            ("behind", Right),
+            ("event time - lateness", Left),
+        ],
+        &rows,
+    );
 }
 
 /// Names the fix when the views are missing (a database migrated by an older payrecon).
@@ -238,6 +357,7 @@ pub async fn build(
         open_exceptions: Vec::new(),
         merchants: Vec::new(),
         verification: None,
+        watermark: None,
     };
     let Some(date) = date else {
         tx.commit().await?;
@@ -381,6 +501,7 @@ pub fn render(report: &Report) -> String {
             "No business day to report ({scope}): merchant_daily_totals has no row yet."
         );
         render_verification(&mut out, report);
+        render_watermark(&mut out, report);
         return out;
     };
     let _ = writeln!(out, "Reconciliation report for {date} ({scope})");
@@ -493,6 +614,7 @@ pub fn render(report: &Report) -> String {
         );
     }
     render_verification(&mut out, report);
+    render_watermark(&mut out, report);
     out
 }
 

@@ -74,6 +74,16 @@ pub struct SimulationOptions {
     /// Share of payments for merchants missing from the reference data (MISSING_REFERENCE).
     #[arg(long, default_value_t = 0.0)]
     pub unknown_merchant_share: f64,
+    /// When settlement lines come: one per payment event a day after it, or the whole day's
+    /// lines in one burst at 04:00 of the next day (an acquirer's daily settlement file).
+    #[arg(long, value_enum, default_value = "with-payment")]
+    pub settlement_rhythm: SettlementRhythm,
+    /// The records' broker timestamps: the time they are produced, or their own event time
+    /// (so broker time follows the simulated clock: a simulated day of quiet on a partition
+    /// is a day of broker time, which idleness is judged by). On a broker with time-based
+    /// retention, records stamped older than `retention.ms` are deleted soon after.
+    #[arg(long, value_enum, default_value = "now")]
+    pub broker_time: BrokerTime,
     /// The service's reconciliation.settlement_deadline, to predict the statuses
     /// (`payrecon simulate` takes it from the configuration).
     #[arg(skip = Duration::from_secs(72 * 3600))]
@@ -84,6 +94,24 @@ pub struct SimulationOptions {
     /// The service's reconciliation.allowed_lateness.
     #[arg(skip = Duration::from_secs(3600))]
     pub allowed_lateness: Duration,
+}
+
+/// When settlement lines are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SettlementRhythm {
+    /// Each line 24 h after its payment event.
+    WithPayment,
+    /// A day's lines together, at 04:00 of the next day.
+    DailyBurst,
+}
+
+/// Which time a produced record carries as its broker (create) timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerTime {
+    /// The producer's clock (the broker's default).
+    Now,
+    /// The record's event time.
+    Event,
 }
 
 impl SimulationOptions {
@@ -297,14 +325,36 @@ pub fn simulate(
     // depends on how keys fall on partitions, so a fault nearer the end could be judged
     // either way.
     let last = start + spacing * (o.payments.saturating_sub(1) as i32);
+    // A line comes 24 h after its payment, or in the next day's 04:00 burst (at most 28 h).
+    let line_delay = match o.settlement_rhythm {
+        SettlementRhythm::WithPayment => chrono::Duration::hours(24),
+        SettlementRhythm::DailyBurst => chrono::Duration::hours(28),
+    };
     let judged_by = last
         - o.allowed_lateness_chrono()
         - o.settlement_deadline_chrono()
-            .max(chrono::Duration::hours(24) + o.payment_deadline_chrono())
+            .max(line_delay + o.payment_deadline_chrono())
         - chrono::Duration::days(1);
+    // Daily bursts: lines waiting for their burst, and when the next one is due.
+    let mut burst: Vec<SettlementLine> = Vec::new();
+    let burst_time = |t: DateTime<Utc>| {
+        (t.date_naive() + chrono::Days::new(1))
+            .and_hms_opt(4, 0, 0)
+            .expect("04:00")
+            .and_utc()
+    };
     for i in 0..o.payments {
         let t = start + spacing * (i as i32);
         let in_window = t < judged_by;
+        if burst.first().is_some_and(|l| l.event_time <= t) {
+            let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut burst)
+                .into_iter()
+                .partition(|l| l.event_time <= t);
+            burst = rest;
+            for l in due {
+                push_line(o, &mut rng, l, &mut expected, &mut out, &mut late);
+            }
+        }
         let unknown = rng.random_bool(o.unknown_merchant_share.clamp(0.0, 1.0));
         let k = rng.random_range(0..o.merchants);
         let merchant = if unknown {
@@ -429,8 +479,16 @@ pub fn simulate(
             }
             out.push(Generated::Payment(e));
         }
-        for l in lines {
-            push_line(o, &mut rng, l, &mut expected, &mut out, &mut late);
+        for mut l in lines {
+            match o.settlement_rhythm {
+                SettlementRhythm::WithPayment => {
+                    push_line(o, &mut rng, l, &mut expected, &mut out, &mut late)
+                }
+                SettlementRhythm::DailyBurst => {
+                    l.event_time = burst_time(t);
+                    burst.push(l);
+                }
+            }
         }
         // Now and then a settlement line for a payment that never comes.
         if rng.random_bool(o.unexpected_share.clamp(0.0, 1.0)) && in_window {
@@ -452,8 +510,19 @@ pub fn simulate(
                 event_time: t + chrono::Duration::hours(24),
             };
             statuses.insert(reference, Status::UnexpectedSettlement);
-            push_line(o, &mut rng, line, &mut expected, &mut out, &mut late);
+            match o.settlement_rhythm {
+                SettlementRhythm::WithPayment => {
+                    push_line(o, &mut rng, line, &mut expected, &mut out, &mut late)
+                }
+                SettlementRhythm::DailyBurst => burst.push(SettlementLine {
+                    event_time: burst_time(t),
+                    ..line
+                }),
+            }
         }
+    }
+    for l in std::mem::take(&mut burst) {
+        push_line(o, &mut rng, l, &mut expected, &mut out, &mut late);
     }
     out.extend(late);
     for status in statuses.values() {
@@ -585,9 +654,36 @@ pub async fn produce(
     settlements_topic: &str,
     records: &[Generated],
     rate: u64,
+    progress: impl FnMut(usize),
+) -> anyhow::Result<()> {
+    let topics = (payments_topic, settlements_topic);
+    produce_stamped(
+        producer,
+        encoder,
+        topics.0,
+        topics.1,
+        records,
+        rate,
+        BrokerTime::Now,
+        progress,
+    )
+    .await
+}
+
+/// [`produce`] with the records' broker timestamps chosen by `broker_time`.
+#[allow(clippy::too_many_arguments)]
+pub async fn produce_stamped(
+    producer: &FutureProducer,
+    encoder: &Encoder,
+    payments_topic: &str,
+    settlements_topic: &str,
+    records: &[Generated],
+    rate: u64,
+    broker_time: BrokerTime,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<()> {
     let mut in_flight = FuturesUnordered::new();
+    let mut stamp: Option<i64> = None;
     let started = tokio::time::Instant::now();
     for (n, r) in records.iter().enumerate() {
         if rate > 0 {
@@ -605,8 +701,19 @@ pub async fn produce(
             Generated::Malformed { bytes, .. } => (settlements_topic, bytes.clone()),
         };
         let key = r.key().to_owned();
+        // A malformed record has no event time: it takes the previous record's.
+        stamp = match (broker_time, r) {
+            (BrokerTime::Now, _) => None,
+            (BrokerTime::Event, Generated::Payment(p)) => Some(p.event_time.timestamp_millis()),
+            (BrokerTime::Event, Generated::Settlement(l)) => Some(l.event_time.timestamp_millis()),
+            (BrokerTime::Event, Generated::Malformed { .. }) => stamp,
+        };
         loop {
-            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&bytes)) {
+            let mut record = FutureRecord::to(topic).key(&key).payload(&bytes);
+            if let Some(ms) = stamp {
+                record = record.timestamp(ms);
+            }
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     in_flight.push(delivery);
                     break;

@@ -18,6 +18,8 @@ use crate::store::Store;
 /// Lag of one partition.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PartitionLag {
+    /// The log's first offset (what a partition without a stored offset starts from).
+    pub low_watermark: i64,
     pub high_watermark: i64,
     pub next_offset: i64,
     pub records: i64,
@@ -53,6 +55,7 @@ pub async fn measure(
             (
                 (topic, partition),
                 PartitionLag {
+                    low_watermark: low,
                     high_watermark: high,
                     next_offset: next,
                     records,
@@ -61,6 +64,19 @@ pub async fn measure(
             )
         })
         .collect())
+}
+
+/// (low, high) watermarks of every partition of both input topics, from a client of its own
+/// (blocking: tools such as `payrecon report`).
+pub fn log_ends(kafka: &KafkaSettings) -> anyhow::Result<HashMap<(String, i32), (i64, i64)>> {
+    let client: BaseConsumer = kafka.client_config().create()?;
+    watermarks(
+        &client,
+        &[
+            kafka.payments_topic.clone(),
+            kafka.settlements_topic.clone(),
+        ],
+    )
 }
 
 fn watermarks(
@@ -103,12 +119,51 @@ impl StallWatch {
     }
 }
 
+/// What the lag reporter tells the watermark: the log ends it fetched go to `reconciler`'s
+/// [`crate::store::LogEnds`] (idleness needs them), and after each fetch the watermark is
+/// judged and exported per partition.
+pub struct WatermarkWatch {
+    pub reconciler: crate::store::Reconciler,
+    pub log_ends: Arc<crate::store::LogEnds>,
+}
+
+impl WatermarkWatch {
+    /// `seen_up_to`: the group's highest event time, read before `lags` were fetched.
+    async fn refresh(
+        &self,
+        store: &Store,
+        group: &str,
+        seen_up_to: Option<chrono::DateTime<Utc>>,
+        lags: &HashMap<(String, i32), PartitionLag>,
+    ) {
+        self.log_ends.update(lags.iter().map(|(k, l)| {
+            let end = crate::reconcile::LogEnd {
+                low: l.low_watermark,
+                high: l.high_watermark,
+                seen_up_to,
+                capped: true,
+            };
+            (k.clone(), end)
+        }));
+        let judged = match store.pool().acquire().await {
+            Ok(mut conn) => self.reconciler.group_watermark(&mut conn, group).await,
+            Err(e) => Err(e),
+        };
+        match judged {
+            Ok(w) => crate::metrics::group_watermark(&w),
+            Err(e) => tracing::warn!(error = %e, "cannot judge the watermark for its metrics"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     kafka: KafkaSettings,
     store: Store,
     interval: Duration,
     broker_seen: Arc<std::sync::atomic::AtomicI64>,
     stall: StallWatch,
+    watch: Option<WatermarkWatch>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client: BaseConsumer = kafka.client_config().create()?;
@@ -118,12 +173,25 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
+        // Read before the log ends are fetched (see `LogEnd::seen_up_to`).
+        let seen_up_to = match &watch {
+            Some(_) => store.highest_event_time(&kafka.group_id).await,
+            None => Ok(None),
+        };
         match measure(&kafka, &client, &store).await {
             Ok(lags) => {
                 for ((topic, partition), lag) in &lags {
                     crate::metrics::commit_lag(topic, *partition, lag.records, lag.seconds);
                 }
                 stall.judge(&lags);
+                match (&watch, &seen_up_to) {
+                    (Some(w), Ok(seen)) => w.refresh(&store, &kafka.group_id, *seen, &lags).await,
+                    // Not refreshed: the log ends go stale, and stale is never idle.
+                    (Some(_), Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read the group's event times")
+                    }
+                    (None, _) => {}
+                }
                 let now = Utc::now();
                 crate::metrics::lag_refreshed(now.timestamp_millis() as f64 / 1000.0);
                 broker_seen.store(now.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);

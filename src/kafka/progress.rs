@@ -192,6 +192,7 @@ mod tests {
 
     fn lag(high: i64, next: i64) -> PartitionLag {
         PartitionLag {
+            low_watermark: 0,
             high_watermark: high,
             next_offset: next,
             records: high - next,

@@ -385,7 +385,23 @@ impl Job<'_> {
         // The service's partition count, whatever is replayed: the watermark must wait for
         // the same partitions as in the service, or a partial replay could judge deadlines
         // the service had not reached.
-        let reconciler = Reconciler::new(&settings.reconciliation, cache, Some(input_partitions));
+        // Each partition's log ends where its range ends: a partition is caught up (so it may
+        // be idle) once the replay has read its whole range, as the live partitions were
+        // caught up at the end of the run. Idleness then uses the same broker timestamps.
+        let ends = plans
+            .iter()
+            .map(|p| {
+                let end = crate::reconcile::LogEnd {
+                    low: p.start.min(p.limit),
+                    high: p.limit,
+                    seen_up_to: None,
+                    capped: false,
+                };
+                ((p.topic.clone(), p.partition), end)
+            })
+            .collect();
+        let reconciler = Reconciler::new(&settings.reconciliation, cache, Some(input_partitions))
+            .with_log_ends(Arc::new(crate::store::LogEnds::fixed(ends)));
 
         let shadow = Shadow::create(settings, self.live, self.schema).await?;
         let result = self

@@ -24,7 +24,7 @@ use sqlx::postgres::PgConnectOptions;
 
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
 pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
-pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, ReconcileOutcome, Reconciler, Rules};
+pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, LogEnds, ReconcileOutcome, Reconciler, Rules};
 pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 pub use verify::{CHECKS, Check, Difference};
 

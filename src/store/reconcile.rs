@@ -21,7 +21,11 @@ use sqlx::{Postgres, Transaction};
 
 use crate::config::ReconciliationSettings;
 use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
-use crate::reconcile::{Evaluation, PricedEvent, Status, Terms, Tolerance, evaluate, transition};
+use crate::reconcile::watermark::group_watermark;
+use crate::reconcile::{
+    ClockRules, Evaluation, GroupWatermark, LogEnd, PartitionClock, PricedEvent, Status, Terms,
+    Tolerance, TopicClock, evaluate, transition,
+};
 use crate::reference::{MerchantVersionRef, ReferenceCache, Snapshot};
 
 /// Global matching rules (the merchant's reference data can override them).
@@ -31,6 +35,8 @@ pub struct Rules {
     pub settlement_deadline: chrono::Duration,
     pub payment_deadline: chrono::Duration,
     pub allowed_lateness: chrono::Duration,
+    /// Idle timeout and allowed lateness per input topic (the watermark's rules).
+    pub clock: ClockRules,
     pub due_sweep_limit: i64,
 }
 
@@ -48,6 +54,23 @@ impl Rules {
             settlement_deadline: chrono_duration(s.settlement_deadline),
             payment_deadline: chrono_duration(s.payment_deadline),
             allowed_lateness: chrono_duration(s.allowed_lateness),
+            clock: ClockRules {
+                default: TopicClock {
+                    idle_timeout: chrono_duration(s.idle_timeout),
+                    allowed_lateness: chrono_duration(s.allowed_lateness),
+                },
+                topics: (s.topics.iter())
+                    .map(|(topic, o)| {
+                        let clock = TopicClock {
+                            idle_timeout: chrono_duration(o.idle_timeout.unwrap_or(s.idle_timeout)),
+                            allowed_lateness: chrono_duration(
+                                o.allowed_lateness.unwrap_or(s.allowed_lateness),
+                            ),
+                        };
+                        (topic.clone(), clock)
+                    })
+                    .collect(),
+            },
             due_sweep_limit: s.due_sweep_limit.max(1),
         }
     }
@@ -82,6 +105,65 @@ pub struct Reconciler {
     /// the others. `None`: judge by the partitions committed so far (tools that run after the
     /// service, benchmarks).
     pub input_partitions: Option<i64>,
+    /// The input partitions' log ends as last fetched from the broker: what says a partition
+    /// is caught up, hence may be idle. `None`: no partition is ever idle (tools).
+    pub log_ends: Option<Arc<LogEnds>>,
+}
+
+/// A log end and when it was fetched (`None`: fixed, never stale).
+type FetchedLogEnd = (LogEnd, Option<std::time::Instant>);
+
+/// The input partitions' log ends (low and high watermarks) as last fetched, shared between
+/// the lag reporter that fetches them and the transactions that judge the watermark.
+#[derive(Debug)]
+pub struct LogEnds {
+    /// (topic, partition) → log end and when it was fetched (`None`: fixed, never stale).
+    ends: std::sync::RwLock<HashMap<(String, i32), FetchedLogEnd>>,
+    /// A log end fetched longer ago than this counts as unknown: a partition is never idle
+    /// on an old answer.
+    max_age: std::time::Duration,
+}
+
+impl LogEnds {
+    /// Filled by the lag reporter ([`LogEnds::update`]); entries older than `max_age` are
+    /// unknown.
+    pub fn live(max_age: std::time::Duration) -> Self {
+        LogEnds {
+            ends: Default::default(),
+            max_age,
+        }
+    }
+
+    /// Log ends that never change (a replay: the end of each partition's range).
+    pub fn fixed(ends: HashMap<(String, i32), LogEnd>) -> Self {
+        LogEnds {
+            ends: std::sync::RwLock::new(ends.into_iter().map(|(k, e)| (k, (e, None))).collect()),
+            max_age: std::time::Duration::MAX,
+        }
+    }
+
+    /// Records log ends fetched just now.
+    pub fn update(&self, fetched: impl IntoIterator<Item = ((String, i32), LogEnd)>) {
+        let now = std::time::Instant::now();
+        if let Ok(mut ends) = self.ends.write() {
+            for (k, e) in fetched {
+                ends.insert(k, (e, Some(now)));
+            }
+        }
+    }
+
+    /// Every partition known, with its log end if fresh.
+    pub fn current(&self) -> HashMap<(String, i32), Option<LogEnd>> {
+        let Ok(ends) = self.ends.read() else {
+            return HashMap::new();
+        };
+        ends.iter()
+            .map(|(k, (e, at))| {
+                let fresh = at.is_none_or(|at| at.elapsed() <= self.max_age);
+                (k.clone(), fresh.then_some(*e))
+            })
+            .collect()
+    }
 }
 
 impl Reconciler {
@@ -94,20 +176,38 @@ impl Reconciler {
             rules: Rules::from_settings(settings),
             cache,
             input_partitions,
+            log_ends: None,
         }
+    }
+
+    /// Judges idleness with `log_ends` (see [`crate::reconcile::watermark`]).
+    pub fn with_log_ends(mut self, log_ends: Arc<LogEnds>) -> Self {
+        self.log_ends = Some(log_ends);
+        self
     }
 
     /// The group's event-time watermark as this reconciler judges it (see [`watermark`]).
     pub async fn watermark(
         &self,
-        tx: &mut Transaction<'_, Postgres>,
+        tx: &mut sqlx::PgConnection,
         group: &str,
     ) -> Result<DateTime<Utc>, sqlx::Error> {
+        Ok(self.group_watermark(tx, group).await?.watermark)
+    }
+
+    /// The watermark with every partition's standing (metrics, reports).
+    pub async fn group_watermark(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        group: &str,
+    ) -> Result<GroupWatermark, sqlx::Error> {
+        let ends = self.log_ends.as_ref().map(|l| l.current());
         watermark(
-            tx,
+            conn,
             group,
-            self.rules.allowed_lateness,
+            &self.rules.clock,
             self.input_partitions,
+            ends.as_ref(),
         )
         .await
     }
@@ -307,37 +407,74 @@ pub(super) struct Bucket {
 struct Prior {
     status: Status,
     bucket: Bucket,
+    /// The watermark the item was last judged at: it is never judged at a lower one, so a
+    /// partition that becomes active again with older event times cannot reopen a deadline.
+    watermark: DateTime<Utc>,
 }
 
-/// The group's event-time watermark: the highest event time applied on each of its
-/// partitions, the lowest of those, minus the allowed lateness; the Unix epoch until every
-/// input partition has a record.
+/// The group's event-time watermark (the rule: [`crate::reconcile::watermark`]) from the
+/// stored offsets and, when given, the input partitions' log ends (every partition the broker
+/// has, so an empty one without a stored row is judged too; `None` entries are unknown).
 ///
 /// The lowest over partitions, because partitions (and the two topics) are consumed
 /// independently: after a backlog, one partition can be days ahead of another, and with the
 /// highest time overall every payment not yet read from a slower partition would look
 /// overdue, opening a false exception for each. This way a deadline is judged only once every
-/// partition has passed it. The price: a partition that stops receiving records holds the
-/// watermark back (watch `payrecon_reconciliation_watermark_timestamp_seconds`).
+/// partition that counts has passed it; an idle one (caught up, and empty or quiet in broker
+/// time) does not count, so it no longer holds the watermark back forever.
 pub async fn watermark(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut sqlx::PgConnection,
     group: &str,
-    lateness: chrono::Duration,
+    rules: &ClockRules,
     input_partitions: Option<i64>,
-) -> Result<DateTime<Utc>, sqlx::Error> {
-    let (min, partitions): (Option<DateTime<Utc>>, i64) = sqlx::query_as(
-        "SELECT min(max_event_time), count(max_event_time) FROM consumer_offsets
-          WHERE consumer_group = $1",
+    log_ends: Option<&HashMap<(String, i32), Option<LogEnd>>>,
+) -> Result<GroupWatermark, sqlx::Error> {
+    type Row = (
+        String,
+        i32,
+        i64,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT topic, partition, next_offset, last_record_time, max_event_time
+           FROM consumer_offsets WHERE consumer_group = $1",
     )
     .bind(group)
-    .fetch_one(&mut **tx)
+    .fetch_all(&mut *conn)
     .await?;
-    if input_partitions.is_some_and(|n| partitions < n) {
-        return Ok(DateTime::<Utc>::UNIX_EPOCH);
+    let mut clocks: BTreeMap<(String, i32), PartitionClock> = BTreeMap::new();
+    for (topic, partition, next, last, max) in rows {
+        let log_end = log_ends
+            .and_then(|e| e.get(&(topic.clone(), partition)))
+            .copied()
+            .flatten();
+        clocks.insert(
+            (topic.clone(), partition),
+            PartitionClock {
+                topic,
+                partition,
+                next_offset: Some(next),
+                last_record_time: last,
+                max_event_time: max,
+                log_end,
+            },
+        );
     }
-    Ok(min
-        .and_then(|m| m.checked_sub_signed(lateness))
-        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
+    for ((topic, partition), end) in log_ends.into_iter().flatten() {
+        clocks
+            .entry((topic.clone(), *partition))
+            .or_insert_with(|| PartitionClock {
+                topic: topic.clone(),
+                partition: *partition,
+                next_offset: None,
+                last_record_time: None,
+                max_event_time: None,
+                log_end: *end,
+            });
+    }
+    let clocks: Vec<PartitionClock> = clocks.into_values().collect();
+    Ok(group_watermark(&clocks, rules, input_partitions))
 }
 
 /// EXPECTED items whose deadline the watermark passed, oldest first, skipping items another
@@ -401,6 +538,7 @@ pub async fn take_corrected_items(
 }
 
 /// Who evaluates: recorded in the history.
+#[derive(Clone, Copy)]
 pub struct Evaluator<'a> {
     pub group: &'a str,
     pub instance: &'a str,
@@ -535,8 +673,18 @@ pub async fn evaluate_targets(
     .bind(who.watermark)
     .execute(&mut **tx)
     .await?;
-    let prior_rows: Vec<(String, String, String, NaiveDate, String, i64)> = sqlx::query_as(
-        "SELECT payment_reference, status, merchant_id, business_date, currency, evaluations
+    type PriorRow = (
+        String,
+        String,
+        String,
+        NaiveDate,
+        String,
+        i64,
+        DateTime<Utc>,
+    );
+    let prior_rows: Vec<PriorRow> = sqlx::query_as(
+        "SELECT payment_reference, status, merchant_id, business_date, currency, evaluations,
+                watermark
            FROM reconciliation_items WHERE payment_reference = ANY($1)
           ORDER BY payment_reference FOR UPDATE",
     )
@@ -544,7 +692,7 @@ pub async fn evaluate_targets(
     .fetch_all(&mut **tx)
     .await?;
     let mut prior: HashMap<String, Prior> = HashMap::with_capacity(prior_rows.len());
-    for (r, status, merchant_id, date, cur, evaluations) in prior_rows {
+    for (r, status, merchant_id, date, cur, evaluations, watermark) in prior_rows {
         if evaluations == 0 {
             continue; // our own placeholder
         }
@@ -555,7 +703,14 @@ pub async fn evaluate_targets(
             date,
             currency: currency(&cur)?,
         };
-        prior.insert(r, Prior { status, bucket });
+        prior.insert(
+            r,
+            Prior {
+                status,
+                bucket,
+                watermark,
+            },
+        );
     }
 
     // Read everything the references hold, now that no one else can change them.
@@ -573,9 +728,13 @@ pub async fn evaluate_targets(
             }
             continue;
         };
-        let (evaluation, bucket) = judge(who, &events, &lines);
-        outcome.evaluated += 1;
         let before = prior.get(reference);
+        let at = Evaluator {
+            watermark: before.map_or(who.watermark, |p| p.watermark.max(who.watermark)),
+            ..*who
+        };
+        let (evaluation, bucket) = judge(&at, &events, &lines);
+        outcome.evaluated += 1;
         if let Some(p) = before {
             daily.item(&p.bucket, p.status, -1);
         }
@@ -711,7 +870,7 @@ impl<'a> ItemUpdates<'a> {
                     expected_fee = u.ef, expected_net = u.en, settled_currency = u.sc,
                     settled_gross = u.sg, settled_fee = u.sf, settled_net = u.sn,
                     payment_events = u.events, settlement_lines = u.lines, deadline = u.deadline,
-                    reason = u.reason, watermark = $17, evaluations = i.evaluations + 1,
+                    reason = u.reason, watermark = GREATEST(i.watermark, $17), evaluations = i.evaluations + 1,
                     updated_at = now()
                FROM UNNEST($1::text[], $2::text[], $3::date[], $4::text[], $5::text[],
                            $6::numeric[], $7::numeric[], $8::numeric[], $9::text[],
@@ -981,6 +1140,20 @@ pub struct Backlog {
 }
 
 impl super::Store {
+    /// The highest event time applied on any partition of `group` (the lag reporter reads it
+    /// before fetching the log ends: `LogEnd::seen_up_to`).
+    pub async fn highest_event_time(
+        &self,
+        group: &str,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT max(max_event_time) FROM consumer_offsets WHERE consumer_group = $1",
+        )
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// What is still to do for reconciliation to be final for what has been consumed.
     pub async fn reconciliation_backlog(
         &self,
@@ -988,7 +1161,17 @@ impl super::Store {
         lateness: chrono::Duration,
     ) -> Result<Backlog, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let wm = watermark(&mut tx, group, lateness, None).await?;
+        // Without log ends nothing is idle: the lowest over partitions with an event time.
+        let rules = ClockRules {
+            default: TopicClock {
+                idle_timeout: chrono::Duration::MAX,
+                allowed_lateness: lateness,
+            },
+            topics: BTreeMap::new(),
+        };
+        let wm = watermark(&mut tx, group, &rules, None, None)
+            .await?
+            .watermark;
         let (due, unpublished): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM reconciliation_items
                       WHERE status = 'EXPECTED' AND deadline < $1),

@@ -9,6 +9,7 @@ mod crash;
 mod fencing;
 mod frozen;
 mod hostile;
+mod idleness;
 mod observability;
 mod outage;
 mod property;

@@ -2514,7 +2514,7 @@ export const dashboard = {
     {
       "type": "stat",
       "title": "Event-time watermark",
-      "description": "Lowest watermark over the instances: the lowest of the input partitions' highest event times minus allowed_lateness (1h by default); deadlines are judged against it, never the wall clock. Flat while records arrive means an input partition receives nothing (or is far behind), and deadlines stop passing: items stay EXPECTED. No value until every input partition has had a record.",
+      "description": "Lowest watermark over the instances' last batches: the lowest, over the input partitions that are not idle, of their highest event times minus allowed_lateness (1h by default); deadlines are judged against it, never the wall clock. Empty or quiet partitions that are caught up are idle and do not hold it. Flat while records arrive means a partition that counts is far behind or has no fresh high watermark: see 'Partitions by watermark standing'.",
       "datasource": {
         "type": "prometheus",
         "uid": "prometheus"
@@ -2580,7 +2580,7 @@ export const dashboard = {
     {
       "type": "timeseries",
       "title": "Watermark behind wall clock",
-      "description": "Now minus the lowest event-time watermark over the instances. The watermark is the lowest of the input partitions' highest event times minus allowed_lateness (1h by default), so this includes allowed_lateness. A watermark that stays flat while records arrive (this line then grows steadily) means an input partition receives nothing (or is far behind), and deadlines stop passing: check the commit lag per partition and the producers' keying.",
+      "description": "Now minus the lowest event-time watermark over the instances. The watermark is the lowest of the input partitions' highest event times minus allowed_lateness (1h by default), so this includes allowed_lateness. A watermark that stays flat while records arrive (this line then grows steadily) means a partition that counts (behind, unknown, or active with old event times) holds it, and deadlines stop passing: check 'Partitions by watermark standing' and the commit lag per partition.",
       "datasource": {
         "type": "prometheus",
         "uid": "prometheus"
@@ -2773,6 +2773,224 @@ export const dashboard = {
     },
     {
       "type": "timeseries",
+      "title": "Watermark contribution per partition",
+      "description": "Each input partition's highest event time minus its topic's allowed lateness (payrecon_watermark_partition_timestamp_seconds), and the group watermark: the lowest contribution of the partitions that are not idle. A partition is idle when it is caught up (stored next_offset at its last fetched high watermark) and empty or quiet for longer than idle_timeout in broker time; an idle one no longer holds deadlines back. Every instance judges the same group: max by (topic, partition).",
+      "datasource": {
+        "type": "prometheus",
+        "uid": "prometheus"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "prometheus"
+          },
+          "refId": "A",
+          "expr": "max by (topic, partition) (payrecon_watermark_partition_timestamp_seconds{instance=~\"$instance\"}) * 1000",
+          "legendFormat": "{{topic}}[{{partition}}]",
+          "editorMode": "code",
+          "range": true,
+          "instant": false
+        },
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "prometheus"
+          },
+          "refId": "B",
+          "expr": "max(payrecon_watermark_group_timestamp_seconds{instance=~\"$instance\"}) * 1000",
+          "legendFormat": "group watermark",
+          "editorMode": "code",
+          "range": true,
+          "instant": false
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "unit": "dateTimeAsIso",
+          "color": {
+            "mode": "palette-classic"
+          },
+          "custom": {
+            "drawStyle": "line",
+            "lineInterpolation": "linear",
+            "lineWidth": 1,
+            "fillOpacity": 10,
+            "gradientMode": "none",
+            "showPoints": "never",
+            "pointSize": 4,
+            "spanNulls": false,
+            "axisPlacement": "auto",
+            "axisBorderShow": false,
+            "axisCenteredZero": false,
+            "axisColorMode": "text",
+            "axisLabel": "",
+            "barAlignment": 0,
+            "insertNulls": false,
+            "scaleDistribution": {
+              "type": "linear"
+            },
+            "hideFrom": {
+              "legend": false,
+              "tooltip": false,
+              "viz": false
+            },
+            "stacking": {
+              "group": "A",
+              "mode": "none"
+            },
+            "thresholdsStyle": {
+              "mode": "off"
+            },
+            "lineStyle": {
+              "fill": "solid"
+            }
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": [],
+          "min": 0
+        },
+        "overrides": []
+      },
+      "options": {
+        "legend": {
+          "showLegend": true,
+          "displayMode": "list",
+          "placement": "bottom",
+          "calcs": []
+        },
+        "tooltip": {
+          "mode": "multi",
+          "sort": "desc"
+        }
+      },
+      "id": 44,
+      "gridPos": {
+        "h": 8,
+        "w": 12,
+        "x": 0,
+        "y": 81
+      }
+    },
+    {
+      "type": "timeseries",
+      "title": "Partitions by watermark standing",
+      "description": "Input partitions by standing: active and behind (records not applied yet) and unknown (no fresh high watermark) count in the watermark; idle_empty and idle_quiet do not. payrecon_watermark_holding_partitions counts those that count without an event time: while it is above 0 the watermark is at 1970 and no deadline passes.",
+      "datasource": {
+        "type": "prometheus",
+        "uid": "prometheus"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "prometheus"
+          },
+          "refId": "A",
+          "expr": "count by (standing) (max by (topic, partition, standing) (payrecon_watermark_partition_standing{instance=~\"$instance\"}) == 1)",
+          "legendFormat": "{{standing}}",
+          "editorMode": "code",
+          "range": true,
+          "instant": false
+        },
+        {
+          "datasource": {
+            "type": "prometheus",
+            "uid": "prometheus"
+          },
+          "refId": "B",
+          "expr": "max(payrecon_watermark_holding_partitions{instance=~\"$instance\"})",
+          "legendFormat": "holding at 1970",
+          "editorMode": "code",
+          "range": true,
+          "instant": false
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "unit": "short",
+          "color": {
+            "mode": "palette-classic"
+          },
+          "custom": {
+            "drawStyle": "line",
+            "lineInterpolation": "linear",
+            "lineWidth": 1,
+            "fillOpacity": 10,
+            "gradientMode": "none",
+            "showPoints": "never",
+            "pointSize": 4,
+            "spanNulls": false,
+            "axisPlacement": "auto",
+            "axisBorderShow": false,
+            "axisCenteredZero": false,
+            "axisColorMode": "text",
+            "axisLabel": "",
+            "barAlignment": 0,
+            "insertNulls": false,
+            "scaleDistribution": {
+              "type": "linear"
+            },
+            "hideFrom": {
+              "legend": false,
+              "tooltip": false,
+              "viz": false
+            },
+            "stacking": {
+              "group": "A",
+              "mode": "none"
+            },
+            "thresholdsStyle": {
+              "mode": "off"
+            },
+            "lineStyle": {
+              "fill": "solid"
+            }
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": [],
+          "min": 0
+        },
+        "overrides": []
+      },
+      "options": {
+        "legend": {
+          "showLegend": true,
+          "displayMode": "list",
+          "placement": "bottom",
+          "calcs": []
+        },
+        "tooltip": {
+          "mode": "multi",
+          "sort": "desc"
+        }
+      },
+      "id": 45,
+      "gridPos": {
+        "h": 8,
+        "w": 12,
+        "x": 12,
+        "y": 81
+      }
+    },
+    {
+      "type": "timeseries",
       "title": "Oldest unpublished exception",
       "description": "Age of the oldest exceptions_outbox row not yet on the exceptions topic (0 when none), worst instance; every instance measures it with the commit lag, so it grows also when no instance relays. Above 300 s for 5 minutes fires PayreconExceptionsNotPublished.",
       "datasource": {
@@ -2869,7 +3087,7 @@ export const dashboard = {
         "h": 8,
         "w": 12,
         "x": 0,
-        "y": 81
+        "y": 89
       }
     },
     {
@@ -2995,7 +3213,7 @@ export const dashboard = {
         "h": 8,
         "w": 12,
         "x": 12,
-        "y": 81
+        "y": 89
       }
     },
     {
@@ -3007,7 +3225,7 @@ export const dashboard = {
         "h": 1,
         "w": 24,
         "x": 0,
-        "y": 89
+        "y": 97
       },
       "panels": []
     },
@@ -3111,7 +3329,7 @@ export const dashboard = {
         "h": 8,
         "w": 8,
         "x": 0,
-        "y": 90
+        "y": 98
       }
     },
     {
@@ -3212,7 +3430,7 @@ export const dashboard = {
         "h": 8,
         "w": 8,
         "x": 8,
-        "y": 90
+        "y": 98
       }
     },
     {
@@ -3308,7 +3526,7 @@ export const dashboard = {
         "h": 8,
         "w": 8,
         "x": 16,
-        "y": 90
+        "y": 98
       }
     },
     {
@@ -3408,7 +3626,7 @@ export const dashboard = {
         "h": 8,
         "w": 12,
         "x": 0,
-        "y": 98
+        "y": 106
       }
     },
     {
@@ -3504,7 +3722,7 @@ export const dashboard = {
         "h": 8,
         "w": 12,
         "x": 12,
-        "y": 98
+        "y": 106
       }
     }
   ],
