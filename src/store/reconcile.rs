@@ -1028,21 +1028,9 @@ impl super::Store {
             let Some(last) = refs.last().cloned() else {
                 return Ok(outcome);
             };
-            let mut targets = Targets::default();
-            for r in refs {
-                targets.other(r, Cause::ReferenceData);
-            }
-            let who = Evaluator {
-                group,
-                instance,
-                rules: &reconciler.rules,
-                snapshot: &snapshot,
-                watermark: reconciler.watermark(&mut tx, group).await?,
-            };
-            let mut daily = DailyDeltas::default();
-            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
-            daily.write(&mut tx).await?;
-            tx.commit().await?;
+            let watermark = reconciler.watermark(&mut tx, group).await?;
+            let who = (group, instance, reconciler, &*snapshot, watermark);
+            outcome.merge(evaluate_and_commit(tx, who, refs, Cause::ReferenceData).await?);
             after = last;
         }
     }
@@ -1072,21 +1060,9 @@ impl super::Store {
             if refs.is_empty() {
                 return Ok(outcome);
             }
-            let mut targets = Targets::default();
-            for r in refs {
-                targets.other(r, Cause::ReferenceData);
-            }
-            let who = Evaluator {
-                group,
-                instance,
-                rules: &reconciler.rules,
-                snapshot: &snapshot,
-                watermark: reconciler.watermark(&mut tx, group).await?,
-            };
-            let mut daily = DailyDeltas::default();
-            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
-            daily.write(&mut tx).await?;
-            tx.commit().await?;
+            let watermark = reconciler.watermark(&mut tx, group).await?;
+            let who = (group, instance, reconciler, &*snapshot, watermark);
+            outcome.merge(evaluate_and_commit(tx, who, refs, Cause::ReferenceData).await?);
         }
     }
 }
@@ -1111,23 +1087,43 @@ impl super::Store {
             if refs.is_empty() {
                 return Ok(outcome);
             }
-            let mut targets = Targets::default();
-            for r in refs {
-                targets.other(r, Cause::Deadline);
-            }
-            let who = Evaluator {
-                group,
-                instance,
-                rules: &reconciler.rules,
-                snapshot: &snapshot,
-                watermark: wm,
-            };
-            let mut daily = DailyDeltas::default();
-            outcome.merge(evaluate_targets(&mut tx, &who, targets, &mut daily).await?);
-            daily.write(&mut tx).await?;
-            tx.commit().await?;
+            let who = (group, instance, reconciler, &*snapshot, wm);
+            outcome.merge(evaluate_and_commit(tx, who, refs, Cause::Deadline).await?);
         }
     }
+}
+
+/// Evaluates `refs` (for `cause`) in `tx` with the daily totals they change, and commits:
+/// the one step of the background re-evaluations. `who`: group, instance, reconciler,
+/// snapshot and watermark.
+async fn evaluate_and_commit(
+    mut tx: Transaction<'_, Postgres>,
+    (group, instance, reconciler, snapshot, watermark): (
+        &str,
+        &str,
+        &Reconciler,
+        &Snapshot,
+        DateTime<Utc>,
+    ),
+    refs: Vec<String>,
+    cause: Cause,
+) -> Result<ReconcileOutcome, sqlx::Error> {
+    let mut targets = Targets::default();
+    for r in refs {
+        targets.other(r, cause);
+    }
+    let who = Evaluator {
+        group,
+        instance,
+        rules: &reconciler.rules,
+        snapshot,
+        watermark,
+    };
+    let mut daily = DailyDeltas::default();
+    let outcome = evaluate_targets(&mut tx, &who, targets, &mut daily).await?;
+    daily.write(&mut tx).await?;
+    tx.commit().await?;
+    Ok(outcome)
 }
 
 /// How far reconciliation is from caught up.
