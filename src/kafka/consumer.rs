@@ -263,7 +263,6 @@ impl ConsumerLoop {
             )
             .await;
         pending.decode_time += started.elapsed();
-        self.progress.received();
         let raw = || RawRecord {
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
@@ -300,7 +299,11 @@ impl ConsumerLoop {
         if let Some(ts) = broker_ts {
             pending.timestamps.push(ts);
         }
-        pending.started.get_or_insert_with(Instant::now);
+        if pending.started.is_none() {
+            // The batch's first record: from now on something waits to be committed.
+            self.progress.received();
+            pending.started = Some(Instant::now());
+        }
     }
 
     /// Updates the partition's progress in the batch; refuses records that are behind.
