@@ -278,7 +278,7 @@ impl ConsumerLoop {
                 pending.batch.settlements.push((s, source));
             }
             Some(Err(DecodeError::Poison { kind, message })) => {
-                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = kind.as_str(), %message, "dead-lettering a record that can never succeed");
+                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = kind.as_str(), message = %crate::store::printable(&message, 500), "dead-lettering a record that can never succeed");
                 pending.batch.dead_letters.push(DeadLetter {
                     source,
                     key: m.key().map(<[u8]>::to_vec),
