@@ -229,9 +229,36 @@ async fn report(store: &Store, options: &ReportOptions, rules: &Rules) -> anyhow
     Ok(report)
 }
 
-/// Judges the watermark as the service does: the group's highest event time, then the
-/// partitions' log ends from the broker, then the stored offsets.
+/// The watermark report: [`judged_watermark`] with every partition's standing.
 async fn watermark(settings: &Settings, store: &Store) -> anyhow::Result<WatermarkReport> {
+    let group = settings.kafka.group_id.clone();
+    let w = judged_watermark(settings, store).await?;
+    Ok(WatermarkReport {
+        consumer_group: group,
+        watermark: w.watermark,
+        stream_time: w.stream_time,
+        partitions: (w.partitions.iter())
+            .map(|p| PartitionWatermarkRow {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                standing: p.standing.as_str(),
+                records_behind: match p.standing {
+                    crate::reconcile::watermark::Standing::Behind { records } => Some(records),
+                    _ => None,
+                },
+                contribution: p.contribution,
+            })
+            .collect(),
+    })
+}
+
+/// Judges the watermark as the service does: the group's highest event time, then the
+/// partitions' log ends from the broker, then the stored offsets (reports; the demo waits on
+/// it for the last deadlines to be judged).
+pub async fn judged_watermark(
+    settings: &Settings,
+    store: &Store,
+) -> anyhow::Result<crate::reconcile::GroupWatermark> {
     let group = settings.kafka.group_id.clone();
     let seen_up_to = store.highest_event_time(&group).await?;
     let kafka = settings.kafka.clone();
@@ -257,26 +284,8 @@ async fn watermark(settings: &Settings, store: &Store) -> anyhow::Result<Waterma
     )
     .with_log_ends(std::sync::Arc::new(crate::store::LogEnds::fixed(ends)));
     let mut conn = store.pool().acquire().await?;
-    let w = reconciler.group_watermark(&mut conn, &group).await?;
-    Ok(WatermarkReport {
-        consumer_group: group,
-        watermark: w.watermark,
-        stream_time: w.stream_time,
-        partitions: (w.partitions.iter())
-            .map(|p| PartitionWatermarkRow {
-                topic: p.topic.clone(),
-                partition: p.partition,
-                standing: p.standing.as_str(),
-                records_behind: match p.standing {
-                    crate::reconcile::watermark::Standing::Behind { records } => Some(records),
-                    _ => None,
-                },
-                contribution: p.contribution,
-            })
-            .collect(),
-    })
+    Ok(reconciler.group_watermark(&mut conn, &group).await?)
 }
-
 fn render_watermark(out: &mut String, report: &Report) {
     let Some(w) = &report.watermark else {
         return;

@@ -1168,6 +1168,17 @@ impl super::Store {
         let wm = watermark(&mut tx, group, &rules, None, None)
             .await?
             .watermark;
+        tx.commit().await?;
+        self.reconciliation_backlog_at(wm).await
+    }
+
+    /// How far reconciliation is from caught up at the watermark `wm` (e.g. one judged with
+    /// the broker's log ends, as the service judges it).
+    pub async fn reconciliation_backlog_at(
+        &self,
+        wm: DateTime<Utc>,
+    ) -> Result<Backlog, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
         let (due, unpublished): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM reconciliation_items
                       WHERE status = 'EXPECTED' AND deadline < $1),
