@@ -188,25 +188,13 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let (db2, encoder) = stage
         .prepare(&mut settings, &admin, &cluster, &sim, o.partitions)
         .await?;
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
-    crate::simulate::produce(
-        &producer,
-        &encoder,
-        payments_topic,
-        settlements_topic,
-        &records,
-        0,
-        |_| {},
-    )
-    .await?;
-    let shutdown = CancellationToken::new();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let service = tokio::spawn(crate::app::run(
-        settings.clone(),
-        shutdown.clone(),
-        Some(tx),
-    ));
-    let e2e_rate = backlog_rate(&mut events, records.len() as u64).await?;
+    let Backlog {
+        producer,
+        shutdown,
+        service,
+        mut events,
+        rate: e2e_rate,
+    } = stage.consume_backlog(&settings, &encoder, &records).await?;
     println!(
         "end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)",
         100.0 * e2e_rate / store_rate
@@ -625,6 +613,57 @@ impl Stage {
     }
 }
 
+/// A stage's backlog consumed by the real service, which keeps running.
+struct Backlog {
+    /// The producer that wrote the backlog (the latency run goes on with it).
+    producer: rdkafka::producer::FutureProducer,
+    shutdown: CancellationToken,
+    service: tokio::task::JoinHandle<anyhow::Result<()>>,
+    events: mpsc::UnboundedReceiver<LoopEvent>,
+    /// Records/s from the first commit on.
+    rate: f64,
+}
+
+impl Stage {
+    /// Produces `records` to the stage's topics, starts the service on `settings` and
+    /// measures how fast it applies them.
+    async fn consume_backlog(
+        &self,
+        settings: &Settings,
+        encoder: &crate::codec::Encoder,
+        records: &[Generated],
+    ) -> anyhow::Result<Backlog> {
+        let (payments_topic, settlements_topic) = self.topics;
+        let producer: rdkafka::producer::FutureProducer =
+            settings.kafka.producer_config().create()?;
+        crate::simulate::produce(
+            &producer,
+            encoder,
+            payments_topic,
+            settlements_topic,
+            records,
+            0,
+            |_| {},
+        )
+        .await?;
+        let shutdown = CancellationToken::new();
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let service = tokio::spawn(crate::app::run(
+            settings.clone(),
+            shutdown.clone(),
+            Some(tx),
+        ));
+        let rate = backlog_rate(&mut events, records.len() as u64).await?;
+        Ok(Backlog {
+            producer,
+            shutdown,
+            service,
+            events,
+            rate,
+        })
+    }
+}
+
 /// Stage 5: end-to-end again, on the same backlog with hostile records in it, into a database
 /// of its own: records/s through the same service loop.
 async fn hostile_stage(
@@ -641,30 +680,16 @@ async fn hostile_stage(
         topics: ("bench.hostile.payments", "bench.hostile.settlements"),
         refuse_psp: true,
     };
-    let (payments_topic, settlements_topic) = stage.topics;
     let (db, encoder) = stage
         .prepare(&mut settings, admin, cluster, sim, o.partitions)
         .await?;
     let (log, hostile) = with_hostile_records(records, o.hostile_every, &encoder)?;
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
-    crate::simulate::produce(
-        &producer,
-        &encoder,
-        payments_topic,
-        settlements_topic,
-        &log,
-        0,
-        |_| {},
-    )
-    .await?;
-    let shutdown = CancellationToken::new();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let service = tokio::spawn(crate::app::run(
-        settings.clone(),
-        shutdown.clone(),
-        Some(tx),
-    ));
-    let rate = backlog_rate(&mut events, log.len() as u64).await?;
+    let Backlog {
+        shutdown,
+        service,
+        rate,
+        ..
+    } = stage.consume_backlog(&settings, &encoder, &log).await?;
     shutdown.cancel();
     service.await??;
     let store = Store::new(
