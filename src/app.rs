@@ -241,6 +241,9 @@ pub async fn reevaluate_in_background(
     max_backoff: Duration,
     stop: CancellationToken,
 ) {
+    if !reconciler.enabled {
+        return; // ingestion only: nothing to re-evaluate
+    }
     let mut reloads = reconciler.cache.subscribe();
     // Once at start as after a reload: reference data may have been loaded or corrected while
     // no instance ran.

@@ -34,6 +34,8 @@ use crate::kafka::LoopEvent;
 use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{Batch, PartitionProgress, Source, Store};
 
+mod pgstats;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
     /// Payments in the backlog for the store-only and end-to-end runs (~2.2 records each).
@@ -53,6 +55,10 @@ pub struct BenchOptions {
     /// PostgreSQL refuses, in turn); 0 skips it.
     #[arg(long, default_value_t = 10_000)]
     pub hostile_every: u64,
+    /// The ingestion-only stage: the end-to-end run again with `reconciliation.enabled =
+    /// false` (decode, validate, insert-or-ignore, running totals, offsets).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ingestion: bool,
     /// Measure only the reference-data cache with this many merchant versions (N/4
     /// merchants with 4 versions each): process memory before and after loading, load time,
     /// lookups/s.
@@ -89,6 +95,13 @@ pub struct BenchReport {
     pub hostile_end_to_end_records_per_sec: f64,
     pub hostile_records: u64,
     pub hostile_ratio: f64,
+    /// PostgreSQL row writes (inserted + updated + deleted tuples) per record in the
+    /// store-only stage, and per table.
+    pub row_writes_per_record: f64,
+    pub table_writes: Vec<pgstats::TableWrites>,
+    /// The ingestion path alone (`reconciliation.enabled = false`) through Kafka and the
+    /// service loop, records/s (0 when skipped).
+    pub ingestion_records_per_sec: f64,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -152,10 +165,11 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         o.partitions
     );
 
-    // 1. Store-only ceiling.
-    let (db1, _, store) = fresh_store(&admin, "store").await?;
+    // 1. Store-only ceiling, with PostgreSQL's statistics of the same run.
+    let (db1, url1, store) = fresh_store(&admin, "store").await?;
     let reconciler = load_reference(&store, &sim, &settings).await?;
     let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
+    let statements = pgstats::reset(store.pool()).await?;
     let started = Instant::now();
     for b in &batches {
         store
@@ -165,8 +179,30 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     }
     let store_rate = records.len() as f64 / started.elapsed().as_secs_f64();
     store.pool().close().await;
-    let _ = crate::store::drop_database(&admin, &db1).await;
     println!("store-only ceiling:   {store_rate:>10.0} records/s");
+    let stats = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url1)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await; // the closed backends' last report
+    let writes = pgstats::table_writes(&stats).await?;
+    let row_writes =
+        writes.iter().map(pgstats::TableWrites::total).sum::<i64>() as f64 / records.len() as f64;
+    println!(
+        "row writes per record:{row_writes:>10.2}  ({})",
+        pgstats::describe_writes(&writes, records.len())
+    );
+    let top = if statements {
+        pgstats::top_statements(&stats, 6).await?
+    } else {
+        println!(
+            "statement times:      pg_stat_statements is not preloaded (shared_preload_libraries)"
+        );
+        Vec::new()
+    };
+    pgstats::print_statements(&top);
+    stats.close().await;
+    let _ = crate::store::drop_database(&admin, &db1).await;
 
     // 2 + 3. Through Kafka and the real service loop.
     let cluster = MockCluster::new(1)?;
@@ -188,6 +224,11 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let (db2, encoder) = stage
         .prepare(&mut settings, &admin, &cluster, &sim, o.partitions)
         .await?;
+    let stats = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&crate::store::database_url(&admin, &db2))
+        .await?;
+    let statements = pgstats::reset(&stats).await?;
     let Backlog {
         producer,
         shutdown,
@@ -199,6 +240,10 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         "end-to-end:           {e2e_rate:>10.0} records/s  ({:.0}% of the store-only ceiling)",
         100.0 * e2e_rate / store_rate
     );
+    if statements {
+        pgstats::print_statements(&pgstats::top_statements(&stats, 6).await?);
+    }
+    stats.close().await;
 
     // 3. Latency at a fixed offered rate.
     let count = (o.rate as f64 * o.latency_duration.as_secs_f64()) as u64;
@@ -260,6 +305,11 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     } else {
         (0.0, 0)
     };
+    let ingestion_rate = if o.ingestion {
+        ingestion_stage(settings.clone(), &admin, &cluster, &sim, &records, &o).await?
+    } else {
+        0.0
+    };
     let report = BenchReport {
         records: records.len(),
         store_only_records_per_sec: store_rate.round(),
@@ -275,6 +325,9 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         hostile_end_to_end_records_per_sec: hostile_rate.round(),
         hostile_records,
         hostile_ratio: (1000.0 * hostile_rate / e2e_rate).round() / 1000.0,
+        row_writes_per_record: (100.0 * row_writes).round() / 100.0,
+        table_writes: writes,
+        ingestion_records_per_sec: ingestion_rate.round(),
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
@@ -296,6 +349,11 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
             "hostile end-to-end:   {hostile_rate:>10.0} records/s  ({hostile_records} hostile records, 1 per {}; {:.0}% of the clean end-to-end)",
             o.hostile_every,
             100.0 * report.hostile_ratio
+        );
+    }
+    if ingestion_rate > 0.0 {
+        println!(
+            "ingestion only:       {ingestion_rate:>10.0} records/s  (decode, validate, insert-or-ignore, running totals, offsets; no reconciliation)"
         );
     }
     println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
@@ -706,6 +764,38 @@ async fn hostile_stage(
         "{hostile} hostile records produced, {kept} dead-lettered"
     );
     Ok((rate, hostile))
+}
+
+/// The ingestion path alone: the end-to-end run on the same backlog with reconciliation
+/// switched off, into a database of its own; records/s.
+async fn ingestion_stage(
+    mut settings: Settings,
+    admin: &PgConnectOptions,
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    sim: &SimulationOptions,
+    records: &[Generated],
+    o: &BenchOptions,
+) -> anyhow::Result<f64> {
+    let stage = Stage {
+        tag: "ingest",
+        group: "bench-ingest",
+        topics: ("bench.ingest.payments", "bench.ingest.settlements"),
+        refuse_psp: false,
+    };
+    settings.reconciliation.enabled = false;
+    let (db, encoder) = stage
+        .prepare(&mut settings, admin, cluster, sim, o.partitions)
+        .await?;
+    let Backlog {
+        shutdown,
+        service,
+        rate,
+        ..
+    } = stage.consume_backlog(&settings, &encoder, records).await?;
+    shutdown.cancel();
+    service.await??;
+    let _ = crate::store::drop_database(admin, &db).await;
+    Ok(rate)
 }
 
 /// Splits generated records into batches exactly as the consumer would build them.

@@ -189,6 +189,10 @@ pub struct PipelineSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReconciliationSettings {
+    /// `false`: ingestion only. Records, running totals, dead letters and offsets are
+    /// committed as always, but no reconciliation item, history, outbox row or item count
+    /// in the daily totals is written (`payrecon bench` measures the ingestion path so).
+    pub enabled: bool,
     /// Absolute tolerance in settlement currency (a decimal string, e.g. "0.01").
     #[serde(with = "rust_decimal::serde::str")]
     pub tolerance_abs: rust_decimal::Decimal,

@@ -43,6 +43,7 @@ pub const DATABASE_ERRORS: &str = "payrecon_database_errors_total";
 pub const CONSUMER_STALLED: &str = "payrecon_consumer_stalled";
 pub const LAST_COMMIT: &str = "payrecon_last_commit_timestamp_seconds";
 pub const POSITIONING_ERRORS: &str = "payrecon_positioning_errors_total";
+pub const RECORDS_REREAD: &str = "payrecon_reconciliation_reread_items_total";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -207,6 +208,10 @@ fn describe() {
         "Unix time of this instance's last committed batch (or of its last assignment, when it has committed nothing since)."
     );
     describe_counter!(
+        RECORDS_REREAD,
+        "Reconciliation items whose records were re-read because their running state could not be carried forward (reference data that changes their prices, a correction, a missing rate, or an item from before running state)."
+    );
+    describe_counter!(
         POSITIONING_ERRORS,
         "Failures to position a partition at its stored offset (assign or seek), by operation; each is retried and makes the instance not ready until it succeeds."
     );
@@ -233,6 +238,7 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
         counter!(REBALANCES, "kind" => kind).absolute(0);
     }
     counter!(LAG_REFRESH_ERRORS).absolute(0);
+    counter!(RECORDS_REREAD).absolute(0);
     for status in crate::reconcile::Status::ALL {
         counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(status))
             .absolute(0);
@@ -345,6 +351,11 @@ pub fn records(topic: &str, applied: u64, duplicates: u64) {
         counter!(RECORDS, "topic" => topic.to_owned(), "outcome" => "duplicate")
             .increment(duplicates);
     }
+}
+
+/// Items whose records were re-read to rebuild their running state.
+pub fn records_reread(items: u64) {
+    counter!(RECORDS_REREAD).increment(items);
 }
 
 /// PostgreSQL refused a batch for a reason that may lie in a record; it is being bisected.

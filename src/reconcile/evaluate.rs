@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::Status;
-use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
+use crate::domain::{Currency, PaymentEvent, SettlementLine};
 
 /// Basis points in one whole.
 const BPS: Decimal = Decimal::from_parts(10_000, 0, 0, false, 0);
@@ -96,166 +96,94 @@ pub struct Evaluation {
 }
 
 /// Decides the status of one payment reference from all its payment events and settlement
-/// lines, the merchant's terms (`None`: unknown merchant) and the event-time `watermark`.
+/// lines, the merchant's terms (`None`: unknown merchant) and the event-time `watermark`: the
+/// running state folded from nothing over every record ([`super::state::fold`]), judged
+/// ([`super::state::verdict`]). The service folds each batch's records into the stored state
+/// instead; this is the same computation over all records at once.
 pub fn evaluate(
     events: &[PricedEvent<'_>],
     lines: &[&SettlementLine],
     terms: Option<&Terms>,
     watermark: DateTime<Utc>,
 ) -> Evaluation {
-    let settled = settled(lines);
-    let verdict = |status, expected, deadline, reason| Evaluation {
-        status,
-        expected,
-        settled,
-        missing_reference: None,
-        deadline,
-        reason,
-    };
-    let missing = |missing: MissingData| Evaluation {
-        reason: format!("{missing}; evaluated again when it arrives"),
-        missing_reference: Some(missing),
-        ..verdict(Status::MissingReference, None, None, String::new())
-    };
-    let Some(terms) = terms else {
-        let merchant_id = (events.first().map(|e| &e.event.merchant_id))
-            .or(lines.first().map(|l| &l.merchant_id));
-        return missing(MissingData::Merchant {
-            merchant_id: merchant_id.cloned().unwrap_or_default(),
-        });
-    };
-    let expected = match expected(events, terms) {
-        Ok(expected) => expected,
-        Err(reference) => return missing(reference),
-    };
-    let currency = terms.settlement_currency;
-    if let Some(line) = lines.iter().find(|l| l.currency != currency) {
-        let reason = format!(
-            "line {} is in {}, but merchant {} is settled in {currency}",
-            line.line_id, line.currency, line.merchant_id
-        );
-        return verdict(Status::CurrencyMismatch, Some(expected), None, reason);
-    }
-    let got = settled.unwrap_or(Amounts::zero(currency));
-    let tolerance = terms.tolerance;
-    let gross_diff = difference("gross", expected.gross, got.gross, tolerance, currency);
-    let fee_diff = difference("fee", expected.fee, got.fee, tolerance, currency);
-    let deadline = deadline(events, lines, terms);
-    let capture_lines = lines.iter().filter(|l| l.gross > Decimal::ZERO).count();
-    let captures = (events.iter())
-        .filter(|e| e.event.kind == PaymentEventKind::Capture)
-        .count();
-
-    // In the precedence order of the module doc.
-    let status =
-        if !events.is_empty() && !lines.is_empty() && gross_diff.is_none() && fee_diff.is_none() {
-            Status::Matched
-        } else if deadline.is_none_or(|d| watermark <= d) {
-            Status::Expected
-        } else if lines.is_empty() {
-            Status::MissingSettlement
-        } else if events.is_empty() {
-            Status::UnexpectedSettlement
-        } else if gross_diff.is_some() && capture_lines > captures && got.gross > expected.gross {
-            Status::OverSettled
-        } else if gross_diff.is_some() {
-            Status::AmountMismatch
-        } else {
-            Status::FeeMismatch
+    if events.is_empty() && lines.is_empty() {
+        if terms.is_none() {
+            let missing = MissingData::Merchant {
+                merchant_id: String::new(),
+            };
+            return Evaluation {
+                status: Status::MissingReference,
+                expected: None,
+                settled: None,
+                reason: format!("{missing}; evaluated again when it arrives"),
+                missing_reference: Some(missing),
+                deadline: None,
+            };
+        }
+        return Evaluation {
+            status: Status::Expected,
+            expected: terms.map(|t| Amounts::zero(t.settlement_currency)),
+            settled: None,
+            missing_reference: None,
+            deadline: None,
+            reason: "no payment event and no settlement line".into(),
         };
+    }
+    let given = Given { terms, events };
+    let records: Vec<&PaymentEvent> = events.iter().map(|e| e.event).collect();
+    let state = super::state::fold(None, &records, lines, &given)
+        .expect("a fold from nothing always applies");
+    super::state::verdict(&state, terms, watermark)
+}
 
-    let until = deadline.map_or_else(String::new, |d| d.to_rfc3339());
-    let settled_text = settled.map_or_else(|| "nothing".to_owned(), |s| s.to_string());
-    let [gross_diff, fee_diff] = [gross_diff, fee_diff].map(Option::unwrap_or_default);
-    let reason = match status {
-        Status::Matched => format!("settled {got} matches {expected}"),
-        Status::Expected if deadline.is_none() => "no payment event and no settlement line".into(),
-        Status::Expected => {
-            format!("expected {expected}, settled {settled_text}; in time until {until}")
+/// Reference data given per call: the same terms for any merchant and time, each event's own
+/// rate.
+struct Given<'a> {
+    terms: Option<&'a Terms>,
+    events: &'a [PricedEvent<'a>],
+}
+
+impl super::state::ReferenceData for Given<'_> {
+    fn terms_at(&self, _merchant_id: &str, _at: DateTime<Utc>) -> Option<Terms> {
+        self.terms.cloned()
+    }
+
+    fn rate_at(&self, from: Currency, to: Currency, at: DateTime<Utc>) -> Option<Decimal> {
+        if from == to {
+            return Some(Decimal::ONE);
         }
-        Status::MissingSettlement => {
-            format!("nothing settled of {expected}; deadline {until} passed")
-        }
-        Status::UnexpectedSettlement => {
-            format!("settled {got} with no payment; deadline {until} passed")
-        }
-        Status::OverSettled => {
-            format!("more capture lines ({capture_lines}) than captures ({captures}); {gross_diff}")
-        }
-        Status::AmountMismatch => gross_diff,
-        _ => fee_diff, // FEE_MISMATCH: the other statuses returned above
-    };
-    let deadline = deadline.filter(|_| status == Status::Expected);
-    verdict(status, Some(expected), deadline, reason)
+        (self.events.iter())
+            .find(|e| e.event.currency == from && e.event.event_time == at)
+            .and_then(|e| e.fx_rate)
+    }
+
+    fn rate_fingerprint(&self, _from: Currency, _to: Currency, _up_to: DateTime<Utc>) -> u64 {
+        0
+    }
 }
 
 /// Rounds to the currency's minor units, half away from zero (the acquirers' convention).
-fn round(amount: Decimal, currency: Currency) -> Decimal {
+pub(super) fn round(amount: Decimal, currency: Currency) -> Decimal {
     amount.round_dp_with_strategy(
         currency.minor_units(),
         RoundingStrategy::MidpointAwayFromZero,
     )
 }
 
-/// What the events call for in settlement currency, or the reference data that is missing.
-fn expected(events: &[PricedEvent<'_>], terms: &Terms) -> Result<Amounts, MissingData> {
-    let currency = terms.settlement_currency;
-    let mut amounts = Amounts::zero(currency);
-    for &PricedEvent { event, fx_rate } in events {
-        let rate = match fx_rate {
-            _ if event.currency == currency => Decimal::ONE,
-            Some(rate) => rate,
-            None => {
-                return Err(MissingData::FxRate {
-                    from: event.currency,
-                    to: currency,
-                    at: event.event_time,
-                });
-            }
-        };
-        let gross = round(event.signed_amount() * rate, currency);
-        amounts.gross += gross;
-        if event.kind == PaymentEventKind::Capture {
-            // Rounding after adding the fixed fee equals adding it after rounding whenever it
-            // is in whole minor units, and stays representable if it is not.
-            amounts.fee += round(gross * terms.fee_bps / BPS + terms.fee_fixed, currency);
-        }
-    }
-    amounts.net = amounts.gross - amounts.fee;
-    Ok(amounts)
-}
-
-/// The sums of the lines, if there are any and they share one currency.
-fn settled(lines: &[&SettlementLine]) -> Option<Amounts> {
-    let currency = lines.first()?.currency;
-    lines.iter().try_fold(Amounts::zero(currency), |sum, l| {
-        (l.currency == currency).then(|| Amounts {
-            gross: sum.gross + l.gross,
-            fee: sum.fee + l.fee,
-            net: sum.net + l.net,
-            ..sum
-        })
-    })
-}
-
-/// When the reference becomes due: the later of the two deadlines, each counted from the
-/// latest record on its side; `None` without any record.
-fn deadline(
-    events: &[PricedEvent<'_>],
-    lines: &[&SettlementLine],
-    terms: &Terms,
-) -> Option<DateTime<Utc>> {
-    let after =
-        |t: DateTime<Utc>, d: Duration| t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC);
-    let settlement = (events.iter().map(|e| e.event.event_time).max())
-        .map(|t| after(t, terms.settlement_deadline));
-    let payment =
-        (lines.iter().map(|l| l.event_time).max()).map(|t| after(t, terms.payment_deadline));
-    settlement.max(payment)
+/// A capture's fee on its converted, rounded `gross`. Rounding after adding the fixed fee
+/// equals adding it after rounding whenever it is in whole minor units, and stays
+/// representable if it is not.
+pub(super) fn fee_of(
+    gross: Decimal,
+    fee_bps: Decimal,
+    fee_fixed: Decimal,
+    currency: Currency,
+) -> Decimal {
+    round(gross * fee_bps / BPS + fee_fixed, currency)
 }
 
 /// `Some(explanation)` when `settled` is further from `expected` than the tolerance allows.
-fn difference(
+pub(super) fn difference(
     what: &str,
     expected: Decimal,
     settled: Decimal,
@@ -289,7 +217,7 @@ fn money(amount: Decimal, currency: Currency) -> String {
 }
 
 impl Amounts {
-    fn zero(currency: Currency) -> Self {
+    pub(super) fn zero(currency: Currency) -> Self {
         Amounts {
             currency,
             gross: Decimal::ZERO,
@@ -326,6 +254,7 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+    use crate::domain::PaymentEventKind;
     use crate::domain::PaymentEventKind::{Capture, Chargeback, Refund};
     use crate::reconcile::transition;
     use Status::*;

@@ -85,9 +85,13 @@
 //! is idle once the payments run `idle_timeout` of broker time past its last burst.
 
 mod evaluate;
+mod rules;
+pub mod state;
 mod status;
 pub mod watermark;
 
 pub use evaluate::{Amounts, Evaluation, MissingData, PricedEvent, Terms, Tolerance, evaluate};
+pub use rules::{Priced, Rules};
+pub use state::{Bucket, ItemState, ReferenceData, fold, judge};
 pub use status::{Status, Transition, transition};
 pub use watermark::{ClockRules, GroupWatermark, LogEnd, PartitionClock, TopicClock};

@@ -252,7 +252,9 @@ impl MerchantVersionRef<'_> {
 }
 
 /// A rate and the time it starts to be valid.
-type RateVersion = (DateTime<Utc>, Decimal);
+/// A rate version: valid from, rate, and the fingerprint of its pair's versions up to and
+/// including it ([`Snapshot::rate_fingerprint`]).
+type RateVersion = (DateTime<Utc>, Decimal, u64);
 
 /// "No entry" in the `u32` indices below.
 const NONE: u32 = u32::MAX;
@@ -435,6 +437,17 @@ pub struct SnapshotStats {
     pub heap_bytes: usize,
 }
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: a fingerprint that is the same in every process and release (it is stored).
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// The element valid at `at`: the last one whose start is not after `at`.
 fn as_of<T>(versions: &[T], at: DateTime<Utc>, start: impl Fn(&T) -> DateTime<Utc>) -> Option<&T> {
     let idx = versions.partition_point(|v| start(v) <= at);
@@ -524,7 +537,7 @@ impl SnapshotBuilder {
             .rates
             .entry((r.base, r.quote))
             .or_default()
-            .push((r.valid_from, r.rate));
+            .push((r.valid_from, r.rate, 0));
     }
 
     /// The snapshot. Two versions of one merchant with the same start (the tables' primary
@@ -549,6 +562,13 @@ impl SnapshotBuilder {
         s.names.shrink_to_fit();
         for versions in s.rates.values_mut() {
             versions.sort_by_key(|v| v.0);
+            let mut h = FNV_OFFSET;
+            for v in versions.iter_mut() {
+                h = fnv(h, &v.0.timestamp_micros().to_le_bytes());
+                h = fnv(h, &v.1.mantissa().to_le_bytes());
+                h = fnv(h, &v.1.scale().to_le_bytes());
+                v.2 = h;
+            }
         }
         s.generation = generation;
         s.loaded_at = Some(Utc::now());
@@ -614,15 +634,29 @@ impl Snapshot {
         if base == quote {
             return Some(Decimal::ONE);
         }
-        if let Some((_, r)) = self
+        if let Some((_, r, _)) = self
             .rates
             .get(&(base, quote))
             .and_then(|v| as_of(v, at, |x| x.0))
         {
             return Some(*r);
         }
-        let (_, r) = as_of(self.rates.get(&(quote, base))?, at, |x| x.0)?;
+        let (_, r, _) = as_of(self.rates.get(&(quote, base))?, at, |x| x.0)?;
         Decimal::ONE.checked_div(*r)
+    }
+
+    /// A fingerprint of every rate version of `base`/`quote`, in either direction, that
+    /// starts at or before `up_to`: every conversion [`Self::rate_at`] can give between them
+    /// at or before `up_to` depends on those versions only, so an equal fingerprint means no
+    /// such conversion changed (a reconciliation item's sums stay valid).
+    pub fn rate_fingerprint(&self, base: Currency, quote: Currency, up_to: DateTime<Utc>) -> u64 {
+        let prefix = |pair| {
+            (self.rates.get(&pair))
+                .and_then(|v| as_of(v, up_to, |x| x.0))
+                .map_or(0, |x| x.2)
+        };
+        let h = fnv(FNV_OFFSET, &prefix((base, quote)).to_le_bytes());
+        fnv(h, &prefix((quote, base)).to_le_bytes())
     }
 
     /// Merchant versions and rate versions held.

@@ -137,7 +137,7 @@ impl Shadow {
     pub async fn analyze(&self) -> Result<(), sqlx::Error> {
         sqlx::query(
             "ANALYZE payment_events, settlement_lines, dead_letters, reconciliation_items,
-                     merchant_daily_totals, audit_range",
+                     merchant_daily_totals_by_shard, audit_range",
         )
         .execute(self.store.pool())
         .await?;

@@ -138,12 +138,14 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let max_times = batch.max_event_times();
         advance_offsets(&mut tx, group, instance, &batch.progress, &max_times).await?;
+        let shard = batch.shard();
         let apply = Apply {
             group,
             instance,
             reconciler,
             topics: &batch.topics,
             raw: &batch.raw,
+            shard: &shard,
         };
         let payments: Vec<_> = batch.payments.iter().collect();
         let settlements: Vec<_> = batch.settlements.iter().collect();
@@ -202,6 +204,8 @@ pub(crate) struct Apply<'a> {
     pub reconciler: &'a Reconciler,
     pub topics: &'a [String],
     pub raw: &'a HashMap<Source, RawRecord>,
+    /// The running-totals shard this transaction writes (see [`Batch::shard`]).
+    pub shard: &'a str,
 }
 
 /// Ids and references of a refused record's twin (rolled back, never committed).
@@ -362,8 +366,7 @@ impl Apply<'_> {
         out.conflicts = p.conflicts.into_iter().chain(s.conflicts).collect();
         out.reconciliation = reconcile_inserted(
             tx,
-            self.group,
-            self.instance,
+            (self.group, self.instance, self.shard),
             self.reconciler,
             (payments, settlements),
             (&p.inserted, &s.inserted),
@@ -395,7 +398,7 @@ impl Apply<'_> {
                 std::collections::hash_map::Entry::Occupied(o) => repeats.push((i, *o.get())),
             }
         }
-        out.inserted = R::insert(tx, self.topics, &unique).await?;
+        out.inserted = R::insert(tx, self.topics, self.shard, &unique).await?;
         if out.inserted.len() == unique.len() && repeats.is_empty() {
             return Ok(out);
         }
@@ -530,6 +533,7 @@ trait Keyed: Sync {
     fn insert<'a>(
         tx: &'a mut Transaction<'_, Postgres>,
         topics: &'a [String],
+        shard: &'a str,
         records: &'a [&'a (Self, Source)],
     ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>>
     where
@@ -583,9 +587,10 @@ impl Keyed for PaymentEvent {
     fn insert<'a>(
         tx: &'a mut Transaction<'_, Postgres>,
         topics: &'a [String],
+        shard: &'a str,
         records: &'a [&'a (Self, Source)],
     ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
-        Box::pin(insert_payments(tx, topics, records))
+        Box::pin(insert_payments(tx, topics, shard, records))
     }
 
     fn stored<'a>(
@@ -680,9 +685,10 @@ impl Keyed for SettlementLine {
     fn insert<'a>(
         tx: &'a mut Transaction<'_, Postgres>,
         topics: &'a [String],
+        shard: &'a str,
         records: &'a [&'a (Self, Source)],
     ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
-        Box::pin(insert_settlements(tx, topics, records))
+        Box::pin(insert_settlements(tx, topics, shard, records))
     }
 
     fn stored<'a>(
@@ -778,18 +784,21 @@ const SAVEPOINT_ROLLBACK: &str = "ROLLBACK TO SAVEPOINT payrecon_records";
 /// Reconciles what was inserted (`inserted`: the payment and line ids actually inserted, out
 /// of `records`) with one reference snapshot: the touched references, then the items the
 /// watermark made due; then the daily totals. Runs inside the caller's transaction.
-pub(crate) async fn reconcile_inserted(
+pub(crate) async fn reconcile_inserted<'r>(
     tx: &mut Transaction<'_, Postgres>,
-    group: &str,
-    instance: &str,
+    (group, instance, shard): (&str, &str, &str),
     reconciler: &Reconciler,
-    records: (&Payments<'_>, &Settlements<'_>),
+    records: (&Payments<'r>, &Settlements<'r>),
     inserted: (&[String], &[String]),
 ) -> Result<ReconcileOutcome, sqlx::Error> {
     let snapshot = reconciler.cache.snapshot();
     let mut targets = Targets::default();
     let mut daily = DailyDeltas::default();
     record_inserted(records, inserted, &mut targets, &mut daily);
+    if !reconciler.enabled {
+        daily.write(tx, shard).await?;
+        return Ok(ReconcileOutcome::default());
+    }
     let who = Evaluator {
         group,
         instance,
@@ -807,16 +816,16 @@ pub(crate) async fn reconcile_inserted(
         }
         outcome.merge(evaluate_targets(tx, &who, targets, &mut daily).await?);
     }
-    daily.write(tx).await?;
+    daily.write(tx, shard).await?;
     Ok(outcome)
 }
 
 /// Adds the rows this transaction inserted (not the re-deliveries) to the references to
 /// evaluate and to the daily totals.
-fn record_inserted(
-    (payments, settlements): (&Payments<'_>, &Settlements<'_>),
+fn record_inserted<'r>(
+    (payments, settlements): (&Payments<'r>, &Settlements<'r>),
     (inserted_payments, inserted_lines): (&[String], &[String]),
-    targets: &mut Targets,
+    targets: &mut Targets<'r>,
     daily: &mut DailyDeltas,
 ) {
     if !inserted_payments.is_empty() {
@@ -826,7 +835,7 @@ fn record_inserted(
         }
         for id in inserted_payments {
             if let Some(p) = by_id.get(id.as_str()) {
-                targets.record(&p.payment_reference, &p.event_id);
+                targets.event(p);
                 daily.payment(p);
             }
         }
@@ -838,7 +847,7 @@ fn record_inserted(
         }
         for id in inserted_lines {
             if let Some(l) = by_id.get(id.as_str()) {
-                targets.record(&l.payment_reference, &l.line_id);
+                targets.line(l);
                 daily.settlement(l);
             }
         }
@@ -846,6 +855,16 @@ fn record_inserted(
 }
 
 impl Batch {
+    /// The running-totals shard of this batch: its first input partition, `topic/partition`.
+    /// Two instances never own one partition, so two instances' batches never share a shard
+    /// (a zombie's batch is fenced at its offsets, which it updates first).
+    pub fn shard(&self) -> String {
+        (self.progress.iter())
+            .map(|p| (p.topic.as_str(), p.partition))
+            .min()
+            .map_or_else(String::new, |(t, p)| format!("{t}/{p}"))
+    }
+
     /// The highest event time per partition among the batch's records (the watermark's input).
     fn max_event_times(&self) -> HashMap<(&str, i32), DateTime<Utc>> {
         let mut out: HashMap<(&str, i32), DateTime<Utc>> = HashMap::new();
@@ -969,6 +988,7 @@ async fn advance_offsets(
 pub(crate) async fn insert_payments(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
+    shard: &str,
     payments: &[&(PaymentEvent, Source)],
 ) -> Result<Vec<String>, sqlx::Error> {
     if payments.is_empty() {
@@ -1008,10 +1028,11 @@ pub(crate) async fn insert_payments(
             ON CONFLICT (event_id) DO NOTHING
             RETURNING event_id, merchant_id, currency, kind, amount
          ), totals AS (
-            INSERT INTO merchant_payment_totals AS t (merchant_id, currency, kind, event_count, amount_sum)
-            SELECT merchant_id, currency, kind, count(*), sum(amount)
+            INSERT INTO merchant_payment_totals_by_shard AS t (merchant_id, currency, kind, shard,
+                   event_count, amount_sum)
+            SELECT merchant_id, currency, kind, $12, count(*), sum(amount)
               FROM ins GROUP BY merchant_id, currency, kind ORDER BY merchant_id, currency, kind
-            ON CONFLICT (merchant_id, currency, kind) DO UPDATE
+            ON CONFLICT (merchant_id, currency, kind, shard) DO UPDATE
                SET event_count = t.event_count + excluded.event_count,
                    amount_sum = t.amount_sum + excluded.amount_sum
             RETURNING event_count
@@ -1029,6 +1050,7 @@ pub(crate) async fn insert_payments(
     .bind(&src_topics)
     .bind(&src_parts)
     .bind(&src_offsets)
+    .bind(shard)
     .fetch_all(&mut **tx)
     .await
 }
@@ -1037,6 +1059,7 @@ pub(crate) async fn insert_payments(
 pub(crate) async fn insert_settlements(
     tx: &mut Transaction<'_, Postgres>,
     topics: &[String],
+    shard: &str,
     lines: &[&(SettlementLine, Source)],
 ) -> Result<Vec<String>, sqlx::Error> {
     if lines.is_empty() {
@@ -1082,11 +1105,11 @@ pub(crate) async fn insert_settlements(
             ON CONFLICT (line_id) DO NOTHING
             RETURNING line_id, merchant_id, currency, gross, fee, net
          ), totals AS (
-            INSERT INTO merchant_settlement_totals AS t (merchant_id, currency, line_count,
-                   gross_sum, fee_sum, net_sum)
-            SELECT merchant_id, currency, count(*), sum(gross), sum(fee), sum(net)
+            INSERT INTO merchant_settlement_totals_by_shard AS t (merchant_id, currency, shard,
+                   line_count, gross_sum, fee_sum, net_sum)
+            SELECT merchant_id, currency, $14, count(*), sum(gross), sum(fee), sum(net)
               FROM ins GROUP BY merchant_id, currency ORDER BY merchant_id, currency
-            ON CONFLICT (merchant_id, currency) DO UPDATE
+            ON CONFLICT (merchant_id, currency, shard) DO UPDATE
                SET line_count = t.line_count + excluded.line_count,
                    gross_sum = t.gross_sum + excluded.gross_sum,
                    fee_sum = t.fee_sum + excluded.fee_sum,
@@ -1108,6 +1131,7 @@ pub(crate) async fn insert_settlements(
     .bind(&src_topics)
     .bind(&src_parts)
     .bind(&src_offsets)
+    .bind(shard)
     .fetch_all(&mut **tx)
     .await
 }

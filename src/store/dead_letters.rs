@@ -103,6 +103,7 @@ impl Store {
             reconciler,
             topics: &topics,
             raw: &HashMap::new(),
+            shard: "dead-letters",
         };
         // Through the same path as the consumer: a conflicting duplicate is kept, not applied.
         let outcome = match record {

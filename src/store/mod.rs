@@ -22,9 +22,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
+pub use crate::reconcile::Rules;
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
 pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
-pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, LogEnds, ReconcileOutcome, Reconciler, Rules};
+pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, LogEnds, ReconcileOutcome, Reconciler};
 pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 pub use verify::{CHECKS, Check, Difference};
 

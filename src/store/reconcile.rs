@@ -23,81 +23,16 @@ use crate::config::ReconciliationSettings;
 use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use crate::reconcile::watermark::group_watermark;
 use crate::reconcile::{
-    ClockRules, Evaluation, GroupWatermark, LogEnd, PartitionClock, PricedEvent, Status, Terms,
-    Tolerance, TopicClock, evaluate, transition,
+    Bucket, ClockRules, Evaluation, GroupWatermark, ItemState, LogEnd, PartitionClock, Priced,
+    Rules, Status, TopicClock, fold, judge, transition,
 };
-use crate::reference::{MerchantVersionRef, ReferenceCache, Snapshot};
-
-/// Global matching rules (the merchant's reference data can override them).
-#[derive(Debug, Clone)]
-pub struct Rules {
-    pub tolerance: Tolerance,
-    pub settlement_deadline: chrono::Duration,
-    pub payment_deadline: chrono::Duration,
-    pub allowed_lateness: chrono::Duration,
-    /// Idle timeout and allowed lateness per input topic (the watermark's rules).
-    pub clock: ClockRules,
-    pub due_sweep_limit: i64,
-}
-
-fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-impl Rules {
-    pub fn from_settings(s: &ReconciliationSettings) -> Rules {
-        Rules {
-            tolerance: Tolerance {
-                absolute: s.tolerance_abs,
-                relative: s.tolerance_rel,
-            },
-            settlement_deadline: chrono_duration(s.settlement_deadline),
-            payment_deadline: chrono_duration(s.payment_deadline),
-            allowed_lateness: chrono_duration(s.allowed_lateness),
-            clock: ClockRules {
-                default: TopicClock {
-                    idle_timeout: chrono_duration(s.idle_timeout),
-                    allowed_lateness: chrono_duration(s.allowed_lateness),
-                },
-                topics: (s.topics.iter())
-                    .map(|(topic, o)| {
-                        let clock = TopicClock {
-                            idle_timeout: chrono_duration(o.idle_timeout.unwrap_or(s.idle_timeout)),
-                            allowed_lateness: chrono_duration(
-                                o.allowed_lateness.unwrap_or(s.allowed_lateness),
-                            ),
-                        };
-                        (topic.clone(), clock)
-                    })
-                    .collect(),
-            },
-            due_sweep_limit: s.due_sweep_limit.max(1),
-        }
-    }
-
-    /// The merchant version's terms with the global defaults filled in.
-    pub fn terms(&self, m: MerchantVersionRef<'_>) -> Terms {
-        Terms {
-            settlement_currency: m.settlement_currency,
-            fee_bps: m.fee_bps,
-            fee_fixed: m.fee_fixed,
-            tolerance: Tolerance {
-                absolute: m.tolerance_abs.unwrap_or(self.tolerance.absolute),
-                relative: m.tolerance_rel.unwrap_or(self.tolerance.relative),
-            },
-            settlement_deadline: m
-                .settlement_deadline
-                .map_or(self.settlement_deadline, chrono_duration),
-            payment_deadline: m
-                .payment_deadline
-                .map_or(self.payment_deadline, chrono_duration),
-        }
-    }
-}
+use crate::reference::{ReferenceCache, Snapshot};
 
 /// The rules and the reference cache: what a transaction needs to reconcile.
 #[derive(Debug, Clone)]
 pub struct Reconciler {
+    /// `false`: ingestion only (`reconciliation.enabled`).
+    pub enabled: bool,
     pub rules: Rules,
     pub cache: Arc<ReferenceCache>,
     /// Partitions of the input topics. The watermark stays at its minimum until every one of
@@ -173,6 +108,7 @@ impl Reconciler {
         input_partitions: Option<i64>,
     ) -> Self {
         Reconciler {
+            enabled: settings.enabled,
             rules: Rules::from_settings(settings),
             cache,
             input_partitions,
@@ -235,27 +171,56 @@ impl Cause {
     }
 }
 
-/// The references to evaluate in one transaction, with why.
+/// The references to evaluate in one transaction, with why, and the records this
+/// transaction inserted for each (folded into its state).
 #[derive(Debug, Default)]
-pub struct Targets {
-    /// payment_reference → (cause, ids of the records that caused it).
-    refs: BTreeMap<String, (Cause, Vec<String>)>,
+pub struct Targets<'r> {
+    refs: BTreeMap<String, Target<'r>>,
 }
 
-impl Targets {
-    /// A record was inserted for `reference`.
-    pub fn record(&mut self, reference: &str, record_id: &str) {
-        let entry = self
-            .refs
-            .entry(reference.to_owned())
-            .or_insert((Cause::Records, Vec::new()));
-        entry.0 = Cause::Records;
-        entry.1.push(record_id.to_owned());
+#[derive(Debug)]
+struct Target<'r> {
+    cause: Cause,
+    /// Ids of the records that caused it.
+    caused_by: Vec<String>,
+    events: Vec<&'r PaymentEvent>,
+    lines: Vec<&'r SettlementLine>,
+}
+
+impl<'r> Targets<'r> {
+    fn target(&mut self, reference: &str) -> &mut Target<'r> {
+        let t = (self.refs.entry(reference.to_owned())).or_insert(Target {
+            cause: Cause::Records,
+            caused_by: Vec::new(),
+            events: Vec::new(),
+            lines: Vec::new(),
+        });
+        t.cause = Cause::Records;
+        t
+    }
+
+    /// A payment event was inserted.
+    pub fn event(&mut self, e: &'r PaymentEvent) {
+        let t = self.target(&e.payment_reference);
+        t.caused_by.push(e.event_id.clone());
+        t.events.push(e);
+    }
+
+    /// A settlement line was inserted.
+    pub fn line(&mut self, l: &'r SettlementLine) {
+        let t = self.target(&l.payment_reference);
+        t.caused_by.push(l.line_id.clone());
+        t.lines.push(l);
     }
 
     /// `reference` is evaluated for `cause` unless records already cause it.
     pub fn other(&mut self, reference: String, cause: Cause) {
-        self.refs.entry(reference).or_insert((cause, Vec::new()));
+        self.refs.entry(reference).or_insert(Target {
+            cause,
+            caused_by: Vec::new(),
+            events: Vec::new(),
+            lines: Vec::new(),
+        });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -354,8 +319,13 @@ impl DailyDeltas {
         row[i] += Decimal::from(sign);
     }
 
-    /// Upserts every row with a non-zero change.
-    pub async fn write(self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    /// Upserts every row with a non-zero change into `shard` (see the migration
+    /// `running_state`: a shard no concurrent transaction of another instance writes).
+    pub async fn write(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+        shard: &str,
+    ) -> Result<(), sqlx::Error> {
         let rows: Vec<_> = (self.rows.into_iter())
             .filter(|(_, v)| v.iter().any(|d| !d.is_zero()))
             .collect();
@@ -370,20 +340,22 @@ impl DailyDeltas {
             .collect();
         let names = DAILY_COLUMNS.join(", ");
         let casts: Vec<String> = (0..DAILY_COLUMNS.len())
-            .map(|i| format!("${}::numeric[]", i + 4))
+            .map(|i| format!("${}::numeric[]", i + 5))
             .collect();
         let updates: Vec<String> = DAILY_COLUMNS
             .iter()
             .map(|c| format!("{c} = t.{c} + excluded.{c}"))
             .collect();
         let sql = format!(
-            "INSERT INTO merchant_daily_totals AS t (merchant_id, business_date, currency, {names})
-             SELECT * FROM UNNEST($1::text[], $2::date[], $3::text[], {casts})
-             ON CONFLICT (merchant_id, business_date, currency) DO UPDATE SET {updates}",
+            "INSERT INTO merchant_daily_totals_by_shard AS t (shard, merchant_id, business_date,
+                    currency, {names})
+             SELECT $1, * FROM UNNEST($2::text[], $3::date[], $4::text[], {casts})
+             ON CONFLICT (merchant_id, business_date, currency, shard) DO UPDATE SET {updates}",
             casts = casts.join(", "),
             updates = updates.join(", "),
         );
         let mut q = sqlx::query(&sql)
+            .bind(shard)
             .bind(&merchants)
             .bind(&dates)
             .bind(&currencies);
@@ -395,21 +367,17 @@ impl DailyDeltas {
     }
 }
 
-/// Where an item counts in `merchant_daily_totals`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Bucket {
-    pub(super) merchant_id: String,
-    pub(super) date: NaiveDate,
-    pub(super) currency: Currency,
-}
-
-/// The stored state of an item before this evaluation (`None`: new).
+/// The stored state of an item before this evaluation.
 struct Prior {
     status: Status,
     bucket: Bucket,
     /// The watermark the item was last judged at: it is never judged at a lower one, so a
     /// partition that becomes active again with older event times cannot reopen a deadline.
     watermark: DateTime<Utc>,
+    /// `None`: judged before items kept their state; re-read once.
+    state: Option<ItemState>,
+    reason: String,
+    deadline: Option<DateTime<Utc>>,
 }
 
 /// The group's event-time watermark (the rule: [`crate::reconcile::watermark`]) from the
@@ -644,12 +612,137 @@ pub(super) async fn records_of(
     Ok(by_ref)
 }
 
-/// Evaluates `targets` and writes verdicts, history and outbox rows; adds the items' moves
-/// between daily buckets to `daily`.
+/// An item's stored row, locked.
+type PriorRow = (
+    String,
+    String,
+    String,
+    NaiveDate,
+    String,
+    DateTime<Utc>,
+    Option<String>,
+    String,
+    Option<DateTime<Utc>>,
+);
+
+/// Locks the stored items of `refs` (in key order, so concurrent transactions cannot
+/// deadlock on them) and reads their state.
+async fn lock_items(
+    tx: &mut Transaction<'_, Postgres>,
+    refs: &[&str],
+) -> Result<HashMap<String, Prior>, sqlx::Error> {
+    let rows: Vec<PriorRow> = sqlx::query_as(
+        "SELECT payment_reference, status, merchant_id, business_date, currency, watermark,
+                state::text, reason, deadline
+           FROM reconciliation_items WHERE payment_reference = ANY($1)
+          ORDER BY payment_reference FOR UPDATE",
+    )
+    .bind(refs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut prior = HashMap::with_capacity(rows.len());
+    for (r, status, merchant_id, date, cur, watermark, state, reason, deadline) in rows {
+        let status = Status::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?;
+        // A state that does not parse (written by another release) is rebuilt from records.
+        let state = state.and_then(|s| serde_json::from_str::<ItemState>(&s).ok());
+        let bucket = Bucket {
+            merchant_id,
+            date,
+            currency: currency(&cur)?,
+        };
+        let p = Prior {
+            status,
+            bucket,
+            watermark,
+            state,
+            reason,
+            deadline,
+        };
+        prior.insert(r, p);
+    }
+    Ok(prior)
+}
+
+/// One reference's new state and verdict.
+struct Judged {
+    state: ItemState,
+    evaluation: Evaluation,
+    bucket: Bucket,
+    /// The watermark it was judged at.
+    watermark: DateTime<Utc>,
+}
+
+/// Folds each target's new records into its stored state (`prior`), re-reading the records
+/// of those whose state cannot be carried forward (see [`crate::reconcile::state`]), and
+/// judges them. Targets with no state and no records are left out.
+async fn judge_targets<'t>(
+    tx: &mut Transaction<'_, Postgres>,
+    who: &Evaluator<'_>,
+    targets: impl Iterator<Item = (&'t String, &'t Target<'t>)>,
+    prior: &HashMap<String, Prior>,
+) -> Result<BTreeMap<&'t str, Judged>, sqlx::Error> {
+    let data = Priced {
+        rules: who.rules,
+        snapshot: who.snapshot,
+    };
+    let mut states: Vec<(&'t str, ItemState)> = Vec::new();
+    let mut reread: Vec<&'t str> = Vec::new();
+    for (reference, t) in targets {
+        let before = prior.get(reference).and_then(|p| p.state.as_ref());
+        let stored = prior.contains_key(reference);
+        let no_records = t.events.is_empty() && t.lines.is_empty();
+        let state = match (before, no_records) {
+            _ if t.cause == Cause::ReferenceData => None,
+            (Some(s), true) => Some(s.clone()),
+            (None, true) if !stored => continue, // nothing stored, nothing new
+            (None, _) if stored => None,
+            (before, _) => fold(before, &t.events, &t.lines, &data),
+        };
+        match state {
+            Some(state) => states.push((reference.as_str(), state)),
+            None => reread.push(reference.as_str()),
+        }
+    }
+    if !reread.is_empty() {
+        crate::metrics::records_reread(reread.len() as u64);
+        let mut records = records_of(tx, &reread).await?;
+        for reference in reread {
+            // No record at all (rows deleted by hand): nothing to judge; a stored verdict is
+            // left for an audit to flag.
+            let Some((events, lines)) = records.remove(reference) else {
+                continue;
+            };
+            let events: Vec<&PaymentEvent> = events.iter().collect();
+            let lines: Vec<&SettlementLine> = lines.iter().collect();
+            let state = fold(None, &events, &lines, &data).expect("a fold from nothing applies");
+            states.push((reference, state));
+        }
+    }
+    let mut judged = BTreeMap::new();
+    for (reference, state) in states {
+        let at = prior
+            .get(reference)
+            .map_or(who.watermark, |p| p.watermark.max(who.watermark));
+        let (evaluation, bucket) = judge(&state, &data, at);
+        let j = Judged {
+            state,
+            evaluation,
+            bucket,
+            watermark: at,
+        };
+        judged.insert(reference, j);
+    }
+    Ok(judged)
+}
+
+/// Evaluates `targets`: folds the records inserted into each reference's state and judges
+/// it, writes the items that changed, the history of status changes and the outbox rows;
+/// adds the items' moves between daily buckets to `daily`.
 pub async fn evaluate_targets(
     tx: &mut Transaction<'_, Postgres>,
     who: &Evaluator<'_>,
-    targets: Targets,
+    targets: Targets<'_>,
     daily: &mut DailyDeltas,
 ) -> Result<ReconcileOutcome, sqlx::Error> {
     let mut outcome = ReconcileOutcome {
@@ -660,89 +753,53 @@ pub async fn evaluate_targets(
         return Ok(outcome);
     }
     let refs: Vec<&str> = targets.refs.keys().map(String::as_str).collect();
+    let mut prior = lock_items(tx, &refs).await?;
+    let mut judged = judge_targets(tx, who, targets.refs.iter(), &prior).await?;
 
-    // Lock: placeholders for new references (in key order), then every item FOR UPDATE.
-    sqlx::query(
-        "INSERT INTO reconciliation_items (payment_reference, merchant_id, business_date,
-                currency, status, payment_events, settlement_lines, reason, watermark, evaluations)
-         SELECT r, '', DATE '1970-01-01', 'XXX', 'EXPECTED', 0, 0, '', $2, 0
-           FROM UNNEST($1::text[]) AS r ORDER BY r
-         ON CONFLICT (payment_reference) DO NOTHING",
-    )
-    .bind(&refs)
-    .bind(who.watermark)
-    .execute(&mut **tx)
-    .await?;
-    type PriorRow = (
-        String,
-        String,
-        String,
-        NaiveDate,
-        String,
-        i64,
-        DateTime<Utc>,
-    );
-    let prior_rows: Vec<PriorRow> = sqlx::query_as(
-        "SELECT payment_reference, status, merchant_id, business_date, currency, evaluations,
-                watermark
-           FROM reconciliation_items WHERE payment_reference = ANY($1)
-          ORDER BY payment_reference FOR UPDATE",
-    )
-    .bind(&refs)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut prior: HashMap<String, Prior> = HashMap::with_capacity(prior_rows.len());
-    for (r, status, merchant_id, date, cur, evaluations, watermark) in prior_rows {
-        if evaluations == 0 {
-            continue; // our own placeholder
+    // New items first: another instance may have created one since it was locked above (its
+    // records arrived on another partition). Those are locked now, their committed state
+    // read, and judged again with this transaction's records folded in.
+    let new: Vec<(&str, &Judged)> = (judged.iter())
+        .filter(|(r, _)| !prior.contains_key(**r))
+        .map(|(r, j)| (*r, j))
+        .collect();
+    if !new.is_empty() {
+        let inserted = insert_items(tx, &new).await?;
+        let raced: Vec<&str> = (new.iter())
+            .map(|(r, _)| *r)
+            .filter(|r| !inserted.contains(*r))
+            .collect();
+        if !raced.is_empty() {
+            prior.extend(lock_items(tx, &raced).await?);
+            let again = (targets.refs.iter()).filter(|(r, _)| raced.contains(&r.as_str()));
+            judged.extend(judge_targets(tx, who, again, &prior).await?);
         }
-        let status = Status::parse(&status)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?;
-        let bucket = Bucket {
-            merchant_id,
-            date,
-            currency: currency(&cur)?,
-        };
-        prior.insert(
-            r,
-            Prior {
-                status,
-                bucket,
-                watermark,
-            },
-        );
     }
 
-    // Read everything the references hold, now that no one else can change them.
-    let mut by_ref = records_of(tx, &refs).await?;
-
-    let mut updates = ItemUpdates::default();
+    let mut updates = ItemRows::default();
     let mut changes = Changes::default();
-    let mut orphans = Vec::new();
-    for (reference, (cause, caused_by)) in &targets.refs {
-        let Some((events, lines)) = by_ref.remove(reference) else {
-            // No record at all (rows deleted by hand): nothing to judge; a placeholder of
-            // ours is removed again, a stored verdict is left for an audit to flag.
-            if !prior.contains_key(reference) {
-                orphans.push(reference.as_str());
-            }
-            continue;
-        };
-        let before = prior.get(reference);
-        let at = Evaluator {
-            watermark: before.map_or(who.watermark, |p| p.watermark.max(who.watermark)),
-            ..*who
-        };
-        let (evaluation, bucket) = judge(&at, &events, &lines);
+    for (reference, j) in &judged {
+        let t = &targets.refs[*reference];
+        let before = prior.get(*reference);
         outcome.evaluated += 1;
+        let unchanged = before.is_some_and(|p| {
+            p.status == j.evaluation.status
+                && p.state.as_ref() == Some(&j.state)
+                && p.reason == j.evaluation.reason
+                && p.deadline == j.evaluation.deadline
+                && p.bucket == j.bucket
+        });
+        if unchanged {
+            continue; // one write per changed row: nothing to write
+        }
         if let Some(p) = before {
             daily.item(&p.bucket, p.status, -1);
         }
-        daily.item(&bucket, evaluation.status, 1);
-        if let Some(t) = transition(before.map(|p| p.status), evaluation.status) {
-            *outcome.status_changes.entry(t.to).or_default() += 1;
-            let opened = t.to.is_exception();
-            let publish = opened != t.from.is_some_and(|s| s.is_exception());
+        daily.item(&j.bucket, j.evaluation.status, 1);
+        if let Some(tr) = transition(before.map(|p| p.status), j.evaluation.status) {
+            *outcome.status_changes.entry(tr.to).or_default() += 1;
+            let opened = tr.to.is_exception();
+            let publish = opened != tr.from.is_some_and(|s| s.is_exception());
             if publish {
                 if opened {
                     outcome.exceptions_opened += 1;
@@ -750,70 +807,23 @@ pub async fn evaluate_targets(
                     outcome.exceptions_resolved += 1;
                 }
             }
-            changes.push(
-                reference,
-                t.from,
-                t.to,
-                *cause,
-                caused_by,
-                &evaluation,
-                &bucket,
-                publish,
-            );
+            let change = (tr.from, tr.to, t.cause, publish);
+            changes.push(reference, change, &t.caused_by, &j.evaluation, &j.bucket);
         }
-        updates.push(reference, &evaluation, &bucket, events.len(), lines.len());
+        if before.is_some() {
+            updates.push(reference, j);
+        }
     }
-    updates.write(tx, who.watermark).await?;
-    changes.write(tx, who).await?;
-    if !orphans.is_empty() {
-        sqlx::query("DELETE FROM reconciliation_items WHERE payment_reference = ANY($1)")
-            .bind(&orphans)
-            .execute(&mut **tx)
-            .await?;
-    }
+    write_changes(tx, who, updates, changes).await?;
     Ok(outcome)
 }
 
-/// The verdict on one reference and the daily bucket it counts in.
-pub(super) fn judge(
-    who: &Evaluator<'_>,
-    events: &[PaymentEvent],
-    lines: &[SettlementLine],
-) -> (Evaluation, Bucket) {
-    // The merchant and its terms as of the reference's first payment event (first line when
-    // there is no payment yet).
-    let (merchant_id, anchor, record_currency) = match (events.first(), lines.first()) {
-        (Some(e), _) => (e.merchant_id.as_str(), e.event_time, e.currency),
-        (None, Some(l)) => (l.merchant_id.as_str(), l.event_time, l.currency),
-        (None, None) => unreachable!("judge is only called for references with records"),
-    };
-    let terms = (who.snapshot.merchant_at(merchant_id, anchor)).map(|m| who.rules.terms(m));
-    let priced: Vec<PricedEvent<'_>> = events
-        .iter()
-        .map(|e| PricedEvent {
-            event: e,
-            fx_rate: terms.as_ref().and_then(|t| {
-                who.snapshot
-                    .rate_at(e.currency, t.settlement_currency, e.event_time)
-            }),
-        })
-        .collect();
-    let line_refs: Vec<&SettlementLine> = lines.iter().collect();
-    let evaluation = evaluate(&priced, &line_refs, terms.as_ref(), who.watermark);
-    let currency = (terms.as_ref().map(|t| t.settlement_currency)).unwrap_or(record_currency);
-    let bucket = Bucket {
-        merchant_id: merchant_id.to_owned(),
-        date: anchor.date_naive(),
-        currency,
-    };
-    (evaluation, bucket)
-}
-
-/// Column vectors of the items' new state.
+/// Column vectors of items' new rows: the verdict's derived columns (views and reports read
+/// them) and the state.
 #[derive(Default)]
-struct ItemUpdates<'a> {
+struct ItemRows<'a> {
     refs: Vec<&'a str>,
-    merchants: Vec<String>,
+    merchants: Vec<&'a str>,
     dates: Vec<NaiveDate>,
     currencies: Vec<&'static str>,
     statuses: Vec<&'static str>,
@@ -823,22 +833,18 @@ struct ItemUpdates<'a> {
     event_counts: Vec<i32>,
     line_counts: Vec<i32>,
     deadlines: Vec<Option<DateTime<Utc>>>,
-    reasons: Vec<String>,
+    reasons: Vec<&'a str>,
+    watermarks: Vec<DateTime<Utc>>,
+    states: Vec<String>,
 }
 
-impl<'a> ItemUpdates<'a> {
-    fn push(
-        &mut self,
-        reference: &'a str,
-        e: &Evaluation,
-        bucket: &Bucket,
-        events: usize,
-        lines: usize,
-    ) {
+impl<'a> ItemRows<'a> {
+    fn push(&mut self, reference: &'a str, j: &'a Judged) {
+        let e = &j.evaluation;
         self.refs.push(reference);
-        self.merchants.push(bucket.merchant_id.clone());
-        self.dates.push(bucket.date);
-        self.currencies.push(bucket.currency.code());
+        self.merchants.push(&j.bucket.merchant_id);
+        self.dates.push(j.bucket.date);
+        self.currencies.push(j.bucket.currency.code());
         self.statuses.push(e.status.as_str());
         let [eg, ef, en] = &mut self.expected;
         eg.push(e.expected.map(|a| a.gross));
@@ -850,57 +856,205 @@ impl<'a> ItemUpdates<'a> {
         sg.push(e.settled.map(|a| a.gross));
         sf.push(e.settled.map(|a| a.fee));
         sn.push(e.settled.map(|a| a.net));
-        self.event_counts.push(events as i32);
-        self.line_counts.push(lines as i32);
+        self.event_counts
+            .push(i32::try_from(j.state.events).unwrap_or(i32::MAX));
+        self.line_counts
+            .push(i32::try_from(j.state.lines).unwrap_or(i32::MAX));
         self.deadlines.push(e.deadline);
-        self.reasons.push(e.reason.clone());
+        self.reasons.push(&e.reason);
+        self.watermarks.push(j.watermark);
+        self.states
+            .push(serde_json::to_string(&j.state).expect("a state always serializes"));
     }
 
-    async fn write(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        watermark: DateTime<Utc>,
-    ) -> Result<(), sqlx::Error> {
-        let [eg, ef, en] = self.expected;
-        let [sg, sf, sn] = self.settled;
-        sqlx::query(
-            "UPDATE reconciliation_items i
-                SET merchant_id = u.merchant_id, business_date = u.business_date,
-                    currency = u.currency, status = u.status, expected_gross = u.eg,
-                    expected_fee = u.ef, expected_net = u.en, settled_currency = u.sc,
-                    settled_gross = u.sg, settled_fee = u.sf, settled_net = u.sn,
-                    payment_events = u.events, settlement_lines = u.lines, deadline = u.deadline,
-                    reason = u.reason, watermark = GREATEST(i.watermark, $17), evaluations = i.evaluations + 1,
-                    updated_at = now()
-               FROM UNNEST($1::text[], $2::text[], $3::date[], $4::text[], $5::text[],
-                           $6::numeric[], $7::numeric[], $8::numeric[], $9::text[],
-                           $10::numeric[], $11::numeric[], $12::numeric[], $13::int[],
-                           $14::int[], $15::timestamptz[], $16::text[])
-                    AS u(reference, merchant_id, business_date, currency, status, eg, ef, en,
-                         sc, sg, sf, sn, events, lines, deadline, reason)
-              WHERE i.payment_reference = u.reference",
-        )
-        .bind(&self.refs)
-        .bind(&self.merchants)
-        .bind(&self.dates)
-        .bind(&self.currencies)
-        .bind(&self.statuses)
-        .bind(&eg)
-        .bind(&ef)
-        .bind(&en)
-        .bind(&self.settled_currency)
-        .bind(&sg)
-        .bind(&sf)
-        .bind(&sn)
-        .bind(&self.event_counts)
-        .bind(&self.line_counts)
-        .bind(&self.deadlines)
-        .bind(&self.reasons)
-        .bind(watermark)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+    fn is_empty(&self) -> bool {
+        self.refs.is_empty()
     }
+
+    /// Binds the columns as `$first`.. in [`ITEM_COLUMNS`] order.
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        let [eg, ef, en] = &self.expected;
+        let [sg, sf, sn] = &self.settled;
+        q.bind(&self.refs)
+            .bind(&self.merchants)
+            .bind(&self.dates)
+            .bind(&self.currencies)
+            .bind(&self.statuses)
+            .bind(eg)
+            .bind(ef)
+            .bind(en)
+            .bind(&self.settled_currency)
+            .bind(sg)
+            .bind(sf)
+            .bind(sn)
+            .bind(&self.event_counts)
+            .bind(&self.line_counts)
+            .bind(&self.deadlines)
+            .bind(&self.reasons)
+            .bind(&self.watermarks)
+            .bind(&self.states)
+    }
+}
+
+/// `UNNEST` of [`ItemRows`] bound from `$n`: (reference, merchant_id, business_date,
+/// currency, status, eg, ef, en, sc, sg, sf, sn, events, lines, deadline, reason, watermark,
+/// state).
+fn item_rows(n: usize) -> String {
+    let types = [
+        "text",
+        "text",
+        "date",
+        "text",
+        "text",
+        "numeric",
+        "numeric",
+        "numeric",
+        "text",
+        "numeric",
+        "numeric",
+        "numeric",
+        "int",
+        "int",
+        "timestamptz",
+        "text",
+        "timestamptz",
+        "text",
+    ];
+    let params: Vec<String> = (types.iter().enumerate())
+        .map(|(i, t)| format!("${}::{t}[]", n + i))
+        .collect();
+    format!(
+        "UNNEST({}) AS u(reference, merchant_id, business_date, currency, status, eg, ef, en,
+                        sc, sg, sf, sn, events, lines, deadline, reason, watermark, state)",
+        params.join(", ")
+    )
+}
+
+/// Inserts new items; returns the references inserted (the others exist already).
+async fn insert_items(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &[(&str, &Judged)],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut rows = ItemRows::default();
+    for (r, j) in new {
+        rows.push(r, j);
+    }
+    let sql = format!(
+        "INSERT INTO reconciliation_items (payment_reference, merchant_id, business_date,
+                currency, status, expected_gross, expected_fee, expected_net, settled_currency,
+                settled_gross, settled_fee, settled_net, payment_events, settlement_lines,
+                deadline, reason, watermark, evaluations, state)
+         SELECT reference, merchant_id, business_date, currency, status, eg, ef, en, sc, sg, sf,
+                sn, events, lines, deadline, reason, watermark, 1, state::jsonb
+           FROM {}
+          ORDER BY reference
+         ON CONFLICT (payment_reference) DO NOTHING
+         RETURNING payment_reference",
+        item_rows(1)
+    );
+    let inserted: Vec<String> = rows
+        .bind(sqlx::query(&sql))
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .map(|row| sqlx::Row::get(&row, 0))
+        .collect();
+    Ok(inserted.into_iter().collect())
+}
+
+/// Writes the changed items, their history rows and outbox rows in one statement.
+async fn write_changes(
+    tx: &mut Transaction<'_, Postgres>,
+    who: &Evaluator<'_>,
+    updates: ItemRows<'_>,
+    changes: Changes<'_>,
+) -> Result<(), sqlx::Error> {
+    if updates.is_empty() && changes.refs.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "WITH u AS (
+            UPDATE reconciliation_items i
+               SET merchant_id = u.merchant_id, business_date = u.business_date,
+                   currency = u.currency, status = u.status, expected_gross = u.eg,
+                   expected_fee = u.ef, expected_net = u.en, settled_currency = u.sc,
+                   settled_gross = u.sg, settled_fee = u.sf, settled_net = u.sn,
+                   payment_events = u.events, settlement_lines = u.lines,
+                   deadline = u.deadline, reason = u.reason,
+                   watermark = GREATEST(i.watermark, u.watermark),
+                   evaluations = i.evaluations + 1, updated_at = now(),
+                   state = u.state::jsonb
+              FROM {items}
+             WHERE i.payment_reference = u.reference
+            RETURNING 1
+         ), c AS (
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::text[], $7::text[], $8::text[], $9::numeric[], $10::numeric[],
+                   $11::bool[]) WITH ORDINALITY
+                AS c(reference, merchant_id, from_status, to_status, cause, caused_by,
+                     reason, currency, expected_gross, settled_gross, publish, n)
+         ), h AS (
+            INSERT INTO reconciliation_history (payment_reference, from_status, to_status,
+                   cause, caused_by, watermark, reason, consumer_group, evaluated_by)
+            SELECT reference, from_status, to_status, cause,
+                   CASE WHEN caused_by = '' THEN '{{}}'::text[]
+                        ELSE string_to_array(caused_by, chr(31)) END,
+                   $12, reason, $13, $14
+              FROM c ORDER BY n
+            RETURNING id, payment_reference
+         ), o AS (
+            INSERT INTO exceptions_outbox (history_id, payment_reference, merchant_id,
+                   from_status, to_status, opened, currency, expected_gross, settled_gross,
+                   reason, watermark)
+            SELECT h.id, c.reference, c.merchant_id, c.from_status, c.to_status,
+                   c.to_status NOT IN ('MATCHED', 'EXPECTED'), c.currency, c.expected_gross,
+                   c.settled_gross, c.reason, $12
+              FROM h JOIN c ON c.reference = h.payment_reference
+             WHERE c.publish
+             ORDER BY h.id
+            RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM o)",
+        items = item_rows(15)
+    );
+    let q = sqlx::query(&sql)
+        .bind(&changes.refs)
+        .bind(&changes.merchants)
+        .bind(&changes.from)
+        .bind(&changes.to)
+        .bind(&changes.causes)
+        .bind(&changes.caused_by)
+        .bind(&changes.reasons)
+        .bind(&changes.currencies)
+        .bind(&changes.expected_gross)
+        .bind(&changes.settled_gross)
+        .bind(&changes.publish)
+        .bind(who.watermark)
+        .bind(who.group)
+        .bind(who.instance);
+    updates.bind(q).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// The verdict on one reference from all of its records (`report --verify`'s re-evaluation:
+/// the same fold and judgement as the service's, started from nothing), with the state.
+pub(super) fn judge_records(
+    who: &Evaluator<'_>,
+    events: &[PaymentEvent],
+    lines: &[SettlementLine],
+) -> (ItemState, Evaluation, Bucket) {
+    let data = Priced {
+        rules: who.rules,
+        snapshot: who.snapshot,
+    };
+    let events: Vec<&PaymentEvent> = events.iter().collect();
+    let lines: Vec<&SettlementLine> = lines.iter().collect();
+    let state = fold(None, &events, &lines, &data).expect("a fold from nothing applies");
+    let (evaluation, bucket) = judge(&state, &data, who.watermark);
+    (state, evaluation, bucket)
 }
 
 /// Column vectors of the history rows (and which of them go to the outbox).
@@ -924,17 +1078,14 @@ struct Changes<'a> {
 const ID_SEPARATOR: char = '\u{1f}';
 
 impl<'a> Changes<'a> {
-    #[allow(clippy::too_many_arguments)]
+    /// One status change: (from, to, cause, whether it goes to the outbox).
     fn push(
         &mut self,
         reference: &'a str,
-        from: Option<Status>,
-        to: Status,
-        cause: Cause,
+        (from, to, cause, publish): (Option<Status>, Status, Cause, bool),
         caused_by: &[String],
         e: &Evaluation,
         bucket: &Bucket,
-        publish: bool,
     ) {
         self.refs.push(reference);
         self.merchants.push(bucket.merchant_id.clone());
@@ -950,60 +1101,6 @@ impl<'a> Changes<'a> {
         self.expected_gross.push(e.expected.map(|a| a.gross));
         self.settled_gross.push(e.settled.map(|a| a.gross));
         self.publish.push(publish);
-    }
-
-    async fn write(
-        self,
-        tx: &mut Transaction<'_, Postgres>,
-        who: &Evaluator<'_>,
-    ) -> Result<(), sqlx::Error> {
-        if self.refs.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "WITH c AS (
-                SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                       $6::text[], $7::text[], $8::text[], $9::numeric[], $10::numeric[],
-                       $11::bool[]) WITH ORDINALITY
-                    AS c(reference, merchant_id, from_status, to_status, cause, caused_by,
-                         reason, currency, expected_gross, settled_gross, publish, n)
-             ), h AS (
-                INSERT INTO reconciliation_history (payment_reference, from_status, to_status,
-                       cause, caused_by, watermark, reason, consumer_group, evaluated_by)
-                SELECT reference, from_status, to_status, cause,
-                       CASE WHEN caused_by = '' THEN '{}'::text[]
-                            ELSE string_to_array(caused_by, chr(31)) END,
-                       $12, reason, $13, $14
-                  FROM c ORDER BY n
-                RETURNING id, payment_reference
-             )
-             INSERT INTO exceptions_outbox (history_id, payment_reference, merchant_id,
-                    from_status, to_status, opened, currency, expected_gross, settled_gross,
-                    reason, watermark)
-             SELECT h.id, c.reference, c.merchant_id, c.from_status, c.to_status,
-                    c.to_status NOT IN ('MATCHED', 'EXPECTED'), c.currency, c.expected_gross,
-                    c.settled_gross, c.reason, $12
-               FROM h JOIN c ON c.reference = h.payment_reference
-              WHERE c.publish
-              ORDER BY h.id",
-        )
-        .bind(&self.refs)
-        .bind(&self.merchants)
-        .bind(&self.from)
-        .bind(&self.to)
-        .bind(&self.causes)
-        .bind(&self.caused_by)
-        .bind(&self.reasons)
-        .bind(&self.currencies)
-        .bind(&self.expected_gross)
-        .bind(&self.settled_gross)
-        .bind(&self.publish)
-        .bind(who.watermark)
-        .bind(who.group)
-        .bind(who.instance)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
     }
 }
 
@@ -1093,6 +1190,10 @@ impl super::Store {
     }
 }
 
+/// The running-totals shard of the background re-evaluations (a batch's shard is its first
+/// partition; these belong to none).
+pub const SWEEP_SHARD: &str = "sweep";
+
 /// Evaluates `refs` (for `cause`) in `tx` with the daily totals they change, and commits:
 /// the one step of the background re-evaluations. `who`: group, instance, reconciler,
 /// snapshot and watermark.
@@ -1121,7 +1222,7 @@ async fn evaluate_and_commit(
     };
     let mut daily = DailyDeltas::default();
     let outcome = evaluate_targets(&mut tx, &who, targets, &mut daily).await?;
-    daily.write(&mut tx).await?;
+    daily.write(&mut tx, SWEEP_SHARD).await?;
     tx.commit().await?;
     Ok(outcome)
 }

@@ -17,7 +17,8 @@ use serde::Serialize;
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::Store;
-use super::reconcile::{Evaluator, Rules, judge, records_of};
+use super::reconcile::{Evaluator, judge_records, records_of};
+use crate::reconcile::Rules;
 use crate::reconcile::Status;
 use crate::reference::Snapshot;
 
@@ -547,7 +548,7 @@ async fn item_verdicts(
                 snapshot,
                 watermark: item.watermark,
             };
-            let (evaluation, bucket) = judge(&who, &events, &lines);
+            let (_state, evaluation, bucket) = judge_records(&who, &events, &lines);
             check.checked += 1;
             if let Some(mut d) = verdict_difference(item, &evaluation, bucket.currency.code()) {
                 check.differing += 1;

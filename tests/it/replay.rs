@@ -215,10 +215,11 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     .await
     .unwrap();
     let bucket: String = sqlx::query_scalar(
-        "UPDATE merchant_daily_totals SET captured = captured + 10
-          WHERE (merchant_id, business_date, currency) = (
-            SELECT merchant_id, business_date, currency FROM merchant_daily_totals
-             WHERE captured_count > 0 ORDER BY 1, 2, 3 LIMIT 1)
+        "UPDATE merchant_daily_totals_by_shard SET captured = captured + 10
+          WHERE ctid = (
+            SELECT ctid FROM merchant_daily_totals_by_shard
+             WHERE captured_count > 0 ORDER BY merchant_id, business_date, currency, shard
+             LIMIT 1)
          RETURNING merchant_id || '/' || business_date::text || '/' || trim(currency)",
     )
     .fetch_one(pool)

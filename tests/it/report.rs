@@ -499,25 +499,25 @@ struct Tamper {
 const TAMPERS: &[Tamper] = &[
     Tamper {
         what: "a running-total count +1",
-        sql: "UPDATE merchant_payment_totals SET event_count = event_count + 1
+        sql: "UPDATE merchant_payment_totals_by_shard SET event_count = event_count + 1
                WHERE merchant_id = 'merchant-001'",
         caught_by: &[("payment_totals", "merchant-001/USD/CAPTURE")],
     },
     Tamper {
         what: "a running-total amount_sum changed",
-        sql: "UPDATE merchant_payment_totals SET amount_sum = amount_sum - 0.01
+        sql: "UPDATE merchant_payment_totals_by_shard SET amount_sum = amount_sum - 0.01
                WHERE merchant_id = 'merchant-000'",
         caught_by: &[("payment_totals", "merchant-000/EUR/CAPTURE")],
     },
     Tamper {
         what: "a settlement running total's fee_sum changed",
-        sql: "UPDATE merchant_settlement_totals SET fee_sum = fee_sum + 1
+        sql: "UPDATE merchant_settlement_totals_by_shard SET fee_sum = fee_sum + 1
                WHERE merchant_id = 'merchant-001'",
         caught_by: &[("settlement_totals", "merchant-001/USD")],
     },
     Tamper {
         what: "a daily total changed",
-        sql: "UPDATE merchant_daily_totals SET captured = captured + 1
+        sql: "UPDATE merchant_daily_totals_by_shard SET captured = captured + 1
                WHERE merchant_id = 'merchant-001' AND business_date = '2026-01-01'",
         caught_by: &[("daily_totals", "merchant-001/2026-01-01/USD")],
     },
@@ -639,7 +639,7 @@ async fn report_verify_lists_the_differing_columns_stored_and_recomputed() {
     );
     // A running total that no longer equals the rows (a lost or doubled increment).
     sqlx::query(
-        "UPDATE merchant_daily_totals SET captured = captured + 1
+        "UPDATE merchant_daily_totals_by_shard SET captured = captured + 1
           WHERE merchant_id = 'merchant-001' AND business_date = '2026-01-01'",
     )
     .execute(db.store.pool())
