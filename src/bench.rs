@@ -35,6 +35,7 @@ use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{Batch, PartitionProgress, Source, Store};
 
 mod pgstats;
+mod scale;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
@@ -59,6 +60,10 @@ pub struct BenchOptions {
     /// false` (decode, validate, insert-or-ignore, running totals, offsets).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ingestion: bool,
+    /// The scale-out stage: the backlog consumed by this many instances of one group on the
+    /// same PostgreSQL, each count in turn (total records/s and row-lock waits); empty skips.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub instances: Vec<usize>,
     /// Measure only the reference-data cache with this many merchant versions (N/4
     /// merchants with 4 versions each): process memory before and after loading, load time,
     /// lookups/s.
@@ -102,6 +107,8 @@ pub struct BenchReport {
     /// The ingestion path alone (`reconciliation.enabled = false`) through Kafka and the
     /// service loop, records/s (0 when skipped).
     pub ingestion_records_per_sec: f64,
+    /// The scale-out stage, one entry per instance count.
+    pub scale_out: Vec<scale::ScaleRun>,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -310,6 +317,37 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     } else {
         0.0
     };
+    let mut scale_out = Vec::new();
+    let backlog_sim = SimulationOptions {
+        payments: o.payments,
+        malformed: 0,
+        ..SimulationOptions::default()
+    };
+    for &n in o.instances.iter().filter(|n| **n > 0) {
+        let run = scale::run_with(
+            settings.clone(),
+            &admin,
+            &cluster,
+            &backlog_sim,
+            &records,
+            o.partitions,
+            n,
+        )
+        .await?;
+        println!(
+            "scale-out, {n} instance{}: {:>8.0} records/s  ({:.2}x one instance; {} row-lock waits, {} over 100 ms, longest {} ms)",
+            if n == 1 { " " } else { "s" },
+            run.records_per_sec,
+            run.records_per_sec
+                / scale_out
+                    .first()
+                    .map_or(run.records_per_sec, |f: &scale::ScaleRun| f.records_per_sec),
+            run.lock_waits,
+            run.lock_waits_over_100ms,
+            run.longest_lock_wait_ms
+        );
+        scale_out.push(run);
+    }
     let report = BenchReport {
         records: records.len(),
         store_only_records_per_sec: store_rate.round(),
@@ -328,6 +366,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         row_writes_per_record: (100.0 * row_writes).round() / 100.0,
         table_writes: writes,
         ingestion_records_per_sec: ingestion_rate.round(),
+        scale_out,
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",

@@ -75,7 +75,13 @@ struct Pending {
     /// When the first record arrived (linger deadline base).
     started: Option<Instant>,
     decode_time: Duration,
+    /// The compare-and-set base of partitions the batch in flight ends (its next offsets),
+    /// used instead of the committed position until that batch has committed.
+    bases: HashMap<(usize, i32), i64>,
 }
+
+/// The transaction of the batch taken last, running while the next one is collected.
+type InFlight<'s> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 's>>;
 
 impl Pending {
     fn new(topics: &[String], generation: u64) -> Self {
@@ -89,6 +95,7 @@ impl Pending {
             generation,
             started: None,
             decode_time: Duration::ZERO,
+            bases: HashMap::new(),
         }
     }
 }
@@ -165,29 +172,41 @@ impl ConsumerLoop {
     /// Runs until `shutdown` is cancelled. The batch being committed when shutdown arrives
     /// is finished (or abandoned if it is stuck retrying); a batch still being collected is
     /// dropped (its records are re-read by the next owner). Leaves the group on return.
+    ///
+    /// Decoding overlaps committing: while one batch's transaction runs, the next batch is
+    /// received and decoded (one transaction in flight at a time). The next batch's
+    /// compare-and-set base for a partition is the in-flight batch's end; if that batch does
+    /// not commit (fenced), the resync starts a new generation and the next batch is dropped
+    /// before it commits, so nothing is applied out of order.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topics = vec![self.payments_topic.clone(), self.settlements_topic.clone()];
         let mut pending = Pending::new(&topics, self.generation());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: Option<InFlight<'_>> = None;
         loop {
+            let full = pending.batch.record_count() as usize >= self.max_records;
+            if full && in_flight.is_none() {
+                in_flight = self.start_flush(&mut pending, &topics, &shutdown);
+            }
             let deadline = pending
                 .started
                 .map(|s| tokio::time::Instant::from_std(s + self.linger));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = sleep_until(deadline), if deadline.is_some() => {
-                    self.flush(&mut pending, &topics, &shutdown).await?;
+                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    done?;
                 }
-                _ = tick.tick() => self.housekeeping(&shutdown).await,
-                message = self.consumer.recv() => match message {
+                _ = sleep_until(deadline), if deadline.is_some() && in_flight.is_none() => {
+                    in_flight = self.start_flush(&mut pending, &topics, &shutdown);
+                }
+                _ = tick.tick() => self.housekeeping(&shutdown, in_flight.is_none()).await,
+                message = self.consumer.recv(), if !full => match message {
                     Ok(m) => {
                         let m = m.detach();
                         self.accept(&mut pending, &topics, m, &shutdown).await;
-                        if pending.batch.record_count() as usize >= self.max_records {
-                            self.flush(&mut pending, &topics, &shutdown).await?;
-                        }
                     }
                     Err(e) => {
                         crate::metrics::transient_error("broker");
@@ -202,9 +221,37 @@ impl ConsumerLoop {
                 },
             }
         }
+        if let Some(committing) = in_flight {
+            committing.await?;
+        }
         tracing::info!("consumer loop stopping; leaving the group");
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    /// Takes the pending batch and starts its transaction; the next batch is collected on
+    /// top of its end offsets. `None` when there is nothing to commit.
+    fn start_flush<'s>(
+        &'s self,
+        pending: &mut Pending,
+        topics: &[String],
+        shutdown: &'s CancellationToken,
+    ) -> Option<InFlight<'s>> {
+        let generation = self.generation();
+        let mut next = Pending::new(topics, generation);
+        let taken = std::mem::replace(pending, Pending::new(topics, generation));
+        if taken.batch.is_empty() || taken.generation != generation {
+            self.progress.dropped();
+            *pending = next;
+            return None;
+        }
+        for p in &taken.batch.progress {
+            if let Some(t) = topics.iter().position(|t| *t == p.topic) {
+                next.bases.insert((t, p.partition), p.next_offset);
+            }
+        }
+        *pending = next;
+        Some(Box::pin(self.flush(taken, shutdown)))
     }
 
     fn generation(&self) -> u64 {
@@ -336,7 +383,7 @@ impl ConsumerLoop {
                 .get(&(topics[topic_idx].clone(), m.partition()))
             {
                 None => return Accepted::NotAssigned,
-                Some(e) => *e,
+                Some(e) => pending.bases.get(&key).copied().or(*e),
             }
         };
         if let Some(e) = expected {
@@ -369,19 +416,8 @@ impl ConsumerLoop {
         Accepted::Added
     }
 
-    /// Commits the pending batch; retries transient errors; resyncs after a fence.
-    async fn flush(
-        &self,
-        pending: &mut Pending,
-        topics: &[String],
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let generation = self.generation();
-        let taken = std::mem::replace(pending, Pending::new(topics, generation));
-        if taken.batch.is_empty() || taken.generation != generation {
-            self.progress.dropped();
-            return Ok(());
-        }
+    /// Commits a taken batch; retries transient errors; resyncs after a fence.
+    async fn flush(&self, taken: Pending, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let batch = taken.batch;
         let mut backoff = self.initial_backoff;
         loop {
@@ -548,8 +584,9 @@ impl ConsumerLoop {
     }
 
     /// Once a second: publishes the fetch positions (stall detection) and, after a failed
-    /// assign or seek, positions every owned partition at its stored offset again.
-    async fn housekeeping(&self, shutdown: &CancellationToken) {
+    /// assign or seek, positions every owned partition at its stored offset again (only
+    /// between transactions: `may_reposition`, so stored offsets read for it are current).
+    async fn housekeeping(&self, shutdown: &CancellationToken, may_reposition: bool) {
         if let Ok(tpl) = self.consumer.position() {
             let positions = tpl
                 .elements()
@@ -561,7 +598,7 @@ impl ConsumerLoop {
                 .collect();
             self.progress.set_positions(positions);
         }
-        if self.progress.positioning_failed() {
+        if may_reposition && self.progress.positioning_failed() {
             self.reposition(shutdown).await;
         }
     }

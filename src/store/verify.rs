@@ -59,8 +59,9 @@ pub const CHECKS: [(&str, &str, &str); 10] = [
     (
         "item_verdicts",
         "reconciliation_items",
-        "status, currency, expected gross/fee/net, deadline and reason equal a re-evaluation by \
-         the service's matcher of the item's records at the item's stored watermark, with the \
+        "status, currency, expected gross/fee/net, deadline, reason and the running state equal \
+         a re-evaluation by the service's matcher of the item's records (the state folded from \
+         nothing over all of them) at the item's stored watermark, with the \
          reference data and rules as they are now (a reference-data change after the \
          evaluation shows as a difference and is marked so)",
     ),
@@ -500,6 +501,8 @@ struct StoredVerdict {
     /// EXPECTED item is judged as it was, not against today's watermark.
     watermark: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    /// The running state as text (NULL: judged before items kept their state).
+    state: Option<String>,
 }
 
 /// Re-evaluates every item that has records with the service's own code path (`records_of`,
@@ -522,7 +525,7 @@ async fn item_verdicts(
     loop {
         let items: Vec<StoredVerdict> = sqlx::query_as(
             "SELECT payment_reference, status, currency, expected_gross, expected_fee,
-                    expected_net, deadline, reason, watermark, updated_at
+                    expected_net, deadline, reason, watermark, updated_at, state::text AS state
                FROM reconciliation_items
               WHERE payment_reference > $1 ORDER BY payment_reference LIMIT $2",
         )
@@ -548,9 +551,10 @@ async fn item_verdicts(
                 snapshot,
                 watermark: item.watermark,
             };
-            let (_state, evaluation, bucket) = judge_records(&who, &events, &lines);
+            let (state, evaluation, bucket) = judge_records(&who, &events, &lines);
             check.checked += 1;
-            if let Some(mut d) = verdict_difference(item, &evaluation, bucket.currency.code()) {
+            let differs = verdict_difference(item, &evaluation, bucket.currency.code());
+            if let Some(mut d) = differs.or_else(|| state_difference(item, &state)) {
                 check.differing += 1;
                 if reference_loaded.is_some_and(|t| t > item.updated_at) {
                     d.recomputed
@@ -562,6 +566,21 @@ async fn item_verdicts(
             }
         }
     }
+}
+
+/// The stored running state against the one folded from the item's records, if it differs
+/// (a state that does not parse differs; a NULL one is rebuilt at the next evaluation).
+fn state_difference(
+    item: &StoredVerdict,
+    state: &crate::reconcile::ItemState,
+) -> Option<Difference> {
+    let stored = item.state.as_deref()?;
+    let parsed = serde_json::from_str::<crate::reconcile::ItemState>(stored).ok();
+    (parsed.as_ref() != Some(state)).then(|| Difference {
+        key: item.payment_reference.clone(),
+        stored: format!("state={stored}"),
+        recomputed: format!("state={}", serde_json::to_string(state).unwrap_or_default()),
+    })
 }
 
 /// The differing fields of a stored verdict and a re-evaluation, if any.

@@ -557,6 +557,13 @@ const TAMPERS: &[Tamper] = &[
         caught_by: &[("item_verdicts", "pay-usd")],
     },
     Tamper {
+        what: "an item's running state changed (the next batch would fold onto it)",
+        sql: "UPDATE reconciliation_items
+                 SET state = jsonb_set(state, '{expected_fee}', '\"0\"')
+               WHERE payment_reference = 'pay-usd'",
+        caught_by: &[("item_verdicts", "pay-usd")],
+    },
+    Tamper {
         what: "an item's status changed without history",
         sql: "UPDATE reconciliation_items SET status = 'MATCHED'
                WHERE payment_reference = 'pay-short'",

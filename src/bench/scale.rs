@@ -1,0 +1,149 @@
+//! The scale-out stage: the same backlog consumed by 1, 2 and 3 instances of one consumer
+//! group on the same PostgreSQL, each count into a database and topics of its own. Reports
+//! the total throughput and the row-lock waits PostgreSQL saw (sampled from `pg_locks`, whose
+//! `waitstart` says since when a backend waits; `log_lock_waits` is switched on for the
+//! database too, so waits past `deadline_timeout` also reach the server log).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Stage;
+use crate::config::Settings;
+use crate::kafka::LoopEvent;
+use crate::simulate::{Generated, SimulationOptions};
+
+/// One instance count's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScaleRun {
+    pub instances: usize,
+    pub records_per_sec: f64,
+    /// Distinct lock waits observed, and those that lasted longer than 100 ms.
+    pub lock_waits: u64,
+    pub lock_waits_over_100ms: u64,
+    pub longest_lock_wait_ms: u64,
+}
+
+/// Lock waits seen by sampling `pg_locks` of one database until `stop`.
+async fn sample_lock_waits(
+    pool: sqlx::PgPool,
+    database: String,
+    stop: CancellationToken,
+) -> HashMap<(i32, String), f64> {
+    let mut waits: HashMap<(i32, String), f64> = HashMap::new();
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return waits,
+            _ = every.tick() => {}
+        }
+        let rows: Result<Vec<(i32, String, f64)>, _> = sqlx::query_as(
+            "SELECT l.pid, l.waitstart::text,
+                    EXTRACT(EPOCH FROM clock_timestamp() - l.waitstart)::float8 * 1000
+               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+              WHERE NOT l.granted AND l.waitstart IS NOT NULL AND a.datname = $1",
+        )
+        .bind(&database)
+        .fetch_all(&pool)
+        .await;
+        for (pid, since, ms) in rows.unwrap_or_default() {
+            let w = waits.entry((pid, since)).or_insert(0.0);
+            *w = w.max(ms);
+        }
+    }
+}
+
+/// Runs the backlog through `instances` instances of one group; records/s from the first
+/// commit until every record is committed, and the lock waits.
+pub async fn run_with(
+    mut settings: Settings,
+    admin: &PgConnectOptions,
+    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    sim: &SimulationOptions,
+    records: &[Generated],
+    partitions: i32,
+    instances: usize,
+) -> anyhow::Result<ScaleRun> {
+    let tag: &'static str = ["scale1", "scale2", "scale3", "scale4"][instances.clamp(1, 4) - 1];
+    let topics: (&'static str, &'static str) = match instances {
+        1 => ("bench.scale1.payments", "bench.scale1.settlements"),
+        2 => ("bench.scale2.payments", "bench.scale2.settlements"),
+        3 => ("bench.scale3.payments", "bench.scale3.settlements"),
+        _ => ("bench.scale4.payments", "bench.scale4.settlements"),
+    };
+    let stage = Stage {
+        tag,
+        group: "bench-scale",
+        topics,
+        refuse_psp: false,
+    };
+    // Members that join later take partitions over; a short session keeps rebalances quick.
+    settings.kafka.session_timeout = Duration::from_secs(6);
+    let (db, encoder) = stage
+        .prepare(&mut settings, admin, cluster, sim, partitions)
+        .await?;
+    let admin_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(admin.clone())
+        .await?;
+    for setting in ["log_lock_waits = on", "deadlock_timeout = '100ms'"] {
+        sqlx::query(&format!("ALTER DATABASE {db} SET {setting}"))
+            .execute(&admin_pool)
+            .await?;
+    }
+    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    crate::simulate::produce(&producer, &encoder, topics.0, topics.1, records, 0, |_| {}).await?;
+
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(sample_lock_waits(
+        admin_pool.clone(),
+        db.clone(),
+        stop_sampling.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let mut services = Vec::new();
+    for _ in 0..instances {
+        services.push(tokio::spawn(crate::app::run(
+            settings.clone(),
+            shutdown.clone(),
+            Some(tx.clone()),
+        )));
+    }
+    drop(tx);
+    let total = records.len() as u64;
+    let mut applied = 0u64;
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied < total {
+        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+            Ok(Some(LoopEvent::Committed { records, .. })) => {
+                first.get_or_insert_with(Instant::now);
+                applied += records;
+            }
+            Ok(Some(LoopEvent::Fenced)) => {}
+            Ok(None) => anyhow::bail!("the instances stopped during the scale-out run"),
+            Err(_) => anyhow::bail!("scale-out run timed out with {applied} records applied"),
+        }
+    }
+    let elapsed = first.map_or(Duration::ZERO, |f| f.elapsed());
+    shutdown.cancel();
+    for s in services {
+        s.await??;
+    }
+    stop_sampling.cancel();
+    let waits = sampler.await?;
+    admin_pool.close().await;
+    let _ = crate::store::drop_database(admin, &db).await;
+    Ok(ScaleRun {
+        instances,
+        records_per_sec: (total as f64 / elapsed.as_secs_f64().max(1e-3)).round(),
+        lock_waits: waits.len() as u64,
+        lock_waits_over_100ms: waits.values().filter(|ms| **ms > 100.0).count() as u64,
+        longest_lock_wait_ms: waits.values().fold(0.0f64, |a, b| a.max(*b)) as u64,
+    })
+}
