@@ -28,6 +28,8 @@ pub struct Assignment {
     pub partitions: HashMap<TopicPartition, Option<i64>>,
     /// Bumped on every assign/revoke; a batch built under an older generation is dropped.
     pub generation: u64,
+    /// Set by the first assignment (possibly empty): the instance has joined the group.
+    pub joined: bool,
 }
 
 /// The consumer context: owns the rebalance decision.
@@ -122,6 +124,7 @@ impl RebalanceContext {
             crate::metrics::rebalance(kind, a.partitions.keys(), owned.keys());
             a.partitions = owned;
             a.generation += 1;
+            a.joined |= kind == "assign";
         }
         self.progress.reassigned();
         let result: KafkaResult<()> = match tpl {
