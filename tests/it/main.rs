@@ -7,6 +7,7 @@ mod helpers;
 mod registry_gate;
 
 mod bad_input;
+mod cooperative;
 mod crash;
 mod fencing;
 mod frozen;
