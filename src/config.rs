@@ -136,11 +136,12 @@ pub struct KafkaSettings {
     /// that ends within `session_timeout`, so the group does not rebalance. Off by default:
     /// it only helps where an instance comes back under the same identity (a StatefulSet),
     /// and a static member that stops for good does not leave the group, so its partitions
-    /// wait for `session_timeout`.
+    /// wait for `session_timeout`. On when true or when `group_instance_id` is set.
     #[serde(default)]
     pub static_membership: bool,
-    /// librdkafka's `group.instance.id` when `static_membership` is on; unset, it is taken
-    /// from `POD_NAME`, else `HOSTNAME`, at start-up. Must be unique within the group.
+    /// librdkafka's `group.instance.id`; setting it turns static membership on. Unset with
+    /// `static_membership = true`, it is taken from `POD_NAME`, else `HOSTNAME`, at start-up.
+    /// Must be unique within the group.
     #[serde(default)]
     pub group_instance_id: Option<String>,
     /// A file holding the SASL password (`sasl.password`), read at start-up, one trailing
@@ -551,16 +552,20 @@ impl Settings {
         Ok(())
     }
 
-    /// Settles `kafka.group_instance_id`: kept when set, taken from `POD_NAME` (else
-    /// `HOSTNAME`) in `env` when static membership is on without one.
+    /// Settles static membership: on when `kafka.group_instance_id` is set (an explicit id
+    /// is an explicit choice) or `kafka.static_membership` is true, the id then taken from
+    /// `POD_NAME` (else `HOSTNAME`) in `env`.
     fn resolve_group_instance_id(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
         let kafka = &mut self.kafka;
-        if !kafka.static_membership {
+        if let Some(id) = &kafka.group_instance_id {
             anyhow::ensure!(
-                kafka.group_instance_id.is_none(),
-                "invalid configuration: kafka.group_instance_id is set but kafka.static_membership is false; \
-                 set kafka.static_membership = true to use it"
+                !id.trim().is_empty(),
+                "invalid configuration: kafka.group_instance_id is empty"
             );
+            kafka.static_membership = true;
+            return Ok(());
+        }
+        if !kafka.static_membership {
             return Ok(());
         }
         if kafka.group_instance_id.is_none() {
@@ -1421,10 +1426,15 @@ mod tests {
         );
         let err = id(&[on]).unwrap_err().to_string();
         assert!(err.contains("no group instance id"), "{err}");
-        let err = id(&[("PAYRECON_KAFKA__GROUP_INSTANCE_ID", "x")])
+        // An explicit id is an explicit choice: static membership without the switch.
+        assert_eq!(
+            id(&[("PAYRECON_KAFKA__GROUP_INSTANCE_ID", "payrecon-3")]).unwrap(),
+            Some("payrecon-3".into())
+        );
+        let err = id(&[("PAYRECON_KAFKA__GROUP_INSTANCE_ID", " ")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("kafka.static_membership is false"), "{err}");
+        assert!(err.contains("kafka.group_instance_id is empty"), "{err}");
         // Not through the pass-through options, where it would escape these rules.
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("c.toml");
