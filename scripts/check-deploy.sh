@@ -12,7 +12,7 @@
 #    the oldest and the newest Kubernetes version we target. It has no schema for custom
 #    resources: ServiceMonitor and PrometheusRule are skipped there, with a message, and the
 #    PrometheusRule's rules are checked by `promtool check rules` instead.
-# 4. The validator must reject a deliberately broken Deployment (a validator that accepts
+# 4. The validator must reject a deliberately broken StatefulSet (a validator that accepts
 #    everything would make check 3 worthless).
 #
 # Prints one line per check and exits non-zero if any failed. Works as root on a fresh Debian 12
@@ -189,7 +189,7 @@ import copy, sys, yaml
 import kubernetes_validate as kv
 
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-deployment = next(d for d in docs if d["kind"] == "Deployment")
+deployment = next(d for d in docs if d["kind"] == "StatefulSet")
 container = lambda d: d["spec"]["template"]["spec"]["containers"][0]
 typo = copy.deepcopy(deployment)
 container(typo)["livenessProbes"] = container(typo).pop("livenessProbe")
@@ -203,7 +203,7 @@ for label, broken in [("misspelt livenessProbes", typo), ('replicas: "three"', w
     except kv.ValidationError as e:
         print(f"rejected {label}: {e.message}")
 if accepted:
-    print(f"kubernetes-validate accepted a broken Deployment: {', '.join(accepted)}")
+    print(f"kubernetes-validate accepted a broken StatefulSet: {', '.join(accepted)}")
 sys.exit(1 if accepted else 0)
 PY
 }
@@ -231,7 +231,7 @@ if kubectl kustomize "$OVERLAY" -o "$work/overlay.yaml" >"$work/out" 2>&1; then
   printf 'PASS  %s\n' "kubectl kustomize $OVERLAY"
   passed=$((passed + 1))
   check "kubernetes-validate --strict (Kubernetes ${K8S_VERSIONS// /, }) every object of $OVERLAY" validate_objects "$work/overlay.yaml"
-  check "kubernetes-validate rejects a broken Deployment" validator_rejects_a_broken_deployment
+  check "kubernetes-validate rejects a broken StatefulSet" validator_rejects_a_broken_deployment
   check "promtool check rules on the rendered PrometheusRule" rendered_rules_check
 else
   printf 'FAIL  %s\n' "kubectl kustomize $OVERLAY"

@@ -5,6 +5,7 @@
 #   - C build dependencies of librdkafka (gcc, make, pkg-config, libssl-dev, zlib1g-dev)
 #   - tansu, a separate Kafka-compatible broker process (cargo install, cached in ~/.cargo/bin)
 #   - promtool, docker-compose, npm packages for the observability checks
+#   - kubectl (kustomize) and the kubernetes-validate package for the manifest checks
 # Every test creates its own database and topics and cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,9 @@ tansu --version || true
 
 step "observability assets"
 bash scripts/check-observability.sh
+
+step "Kubernetes manifests"
+bash scripts/check-deploy.sh
 
 step "format and lints"
 cargo fmt --check

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec::{Codec, registry_settings};
+use crate::codec::Codec;
 use crate::config::{Settings, redact_text, redact_url};
+use crate::http::Stage;
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::{LogEnds, Reconciler, Store};
@@ -33,6 +34,16 @@ pub async fn connect_store(
     settings: &Settings,
     shutdown: &CancellationToken,
     patience: Patience,
+) -> anyhow::Result<Store> {
+    connect_store_reporting(settings, shutdown, patience, None).await
+}
+
+/// [`connect_store`], telling `stage` (readiness) what it waits for while it retries.
+async fn connect_store_reporting(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    patience: Patience,
+    stage: Option<&Stage>,
 ) -> anyhow::Result<Store> {
     let options = settings.database.connect_options()?;
     let mut backoff = settings.pipeline.retry_initial_backoff;
@@ -58,9 +69,12 @@ pub async fn connect_store(
                         humantime::format_duration(limit)
                     );
                 }
+                if let Some(stage) = stage {
+                    stage.waiting(format!("waiting for PostgreSQL at {database}: {cause}"));
+                }
                 tracing::warn!(%database, error = %cause, retry_in = ?backoff, "cannot connect to PostgreSQL; retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => anyhow::bail!("shutdown before PostgreSQL answered"),
+                    _ = shutdown.cancelled() => return Err(StoppedDuringStartup("PostgreSQL answered").into()),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
@@ -69,19 +83,90 @@ pub async fn connect_store(
     }
 }
 
+/// Shutdown was requested while start-up waited for a dependency: not a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("shutdown before {0}")]
+pub struct StoppedDuringStartup(pub &'static str);
+
+/// Why the schema registry cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryProblem {
+    /// Retrying cannot help: credentials refused, access denied, TLS refused.
+    #[error("{0}")]
+    Refused(String),
+    /// Unreachable, timing out or answering 5xx: worth waiting for.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Asks the registry for the versions of the payments subject, with the configured
+/// credentials and TLS, so a wrong credential, a missing permission or a refused certificate
+/// ends start-up at once (while a registry that is down is waited for). The subject need not
+/// exist: a 404 is an answer from a registry that accepted the request.
+pub async fn probe_registry(settings: &Settings) -> Result<(), RegistryProblem> {
+    let url = redact_url(&settings.registry.url);
+    let sr = settings
+        .registry
+        .client()
+        .map_err(|e| RegistryProblem::Refused(format!("{e:#}")))?;
+    let subject = format!("{}-value", settings.kafka.payments_topic);
+    let Err(e) =
+        schema_registry_converter::async_impl::schema_registry::get_all_versions(&sr, subject)
+            .await
+    else {
+        return Ok(());
+    };
+    let detail = redact_text(&crate::config::error_chain(&e));
+    let status = |code: &str| e.error.contains(&format!("failed with status {code}"));
+    if status("404") {
+        return Ok(());
+    }
+    if status("401") {
+        return Err(RegistryProblem::Refused(format!(
+            "the schema registry at {url} refused the credentials (HTTP 401): check registry.username and \
+             registry.password, or registry.token ({detail})"
+        )));
+    }
+    if status("403") {
+        return Err(RegistryProblem::Refused(format!(
+            "the schema registry at {url} denied access (HTTP 403): the credentials lack read access to \
+             subject {}-value ({detail})",
+            settings.kafka.payments_topic
+        )));
+    }
+    let lower = detail.to_lowercase();
+    if [
+        "certificate",
+        "alert",
+        "wrong version number",
+        "unknown ca",
+        "self signed",
+    ]
+    .iter()
+    .any(|s| lower.contains(s))
+    {
+        return Err(RegistryProblem::Refused(format!(
+            "TLS with the schema registry at {url} failed (check registry.ca_location, \
+             registry.certificate_location and registry.key_location): {detail}"
+        )));
+    }
+    Err(RegistryProblem::Unavailable(format!(
+        "the schema registry at {url} does not answer: {detail}"
+    )))
+}
+
 /// Runs the service until `shutdown` is cancelled; returns an error if a part fails
 /// permanently. `observer` receives a [`LoopEvent`] per batch (benchmarks, demo).
+///
+/// The operations endpoint is served first, before any dependency is contacted: `/metrics`
+/// and `/health/live` answer from the start, and `/health/ready` says what start-up waits
+/// for until the consumer runs.
 pub async fn run(
     settings: Settings,
     shutdown: CancellationToken,
     observer: Option<mpsc::UnboundedSender<LoopEvent>>,
 ) -> anyhow::Result<()> {
-    tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), "starting payrecon");
-    let store = connect_store(&settings, &shutdown, Patience::Forever).await?;
-    store.migrate().await.context("applying migrations")?;
-    let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let codec = Arc::new(Codec::new(sr).with_limits(settings.validation.limits()));
+    tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), group_instance_id = ?settings.kafka.group_instance_id, "starting payrecon");
     // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
     crate::metrics::register_zeroes(
@@ -91,17 +176,94 @@ pub async fn run(
         ],
         &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
     );
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("binding the HTTP endpoint on {}", settings.http.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics and /health");
+    let stage = Arc::new(Stage::default());
+    let tracker = TaskTracker::new();
+    // A failing part cancels the others through this child token.
+    let stop = shutdown.child_token();
+    let ops = crate::http::OpsState {
+        metrics: crate::metrics::handle(),
+        stage: stage.clone(),
+    };
+    let http_stop = stop.clone();
+    tracker.spawn(async move {
+        if let Err(e) =
+            crate::http::serve(listener, ops, async move { http_stop.cancelled().await }).await
+        {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    });
+    let result = start_and_consume(&settings, &stage, &tracker, &stop, observer).await;
+    // Start-up may have ended early (shutdown, a refusal): stop the endpoint too.
+    stop.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    match result {
+        // SIGTERM while waiting for a dependency is a clean stop (a pod deleted while its
+        // database is down must not count as a crash).
+        Err(e) if e.downcast_ref::<StoppedDuringStartup>().is_some() => {
+            tracing::info!("{e}: stopped during start-up");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Sleeps `backoff` (then doubles it up to the maximum) unless `stop` comes first.
+async fn pause(
+    backoff: &mut Duration,
+    settings: &Settings,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        _ = stop.cancelled() => return Err(StoppedDuringStartup(what).into()),
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(settings.pipeline.retry_max_backoff);
+    Ok(())
+}
+
+/// Start-up (each wait told to `stage`), then the service's tasks until the consumer ends.
+async fn start_and_consume(
+    settings: &Settings,
+    stage: &Stage,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+    observer: Option<mpsc::UnboundedSender<LoopEvent>>,
+) -> anyhow::Result<()> {
+    let store = connect_store_reporting(settings, stop, Patience::Forever, Some(stage)).await?;
+    stage.waiting("applying migrations");
+    store.migrate().await.context("applying migrations")?;
+    let mut backoff = settings.pipeline.retry_initial_backoff;
+    loop {
+        match probe_registry(settings).await {
+            Ok(()) => break,
+            Err(RegistryProblem::Refused(why)) => anyhow::bail!("{why}"),
+            Err(RegistryProblem::Unavailable(why)) => {
+                crate::metrics::transient_error("registry");
+                stage.waiting(format!("waiting for the schema registry: {why}"));
+                tracing::warn!(error = %why, retry_in = ?backoff, "schema registry unavailable at start-up; retrying");
+                pause(&mut backoff, settings, stop, "the schema registry answered").await?;
+            }
+        }
+    }
+    let sr = settings.registry.client()?;
+    let codec = Arc::new(Codec::new(sr).with_limits(settings.validation.limits()));
     // Reference data is loaded before the first batch, so no batch judges with an empty
     // cache; afterwards it refreshes in the background.
     let cache = Arc::new(ReferenceCache::default());
     let mut backoff = settings.pipeline.retry_initial_backoff;
     while let Err(e) = cache.reload(&store).await {
+        stage.waiting(format!(
+            "loading reference data: {}",
+            redact_text(&format!("{e:#}"))
+        ));
         tracing::warn!(error = %e, retry_in = ?backoff, "cannot load reference data; retrying");
-        tokio::select! {
-            _ = shutdown.cancelled() => anyhow::bail!("shutdown before reference data loaded"),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
+        pause(&mut backoff, settings, stop, "reference data loaded").await?;
     }
     let input_partitions = loop {
         match crate::kafka::partition_count(
@@ -113,12 +275,10 @@ pub async fn run(
         ) {
             Ok(n) => break n,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot read the input topics' partitions; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => anyhow::bail!("shutdown before the broker answered"),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(settings.pipeline.retry_max_backoff);
+                let why = redact_text(&format!("{e:#}"));
+                stage.waiting(format!("waiting for the broker: {why}"));
+                tracing::warn!(error = %why, retry_in = ?backoff, "cannot read the input topics' partitions; retrying");
+                pause(&mut backoff, settings, stop, "the broker answered").await?;
             }
         }
     };
@@ -134,17 +294,13 @@ pub async fn run(
     )
     .with_log_ends(log_ends.clone());
     let consumer = ConsumerLoop::new(
-        &settings,
+        settings,
         store.clone(),
         codec,
         reconciler.clone(),
-        shutdown.clone(),
+        stop.clone(),
         observer,
     )?;
-
-    let tracker = TaskTracker::new();
-    // A failing part cancels the others through this child token.
-    let stop = shutdown.child_token();
     tracker.spawn(cache.clone().refresh_forever(
         store.clone(),
         settings.reconciliation.reference_full_reload,
@@ -164,27 +320,14 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    let listener = tokio::net::TcpListener::bind(settings.http.listen)
-        .await
-        .with_context(|| format!("binding the HTTP endpoint on {}", settings.http.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "serving /metrics and /health");
     let broker_seen = Arc::new(AtomicI64::new(0));
-    let ops = crate::http::OpsState {
-        metrics: crate::metrics::handle(),
+    stage.running(crate::http::Checks {
         store: store.clone(),
         assignment: consumer.assignment(),
         progress: consumer.progress(),
         broker_seen: broker_seen.clone(),
         broker_max_silence: (settings.pipeline.lag_refresh_interval * 3)
             .max(Duration::from_secs(15)),
-    };
-    let http_stop = stop.clone();
-    tracker.spawn(async move {
-        if let Err(e) =
-            crate::http::serve(listener, ops, async move { http_stop.cancelled().await }).await
-        {
-            tracing::error!(error = %e, "HTTP endpoint failed");
-        }
     });
     let lag = tracker.spawn(crate::kafka::lag::run(
         settings.kafka.clone(),
@@ -208,12 +351,12 @@ pub async fn run(
         consumer_stop.cancel();
         result
     });
-    tracker.close();
     let result = consumer_task.await.context("consumer task panicked")?;
     stop.cancel();
     if let Ok(Err(e)) = lag.await {
         tracing::warn!(error = %e, "lag reporter stopped with an error");
     }
+    tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
         .await
         .is_err()

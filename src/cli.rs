@@ -294,9 +294,7 @@ pub async fn simulate(
         // The relay publishes there; a broker without auto-creation would refuse it.
         crate::kafka::ensure_topics(&k.client_config(), &[&settings.exceptions.topic], 1).await?;
     }
-    let sr =
-        crate::codec::registry_settings(&settings.registry.url, settings.registry.request_timeout)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sr = settings.registry.client()?;
     let encoder =
         crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
     let (records, expected) = crate::simulate::generate(options, encoder.payment_schema_id())?;
@@ -448,11 +446,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
             Ok(ExitCode::SUCCESS)
         }
         DeadLetterAction::Replay { ids } => {
-            let sr = crate::codec::registry_settings(
-                &settings.registry.url,
-                settings.registry.request_timeout,
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let sr = settings.registry.client()?;
             let codec = crate::codec::Codec::new(sr).with_limits(settings.validation.limits());
             let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
             cache.reload(&store).await?;

@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::ClientConfig;
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::ConnectOptions;
@@ -44,6 +45,10 @@ pub struct Settings {
 pub struct DatabaseSettings {
     /// Full connection URL including credentials; secret because it carries the password.
     pub url: SecretString,
+    /// A file holding `url` (a mounted Kubernetes Secret): read at start-up, one trailing
+    /// newline trimmed. Setting both is an error.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
     /// Pool size: one connection per in-flight batch plus the lag/health tasks.
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
@@ -127,6 +132,22 @@ pub struct KafkaSettings {
     /// Longest gap between polls before the member is considered stuck and leaves.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
+    /// Static group membership (KIP-345): the member keeps its partitions across a restart
+    /// that ends within `session_timeout`, so the group does not rebalance. Off by default:
+    /// it only helps where an instance comes back under the same identity (a StatefulSet),
+    /// and a static member that stops for good does not leave the group, so its partitions
+    /// wait for `session_timeout`. On when true or when `group_instance_id` is set.
+    #[serde(default)]
+    pub static_membership: bool,
+    /// librdkafka's `group.instance.id`; setting it turns static membership on. Unset with
+    /// `static_membership = true`, it is taken from `POD_NAME`, else `HOSTNAME`, at start-up.
+    /// Must be unique within the group.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
+    /// A file holding the SASL password (`sasl.password`), read at start-up, one trailing
+    /// newline trimmed. Setting it and `options."sasl.password"` is an error.
+    #[serde(default)]
+    pub sasl_password_file: Option<PathBuf>,
     /// Raw librdkafka options (security, tuning) passed through unchanged.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -147,6 +168,9 @@ impl std::fmt::Debug for KafkaSettings {
             .field("settlements_topic", &self.settlements_topic)
             .field("session_timeout", &self.session_timeout)
             .field("max_poll_interval", &self.max_poll_interval)
+            .field("static_membership", &self.static_membership)
+            .field("group_instance_id", &self.group_instance_id)
+            .field("sasl_password_file", &self.sasl_password_file)
             .field("options", &options)
             .finish()
     }
@@ -158,6 +182,8 @@ fn is_secret_kafka_option(key: &str) -> bool {
     is_secret_key(key) || key.ends_with(".pem") || key.starts_with("sasl.oauthbearer")
 }
 
+/// The Schema Registry and how payrecon authenticates to it. `Debug` never shows a secret
+/// (`SecretString`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrySettings {
@@ -165,6 +191,31 @@ pub struct RegistrySettings {
     /// Bounds each registry request so an unresponsive registry is a retry, not a hang.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// HTTP basic auth user (Confluent Cloud: the Schema Registry API key); needs `password`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// HTTP basic auth password (Confluent Cloud: the API secret).
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    /// A file holding `password`, read at start-up (one trailing newline trimmed).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A bearer token sent as `Authorization: Bearer ...` (instead of basic auth).
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// A file holding `token`, read at start-up (one trailing newline trimmed).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM file of the CA certificate(s) the registry's certificate must chain to; when set,
+    /// only these are trusted (not the system store).
+    #[serde(default)]
+    pub ca_location: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_location`.
+    #[serde(default)]
+    pub certificate_location: Option<PathBuf>,
+    /// Its private key: PEM, PKCS#8, unencrypted (`openssl pkcs8 -topk8 -nocrypt`).
+    #[serde(default)]
+    pub key_location: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -315,42 +366,227 @@ const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
     "isolation.level",
     "auto.offset.reset",
     "bootstrap.servers",
+    // Set through kafka.static_membership / kafka.group_instance_id.
+    "group.instance.id",
 ];
 
+/// Sections of the settings, for spotting `PAYRECON_<SECTION>_<KEY>` (one underscore).
+const SECTIONS: &[&str] = &[
+    "database",
+    "kafka",
+    "registry",
+    "pipeline",
+    "http",
+    "log",
+    "reconciliation",
+    "exceptions",
+    "validation",
+];
+
+/// Keys without a default in `config/default.toml` (which lists every other key).
+const OPTIONAL_KEYS: &[&str] = &[
+    "database.url_file",
+    "kafka.static_membership",
+    "kafka.group_instance_id",
+    "kafka.sasl_password_file",
+    "registry.username",
+    "registry.password",
+    "registry.password_file",
+    "registry.token",
+    "registry.token_file",
+    "registry.ca_location",
+    "registry.certificate_location",
+    "registry.key_location",
+    "exceptions.transactional_id",
+];
+
+/// Refuses `PAYRECON_DATABASE_URL_FILE`-style variables (one underscore between section and
+/// key) that name a setting: they would be ignored silently, and the secret they point at
+/// with them, while the setting keeps its default.
+fn check_env_names(env: &[(String, String)]) -> anyhow::Result<()> {
+    let defaults = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .build()
+        .context("reading the embedded defaults")?;
+    for (name, _) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest.contains("__") {
+            continue;
+        }
+        let lower = rest.to_lowercase();
+        for section in SECTIONS {
+            let Some(key) = lower
+                .strip_prefix(section)
+                .and_then(|k| k.strip_prefix('_'))
+            else {
+                continue;
+            };
+            let path = format!("{section}.{key}");
+            if OPTIONAL_KEYS.contains(&path.as_str())
+                || defaults.get::<config::Value>(&path).is_ok()
+            {
+                anyhow::bail!(
+                    "invalid configuration: {name} is not read; settings take two underscores between section and key: {ENV_PREFIX}{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The content of the secret file `path` (given as setting `key`) without its trailing
+/// newline. Errors name the key and the path, never the content.
+fn read_secret_file(key: &str, path: &Path) -> anyhow::Result<SecretString> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration: cannot read {key} ({}): {e}",
+            path.display()
+        )
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "invalid configuration: {key} ({}) is not UTF-8 text",
+            path.display()
+        )
+    })?;
+    let value = match text.strip_suffix('\n') {
+        Some(v) => v.strip_suffix('\r').unwrap_or(v),
+        None => &text,
+    };
+    anyhow::ensure!(
+        !value.is_empty(),
+        "invalid configuration: {key} ({}) is empty",
+        path.display()
+    );
+    Ok(SecretString::from(value.to_owned()))
+}
+
 impl Settings {
-    /// Loads defaults, then `file` (if any), then environment overrides from `env`.
+    /// Loads defaults, then `file` (if any), then environment overrides from `env`, then
+    /// reads the secrets given as files (`*_file` keys, `PAYRECON_<SECTION>__<KEY>_FILE`).
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Settings> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ));
-        if let Some(path) = file {
-            builder = builder.add_source(config::File::from(path).required(true));
-        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        check_env_names(&env)?;
         // Only PAYRECON_SECTION__KEY variables are overrides; PAYRECON_CONFIG and the like
         // are not settings and must not trip `deny_unknown_fields`.
-        let overrides: config::Map<String, String> = env
-            .into_iter()
+        let overrides: config::Map<String, String> = (env.iter())
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix(ENV_PREFIX)?;
-                rest.contains("__").then(|| (rest.to_lowercase(), v))
+                rest.contains("__")
+                    .then(|| (rest.to_lowercase(), v.clone()))
             })
             .collect();
-        builder = builder.add_source(
-            config::Environment::default()
-                .separator("__")
-                .source(Some(overrides)),
-        );
-        let settings: Settings = builder
+        // The layers a user wrote (file and environment, not the embedded defaults): a
+        // secret's `*_file` key conflicts with its value only when the user set both.
+        let user_layers = |builder: config::ConfigBuilder<config::builder::DefaultState>| {
+            let mut builder = builder;
+            if let Some(path) = file {
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            builder.add_source(
+                config::Environment::default()
+                    .separator("__")
+                    .source(Some(overrides.clone())),
+            )
+        };
+        let builder = user_layers(config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        )));
+        let mut settings: Settings = builder
             .build()
             .context("reading configuration")?
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let user = user_layers(config::Config::builder())
+            .build()
+            .context("reading configuration")?;
+        let explicit_database_url = user.get_string("database.url").is_ok();
+        settings.read_secret_files(explicit_database_url)?;
+        settings.resolve_group_instance_id(&env)?;
         settings.check()?;
         Ok(settings)
+    }
+
+    /// Replaces every secret given as a file by the file's content. It is an error to give a
+    /// secret both ways, or a file that cannot be read; errors name the key and the path,
+    /// never the content.
+    fn read_secret_files(&mut self, explicit_database_url: bool) -> anyhow::Result<()> {
+        if let Some(path) = &self.database.url_file {
+            anyhow::ensure!(
+                !explicit_database_url,
+                "invalid configuration: database.url and database.url_file are both set \
+                 (PAYRECON_DATABASE__URL and PAYRECON_DATABASE__URL_FILE); set only one"
+            );
+            self.database.url = read_secret_file("database.url_file", path)?;
+        }
+        let registry = &mut self.registry;
+        if let Some(path) = &registry.password_file {
+            anyhow::ensure!(
+                registry.password.is_none(),
+                "invalid configuration: registry.password and registry.password_file are both set; set only one"
+            );
+            registry.password = Some(read_secret_file("registry.password_file", path)?);
+        }
+        if let Some(path) = &registry.token_file {
+            anyhow::ensure!(
+                registry.token.is_none(),
+                "invalid configuration: registry.token and registry.token_file are both set; set only one"
+            );
+            registry.token = Some(read_secret_file("registry.token_file", path)?);
+        }
+        if let Some(path) = &self.kafka.sasl_password_file {
+            anyhow::ensure!(
+                !self.kafka.options.contains_key("sasl.password"),
+                "invalid configuration: kafka.options.\"sasl.password\" and kafka.sasl_password_file are both set; set only one"
+            );
+            let password = read_secret_file("kafka.sasl_password_file", path)?;
+            (self.kafka.options).insert("sasl.password".into(), password.expose_secret().into());
+        }
+        Ok(())
+    }
+
+    /// Settles static membership: on when `kafka.group_instance_id` is set (an explicit id
+    /// is an explicit choice) or `kafka.static_membership` is true, the id then taken from
+    /// `POD_NAME` (else `HOSTNAME`) in `env`.
+    fn resolve_group_instance_id(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
+        let kafka = &mut self.kafka;
+        if let Some(id) = &kafka.group_instance_id {
+            anyhow::ensure!(
+                !id.trim().is_empty(),
+                "invalid configuration: kafka.group_instance_id is empty"
+            );
+            kafka.static_membership = true;
+            return Ok(());
+        }
+        if !kafka.static_membership {
+            return Ok(());
+        }
+        if kafka.group_instance_id.is_none() {
+            let from_env = |name: &str| {
+                (env.iter())
+                    .find(|(k, v)| k == name && !v.trim().is_empty())
+                    .map(|(_, v)| v.trim().to_owned())
+            };
+            kafka.group_instance_id = from_env("POD_NAME").or_else(|| from_env("HOSTNAME"));
+        }
+        match &kafka.group_instance_id {
+            Some(id) if !id.trim().is_empty() => Ok(()),
+            _ => anyhow::bail!(
+                "invalid configuration: kafka.static_membership is true but no group instance id is known: \
+                 set kafka.group_instance_id, or POD_NAME or HOSTNAME in the environment"
+            ),
+        }
     }
 
     /// Loads with the process environment.
@@ -372,6 +608,7 @@ impl Settings {
             self.kafka.payments_topic != self.kafka.settlements_topic,
             "invalid configuration: kafka.payments_topic and kafka.settlements_topic must differ"
         );
+        self.registry.check()?;
         for key in self.kafka.options.keys() {
             anyhow::ensure!(
                 !PROTECTED_KAFKA_OPTIONS.contains(&key.as_str()),
@@ -587,6 +824,104 @@ pub fn redact_text(text: &str) -> String {
     out
 }
 
+impl RegistrySettings {
+    /// Combinations that cannot work, refused at start-up.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.username.is_some() == self.password.is_some(),
+            "invalid configuration: registry basic auth needs both registry.username and \
+             registry.password (or registry.password_file)"
+        );
+        anyhow::ensure!(
+            !(self.username.is_some() && self.token.is_some()),
+            "invalid configuration: registry.token and registry.username/password are both set; \
+             a request carries one Authorization header: set only one"
+        );
+        anyhow::ensure!(
+            self.certificate_location.is_some() == self.key_location.is_some(),
+            "invalid configuration: a registry client certificate needs both \
+             registry.certificate_location and registry.key_location"
+        );
+        Ok(())
+    }
+
+    /// The registry client's settings: URL, request timeout, credentials, CA and client
+    /// certificate, through `schema_registry_converter`'s own builder (its `build_with` takes
+    /// the TLS configuration as a reqwest client builder). Errors name the setting and the
+    /// file, never a credential.
+    pub fn client(&self) -> anyhow::Result<SrSettings> {
+        let mut builder = SrSettings::new_builder(self.url.clone());
+        builder.set_timeout(self.request_timeout);
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            builder.set_basic_authorization(user, Some(password.expose_secret()));
+        }
+        if let Some(token) = &self.token {
+            builder.set_token_authorization(token.expose_secret());
+        }
+        let mut tls = reqwest::Client::builder();
+        if let Some(path) = &self.ca_location {
+            let pem = read_file("registry.ca_location", path)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "invalid configuration: registry.ca_location ({}) holds no PEM certificate",
+                        path.display()
+                    )
+                })?;
+            tls = tls.tls_certs_only(certs);
+        }
+        if let (Some(cert), Some(key)) = (&self.certificate_location, &self.key_location) {
+            let cert_pem = read_file("registry.certificate_location", cert)?;
+            let key_pem = read_file("registry.key_location", key)?;
+            // native-tls's error describes the parse failure, not the bytes.
+            let identity = reqwest::Identity::from_pkcs8_pem(&cert_pem, &key_pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid configuration: registry.certificate_location ({}) and registry.key_location ({}) \
+                     are not a PEM certificate and an unencrypted PKCS#8 PEM key: {}",
+                    cert.display(),
+                    key.display(),
+                    redact_text(&error_chain(&e))
+                )
+            })?;
+            tls = tls.identity(identity);
+        }
+        builder.build_with(tls).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid configuration: cannot build the schema registry client for {}: {}",
+                redact_url(&self.url),
+                redact_text(&e.to_string())
+            )
+        })
+    }
+}
+
+/// Reads a (non-secret) file given as setting `key`; the error names both.
+fn read_file(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration: cannot read {key} ({}): {e}",
+            path.display()
+        )
+    })
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message omits the causes).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 impl KafkaSettings {
     /// Base client config shared by consumers, producers and admin clients.
     pub fn client_config(&self) -> ClientConfig {
@@ -617,6 +952,9 @@ impl KafkaSettings {
             .set_default("partition.assignment.strategy", "roundrobin")
             .set_default("queued.max.messages.kbytes", "32768")
             .set_default("fetch.wait.max.ms", "10");
+        if let (true, Some(id)) = (self.static_membership, &self.group_instance_id) {
+            c.set("group.instance.id", id);
+        }
         c
     }
 
@@ -882,5 +1220,286 @@ mod tests {
         let debug = format!("{s:?}");
         assert!(!debug.contains("Sekr1t"), "{debug}");
         assert!(debug.contains("\"svc\""), "{debug}");
+    }
+
+    /// Writes `content` to a file named `name` in `dir`; returns its path as a string.
+    fn secret_file(dir: &tempfile::TempDir, name: &str, content: &[u8]) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn secrets_given_as_files_replace_their_settings_without_the_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = secret_file(&dir, "url", b"postgres://u:F1le-Sekr1t@db:5432/p\n");
+        let password = secret_file(&dir, "password", b"Reg-Sekr1t\r\n");
+        let sasl = secret_file(&dir, "sasl", b"Sasl-Sekr1t \n");
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PAYRECON_DATABASE__URL_FILE", &url),
+                ("PAYRECON_REGISTRY__USERNAME", "key"),
+                ("PAYRECON_REGISTRY__PASSWORD_FILE", &password),
+                ("PAYRECON_KAFKA__SASL_PASSWORD_FILE", &sasl),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.database.url.expose_secret(),
+            "postgres://u:F1le-Sekr1t@db:5432/p"
+        );
+        assert_eq!(
+            s.registry.password.as_ref().unwrap().expose_secret(),
+            "Reg-Sekr1t"
+        );
+        // Only the newline goes: a trailing space may be part of a password.
+        assert_eq!(s.kafka.options["sasl.password"], "Sasl-Sekr1t ");
+        assert_eq!(
+            s.kafka.consumer_config().get("sasl.password"),
+            Some("Sasl-Sekr1t ")
+        );
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("Sekr1t"), "{debug}");
+
+        let token = secret_file(&dir, "token", b"Tok-Sekr1t\n");
+        let s =
+            Settings::load_from(None, env(&[("PAYRECON_REGISTRY__TOKEN_FILE", &token)])).unwrap();
+        assert_eq!(
+            s.registry.token.as_ref().unwrap().expose_secret(),
+            "Tok-Sekr1t"
+        );
+    }
+
+    #[test]
+    fn a_secret_given_both_as_a_value_and_as_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = secret_file(&dir, "f", b"x");
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("PAYRECON_DATABASE__URL", "postgres://h/db"),
+                    ("PAYRECON_DATABASE__URL_FILE", &file),
+                ],
+                "database.url and database.url_file are both set",
+            ),
+            (
+                &[
+                    ("PAYRECON_REGISTRY__USERNAME", "u"),
+                    ("PAYRECON_REGISTRY__PASSWORD", "p"),
+                    ("PAYRECON_REGISTRY__PASSWORD_FILE", &file),
+                ],
+                "registry.password and registry.password_file are both set",
+            ),
+            (
+                &[
+                    ("PAYRECON_REGISTRY__TOKEN", "t"),
+                    ("PAYRECON_REGISTRY__TOKEN_FILE", &file),
+                ],
+                "registry.token and registry.token_file are both set",
+            ),
+        ];
+        for (vars, message) in cases {
+            let err = Settings::load_from(None, env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{err}");
+        }
+        // The default database.url is not "set": a file alone is fine.
+        Settings::load_from(None, env(&[("PAYRECON_DATABASE__URL_FILE", &file)])).unwrap();
+        // kafka.options."sasl.password" in a configuration file and the file variant.
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, "[kafka.options]\n\"sasl.password\" = \"p\"\n").unwrap();
+        let err = Settings::load_from(
+            Some(&config),
+            env(&[("PAYRECON_KAFKA__SASL_PASSWORD_FILE", &file)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.sasl_password_file are both set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_is_named_by_its_path_never_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-file").display().to_string();
+        let err = Settings::load_from(None, env(&[("PAYRECON_DATABASE__URL_FILE", &missing)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read database.url_file") && err.contains(&missing),
+            "{err}"
+        );
+        // Content that cannot be used is refused without being quoted.
+        let binary = secret_file(&dir, "binary", b"Bin-Sekr1t\xff\xfe");
+        let empty = secret_file(&dir, "empty", b"\n");
+        for (var, path, what) in [
+            (
+                "PAYRECON_REGISTRY__TOKEN_FILE",
+                &binary,
+                "is not UTF-8 text",
+            ),
+            ("PAYRECON_REGISTRY__TOKEN_FILE", &empty, "is empty"),
+        ] {
+            let err = Settings::load_from(None, env(&[(var, path)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(path) && err.contains(what), "{err}");
+            assert!(!err.contains("Sekr1t"), "{err}");
+        }
+        // A directory is not a file.
+        let dir_path = dir.path().display().to_string();
+        let err = Settings::load_from(
+            None,
+            env(&[("PAYRECON_KAFKA__SASL_PASSWORD_FILE", &dir_path)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kafka.sasl_password_file") && err.contains(&dir_path),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_variable_with_one_underscore_after_the_section_is_refused_with_the_right_name() {
+        for (var, right) in [
+            ("PAYRECON_DATABASE_URL_FILE", "PAYRECON_DATABASE__URL_FILE"),
+            ("PAYRECON_DATABASE_URL", "PAYRECON_DATABASE__URL"),
+            (
+                "PAYRECON_REGISTRY_PASSWORD_FILE",
+                "PAYRECON_REGISTRY__PASSWORD_FILE",
+            ),
+            (
+                "PAYRECON_KAFKA_SASL_PASSWORD_FILE",
+                "PAYRECON_KAFKA__SASL_PASSWORD_FILE",
+            ),
+        ] {
+            let err = Settings::load_from(None, env(&[(var, "/run/secrets/x")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var) && err.contains(right), "{err}");
+        }
+        // Variables that name no setting are none of payrecon's business.
+        Settings::load_from(
+            None,
+            env(&[
+                ("PAYRECON_TEST_DATABASE_URL", "postgres://h/db"),
+                ("PAYRECON_KAFKA_SOMETHING_ELSE", "x"),
+                ("PAYRECON_CONFIG", "x"),
+            ]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn static_membership_sets_group_instance_id_from_the_setting_or_the_pod_name() {
+        let id = |vars: &[(&str, &str)]| {
+            Settings::load_from(None, env(vars)).map(|s| {
+                s.kafka
+                    .consumer_config()
+                    .get("group.instance.id")
+                    .map(str::to_owned)
+            })
+        };
+        assert_eq!(
+            id(&[("POD_NAME", "payrecon-0")]).unwrap(),
+            None,
+            "off by default"
+        );
+        let on = ("PAYRECON_KAFKA__STATIC_MEMBERSHIP", "true");
+        assert_eq!(
+            id(&[on, ("POD_NAME", "payrecon-1"), ("HOSTNAME", "h")]).unwrap(),
+            Some("payrecon-1".into())
+        );
+        assert_eq!(
+            id(&[on, ("HOSTNAME", "payrecon-2")]).unwrap(),
+            Some("payrecon-2".into())
+        );
+        assert_eq!(
+            id(&[
+                on,
+                ("PAYRECON_KAFKA__GROUP_INSTANCE_ID", "fixed"),
+                ("POD_NAME", "p")
+            ])
+            .unwrap(),
+            Some("fixed".into())
+        );
+        let err = id(&[on]).unwrap_err().to_string();
+        assert!(err.contains("no group instance id"), "{err}");
+        // An explicit id is an explicit choice: static membership without the switch.
+        assert_eq!(
+            id(&[("PAYRECON_KAFKA__GROUP_INSTANCE_ID", "payrecon-3")]).unwrap(),
+            Some("payrecon-3".into())
+        );
+        let err = id(&[("PAYRECON_KAFKA__GROUP_INSTANCE_ID", " ")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.group_instance_id is empty"), "{err}");
+        // Not through the pass-through options, where it would escape these rules.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, "[kafka.options]\n\"group.instance.id\" = \"x\"\n").unwrap();
+        let err = Settings::load_from(Some(&config), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("group.instance.id"), "{err}");
+    }
+
+    #[test]
+    fn registry_settings_that_cannot_work_are_refused_and_secrets_never_shown() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("PAYRECON_REGISTRY__USERNAME", "u")],
+                "needs both registry.username",
+            ),
+            (
+                &[("PAYRECON_REGISTRY__PASSWORD", "Sekr1t")],
+                "needs both registry.username",
+            ),
+            (
+                &[
+                    ("PAYRECON_REGISTRY__USERNAME", "u"),
+                    ("PAYRECON_REGISTRY__PASSWORD", "Sekr1t"),
+                    ("PAYRECON_REGISTRY__TOKEN", "Sekr1t"),
+                ],
+                "one Authorization header",
+            ),
+            (
+                &[("PAYRECON_REGISTRY__CERTIFICATE_LOCATION", "/c.pem")],
+                "needs both registry.certificate_location and registry.key_location",
+            ),
+        ];
+        for (vars, message) in cases {
+            let err = Settings::load_from(None, env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{err}");
+            assert!(!err.contains("Sekr1t"), "{err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = secret_file(&dir, "ca.pem", b"not a certificate");
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("PAYRECON_REGISTRY__USERNAME", "u"),
+                ("PAYRECON_REGISTRY__PASSWORD", "Sekr1t"),
+                ("PAYRECON_REGISTRY__CA_LOCATION", &not_pem),
+            ]),
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("Sekr1t"));
+        let err = s.registry.client().unwrap_err().to_string();
+        assert!(
+            err.contains("registry.ca_location") && err.contains(&not_pem),
+            "{err}"
+        );
+        let mut s = s;
+        s.registry.ca_location = Some(dir.path().join("missing.pem"));
+        let err = s.registry.client().unwrap_err().to_string();
+        assert!(err.contains("cannot read registry.ca_location"), "{err}");
     }
 }

@@ -1,4 +1,8 @@
 //! The operations endpoint: `/metrics` (Prometheus), `/health/live`, `/health/ready`.
+//!
+//! Served from the moment the service starts, before any dependency answers: while it
+//! starts, `/health/ready` answers 503 with what it waits for (a [`Stage`]); once the
+//! consumer runs, it checks the database, the broker, the group and the stall detector.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -19,6 +23,43 @@ use crate::store::Store;
 pub struct OpsState {
     /// Renders the process-wide Prometheus registry.
     pub metrics: Option<PrometheusHandle>,
+    /// Starting (and waiting for what) or running (and what readiness checks).
+    pub stage: Arc<Stage>,
+}
+
+/// Where the service is in its life: readiness answers from it.
+#[derive(Default)]
+pub struct Stage(Mutex<StageKind>);
+
+#[derive(Default, Clone)]
+enum StageKind {
+    /// Start-up has not reached its first wait yet.
+    #[default]
+    Starting,
+    /// Start-up waits for a dependency; the text says which and why (redacted).
+    Waiting(String),
+    /// The consumer runs; readiness checks these.
+    Running(Arc<Checks>),
+}
+
+impl Stage {
+    /// Start-up waits for something: `/health/ready` says so.
+    pub fn waiting(&self, what: impl Into<String>) {
+        *self.0.lock().expect("stage lock") = StageKind::Waiting(what.into());
+    }
+
+    /// Start-up is over: readiness checks the running service.
+    pub fn running(&self, checks: Checks) {
+        *self.0.lock().expect("stage lock") = StageKind::Running(Arc::new(checks));
+    }
+
+    fn get(&self) -> StageKind {
+        self.0.lock().expect("stage lock").clone()
+    }
+}
+
+/// What readiness checks once the consumer runs.
+pub struct Checks {
     /// Readiness needs a database that answers.
     pub store: Store,
     /// Readiness needs a joined group (partitions assigned, or none because the group has
@@ -66,24 +107,42 @@ async fn metrics(State(state): State<OpsState>) -> (StatusCode, String) {
 /// stalled (records waiting that it neither commits nor fetches, or a partition it cannot
 /// position).
 async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
+    let state = match state.stage.get() {
+        StageKind::Running(checks) => checks,
+        StageKind::Starting => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: starting\n".to_owned(),
+            );
+        }
+        StageKind::Waiting(what) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {what}\n"),
+            );
+        }
+    };
     let db = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(state.store.pool())
         .await;
-    let (generation, assigned) = state
+    let (joined, assigned) = state
         .assignment
         .lock()
-        .map(|a| (a.generation, a.partitions.len()))
-        .unwrap_or((0, 0));
+        .map(|a| (a.joined, a.partitions.len()))
+        .unwrap_or((false, 0));
     let seen = state.broker_seen.load(Ordering::Relaxed);
     let silence_ms = chrono::Utc::now().timestamp_millis() - seen;
     let mut problems = Vec::new();
     if let Err(e) = db {
-        problems.push(format!("database: {e}"));
+        problems.push(format!(
+            "database: {}",
+            crate::config::redact_text(&crate::store::describe(&e))
+        ));
     }
     if seen == 0 || silence_ms > state.broker_max_silence.as_millis() as i64 {
         problems.push("broker: no successful round trip recently".to_owned());
     }
-    if generation == 0 {
+    if !joined {
         problems.push("consumer group: not joined yet".to_owned());
     }
     if let Some(reason) = state.progress.stalled() {

@@ -49,7 +49,7 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{decimal_value, encode_datum, frame, register_schema, registry_settings};
+use crate::codec::{decimal_value, encode_datum, frame, register_schema};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -176,8 +176,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     let instance = crate::app::instance_id();
     let message_timeout = settings.exceptions.relay_message_timeout;
     tracing::info!(%topic, "this instance is the active exceptions relay");
-    let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sr = settings.registry.client()?;
     let (schema_id, schema) = register_schema(&sr, topic, EXCEPTION_SCHEMA).await?;
     let transactional_id = settings.exceptions.transactional_id.as_deref();
     let mut config = settings.kafka.producer_config();

@@ -30,10 +30,7 @@ const RUNBOOK_BASE: &str = "https://github.com/payrecon/payrecon/blob/main/docs/
 /// `kafka.group_instance_id`: static group membership). Each must still be unknown to the
 /// loader: once one is known this test fails, the name leaves the list, and from then on the
 /// loader checks it like every other variable.
-const PENDING_SETTINGS: &[&str] = &[
-    "PAYRECON_DATABASE__URL_FILE",
-    "PAYRECON_KAFKA__GROUP_INSTANCE_ID",
-];
+const PENDING_SETTINGS: &[&str] = &[];
 
 /// The longest wait for background tasks after the consumer stopped (`app::run`:
 /// `tokio::time::timeout(Duration::from_secs(10), tracker.wait())`).
@@ -81,7 +78,7 @@ impl Rendered {
     }
 
     fn deployment(&self) -> &Yaml {
-        self.one("Deployment")
+        self.one("StatefulSet")
     }
 
     fn pod_spec(&self) -> &Yaml {
@@ -138,9 +135,19 @@ impl Rendered {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("payrecon.toml");
         std::fs::write(&path, file).unwrap();
-        let env = env
-            .into_iter()
-            .filter(|(k, _)| !PENDING_SETTINGS.contains(&k.as_str()));
+        // A `*_FILE` variable names a file of the mounted Secret: the same content here.
+        let env: Vec<(String, String)> = (env.into_iter())
+            .filter(|(k, _)| !PENDING_SETTINGS.contains(&k.as_str()))
+            .map(|(k, v)| {
+                if !k.ends_with("_FILE") {
+                    return (k, v);
+                }
+                let secret = self.mounted_file(&v, "secret", "Secret");
+                let copy = dir.path().join(k.to_lowercase());
+                std::fs::write(&copy, secret).unwrap();
+                (k, copy.display().to_string())
+            })
+            .collect();
         Settings::load_from(Some(&path), env)
             .unwrap_or_else(|e| panic!("the rendered configuration does not load: {e:#}"))
     }
@@ -279,14 +286,15 @@ async fn probes_ask_routes_the_service_serves_on_the_port_it_is_configured_to_li
     // The recorder first (installed on first use), then a sample for /metrics to show.
     let metrics = payrecon::metrics::handle();
     payrecon::metrics::transient_error("database");
-    let state = payrecon::http::OpsState {
-        metrics,
+    let stage = Arc::new(payrecon::http::Stage::default());
+    stage.running(payrecon::http::Checks {
         store: payrecon::store::Store::new(pool),
         assignment: Arc::new(Mutex::new(payrecon::kafka::Assignment::default())),
         progress: Arc::new(payrecon::kafka::Progress::default()),
         broker_seen: Arc::new(AtomicI64::new(0)),
         broker_max_silence: Duration::from_secs(15),
-    };
+    });
+    let state = payrecon::http::OpsState { metrics, stage };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(payrecon::http::serve(

@@ -473,3 +473,181 @@ async fn the_project_schemas_register_and_are_served_verbatim() {
         );
     }
 }
+
+// --- A secured registry: credentials and TLS through payrecon's `[registry]` settings ---
+
+#[path = "support/registry_gate.rs"]
+mod registry_gate;
+
+use payrecon::app::{RegistryProblem, probe_registry};
+use registry_gate::{Gate, TestPki, TlsRegistry, basic};
+
+/// Default settings pointed at `url`.
+fn settings_for(url: &str) -> payrecon::config::Settings {
+    let mut s = payrecon::config::Settings::load_from(None, Vec::new()).unwrap();
+    s.registry.url = url.to_owned();
+    s
+}
+
+#[test]
+fn the_test_basic_auth_encoding_is_rfc_7617s() {
+    assert_eq!(
+        basic("Aladdin", "open sesame"),
+        "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+    );
+}
+
+/// Registers payrecon's schemas and decodes a record through `settings`' client: the whole
+/// path the service takes, every request authorized.
+async fn round_trip(settings: &payrecon::config::Settings) {
+    let sr = settings.registry.client().unwrap();
+    let encoder = payrecon::codec::Encoder::register(&sr, "pay", "settle")
+        .await
+        .unwrap();
+    let (records, _) = payrecon::simulate::generate(
+        &payrecon::simulate::SimulationOptions {
+            payments: 1,
+            malformed: 0,
+            ..Default::default()
+        },
+        encoder.payment_schema_id(),
+    )
+    .unwrap();
+    let payment = records
+        .iter()
+        .find_map(|r| match r {
+            payrecon::simulate::Generated::Payment(p) => Some(p),
+            _ => None,
+        })
+        .expect("a payment");
+    let bytes = encoder.encode_payment(payment).unwrap();
+    let codec = payrecon::codec::Codec::new(settings.registry.client().unwrap());
+    let decoded = codec
+        .decode(
+            payrecon::codec::Stream::Payments,
+            Some(&bytes),
+            Some(payment.event_time),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(decoded, payrecon::domain::Record::Payment(_)));
+}
+
+#[tokio::test]
+async fn basic_auth_credentials_are_sent_with_every_registry_request() {
+    let gate = Gate::start(&basic("SR-KEY", "Sr-Sekr1t")).await;
+    let mut s = settings_for(&gate.url);
+    s.registry.username = Some("SR-KEY".into());
+    s.registry.password = Some("Sr-Sekr1t".to_owned().into());
+    probe_registry(&s).await.unwrap();
+    round_trip(&s).await;
+    let headers = gate.headers();
+    assert!(
+        headers.len() >= 4,
+        "probe, two registrations, a lookup: {headers:?}"
+    );
+    assert!(
+        headers
+            .iter()
+            .all(|h| h.as_deref() == Some(basic("SR-KEY", "Sr-Sekr1t").as_str())),
+        "{headers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bearer_token_is_sent_with_every_registry_request() {
+    let gate = Gate::start("Bearer Tok-Sekr1t").await;
+    let mut s = settings_for(&gate.url);
+    s.registry.token = Some("Tok-Sekr1t".to_owned().into());
+    probe_registry(&s).await.unwrap();
+    round_trip(&s).await;
+    let headers = gate.headers();
+    assert!(headers.len() >= 4, "{headers:?}");
+    assert!(
+        headers
+            .iter()
+            .all(|h| h.as_deref() == Some("Bearer Tok-Sekr1t")),
+        "{headers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_credential_is_a_permanent_error_naming_the_registry_without_any_secret() {
+    let gate = Gate::start(&basic("SR-KEY", "Right-Sekr1t")).await;
+    // A credential in the URL too: the message shows the URL redacted.
+    let url = gate.url.replace("http://", "http://url-user:Url-Sekr1t@");
+    for (user, password, token) in [
+        (Some("SR-KEY"), Some("Wrong-Sekr1t"), None),
+        (None, None, Some("Wrong-Sekr1t")),
+        (None, None, None),
+    ] {
+        let mut s = settings_for(&url);
+        s.registry.username = user.map(str::to_owned);
+        s.registry.password = password.map(|p| p.to_owned().into());
+        s.registry.token = token.map(|t| t.to_owned().into());
+        let err = probe_registry(&s).await.unwrap_err();
+        let RegistryProblem::Refused(message) = &err else {
+            panic!("a 401 must end start-up, not be waited for: {err}");
+        };
+        assert!(
+            message.contains("refused the credentials (HTTP 401)"),
+            "{message}"
+        );
+        let host = gate.url.trim_start_matches("http://");
+        assert!(message.contains(&format!("http://***@{host}")), "{message}");
+        assert!(
+            !message.contains("Sekr1t") && !message.contains("url-user"),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_registry_that_does_not_answer_is_waited_for_not_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = settings_for(&format!("http://127.0.0.1:{port}"));
+    let err = probe_registry(&s).await.unwrap_err();
+    assert!(matches!(err, RegistryProblem::Unavailable(_)), "{err}");
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_private_ca_works_and_each_missing_piece_is_refused() {
+    let pki = TestPki::new();
+    let server = TlsRegistry::start(&pki);
+    let mut s = settings_for(&server.url);
+    s.registry.ca_location = Some(pki.path("ca.pem"));
+    s.registry.certificate_location = Some(pki.path("client.pem"));
+    s.registry.key_location = Some(pki.path("client.p8"));
+    probe_registry(&s).await.expect("CA and client certificate");
+
+    // Without the client certificate the server ends the handshake.
+    let mut no_client_cert = s.clone();
+    no_client_cert.registry.certificate_location = None;
+    no_client_cert.registry.key_location = None;
+    // Without the private CA the server's certificate is not trusted.
+    let mut no_ca = s.clone();
+    no_ca.registry.ca_location = None;
+    for (what, settings) in [("no client certificate", no_client_cert), ("no CA", no_ca)] {
+        let err = probe_registry(&settings).await.unwrap_err();
+        let RegistryProblem::Refused(message) = &err else {
+            panic!("{what}: a TLS refusal must end start-up: {err}");
+        };
+        assert!(
+            message.contains("TLS with the schema registry"),
+            "{what}: {message}"
+        );
+    }
+
+    // A key that is not PKCS#8 PEM is refused when the client is built, naming both files.
+    let mut bad_key = s.clone();
+    bad_key.registry.key_location = Some(pki.path("ca.pem"));
+    let err = bad_key.registry.client().unwrap_err().to_string();
+    assert!(
+        err.contains("registry.key_location") && err.contains("ca.pem"),
+        "{err}"
+    );
+}

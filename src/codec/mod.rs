@@ -153,7 +153,10 @@ pub struct Codec {
 }
 
 /// Builds registry client settings for `url` with a bounded request timeout, so an
-/// unresponsive registry surfaces as a transient error instead of a hang.
+/// unresponsive registry surfaces as a transient error instead of a hang. No credentials and
+/// no TLS settings: the service builds its client from `[registry]` with
+/// [`crate::config::RegistrySettings::client`]; this is for the embedded registry (tests,
+/// benchmark).
 pub fn registry_settings(url: &str, timeout: Duration) -> Result<SrSettings, DecodeError> {
     SrSettings::new_builder(url.to_owned())
         .set_timeout(timeout)

@@ -6,13 +6,27 @@
 //! offsets are never used. The PostgreSQL read is async; the callback runs on a tokio worker
 //! thread inside `recv()`, so it uses `block_in_place` (the service requires the multi-thread
 //! runtime) and retries until the database answers or shutdown is requested.
+//!
+//! Both rebalance protocols are handled. **Eager** (the default, `roundrobin`): every
+//! rebalance revokes everything and assigns the new set, each at its stored offset; the
+//! assignment generation is bumped and the batch being collected is dropped whole (its
+//! records are read again by whoever owns them now). **Cooperative**
+//! (`partition.assignment.strategy = "cooperative-sticky"`): a rebalance only adds or takes
+//! away the partitions that move. Added ones are `incremental_assign`ed at their stored
+//! offsets; revoked ones are `incremental_unassign`ed and listed in
+//! [`Assignment::revoked`], from which the consumer loop drops their records from the batch
+//! being collected before it accepts another record or commits. Partitions that stay keep
+//! their fetch position *and* their records in the batch, so the generation is not bumped:
+//! dropping those records would lose them (they are not delivered again). Either way the
+//! offset compare-and-set rejects a batch that still covers a partition someone else
+//! committed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -26,8 +40,16 @@ pub struct Assignment {
     /// Assigned partitions and the stored `next_offset` the next batch must compare-and-set
     /// against (`None`: never committed).
     pub partitions: HashMap<TopicPartition, Option<i64>>,
-    /// Bumped on every assign/revoke; a batch built under an older generation is dropped.
+    /// Bumped on every eager assign/revoke (and every repositioning); a batch built under
+    /// an older generation is dropped whole. Cooperative rebalances leave it alone.
     pub generation: u64,
+    /// Set by the first assignment (possibly empty): the instance has joined the group.
+    pub joined: bool,
+    /// Partitions revoked by a cooperative rebalance whose records the batch being
+    /// collected must drop; taken by the consumer loop.
+    pub revoked: Vec<TopicPartition>,
+    /// Whether the group uses the cooperative protocol (as of the last rebalance).
+    pub cooperative: bool,
 }
 
 /// The consumer context: owns the rebalance decision.
@@ -62,6 +84,10 @@ impl ConsumerContext for RebalanceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<TopicPartition> = tpl
@@ -71,7 +97,11 @@ impl ConsumerContext for RebalanceContext {
                     .collect();
                 let Some(stored) = self.load_offsets_blocking(&partitions) else {
                     // Shutting down before the database answered: take nothing.
-                    self.apply(consumer, HashMap::new(), None, "error");
+                    if cooperative {
+                        self.unassign_all(consumer);
+                    } else {
+                        self.apply(consumer, HashMap::new(), None, "error");
+                    }
                     return;
                 };
                 let mut positioned = TopicPartitionList::new();
@@ -85,10 +115,14 @@ impl ConsumerContext for RebalanceContext {
                         tracing::error!(topic = %tp.0, partition = tp.1, error = %e, "cannot position partition; the consumer retries the assignment");
                         position_error = Some(format!("cannot position {}[{}]: {e}", tp.0, tp.1));
                     }
-                    tracing::info!(topic = %tp.0, partition = tp.1, start = ?offset, "assigned partition at its stored offset");
+                    tracing::info!(topic = %tp.0, partition = tp.1, start = ?offset, cooperative, "assigned partition at its stored offset");
                     owned.insert(tp, offset);
                 }
-                self.apply(consumer, owned, Some(&positioned), "assign");
+                if cooperative {
+                    self.add(consumer, owned, &positioned);
+                } else {
+                    self.apply(consumer, owned, Some(&positioned), "assign");
+                }
                 if position_error.is_some() {
                     self.progress.positioning(position_error);
                 }
@@ -96,20 +130,31 @@ impl ConsumerContext for RebalanceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(
                     partitions = tpl.count(),
+                    cooperative,
+                    lost = consumer.assignment_lost(),
                     "partitions revoked; in-flight work for them is dropped"
                 );
-                self.apply(consumer, HashMap::new(), None, "revoke");
+                if cooperative {
+                    self.remove(consumer, tpl);
+                } else {
+                    self.apply(consumer, HashMap::new(), None, "revoke");
+                }
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; unassigning everything");
-                self.apply(consumer, HashMap::new(), None, "error");
+                if cooperative {
+                    self.unassign_all(consumer);
+                } else {
+                    self.apply(consumer, HashMap::new(), None, "error");
+                }
             }
         }
     }
 }
 
 impl RebalanceContext {
-    /// Records the new assignment, then hands it to librdkafka (or unassigns).
+    /// Records the new assignment, then hands it to librdkafka (or unassigns). Eager
+    /// protocol: the whole assignment changes and the generation with it.
     fn apply(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -122,15 +167,78 @@ impl RebalanceContext {
             crate::metrics::rebalance(kind, a.partitions.keys(), owned.keys());
             a.partitions = owned;
             a.generation += 1;
+            a.revoked.clear();
+            a.cooperative = false;
+            a.joined |= kind == "assign";
         }
         self.progress.reassigned();
         let result: KafkaResult<()> = match tpl {
             Some(tpl) => consumer.assign(tpl),
             None => consumer.unassign(),
         };
+        self.assigned(result, tpl.is_some(), kind);
+    }
+
+    /// Cooperative protocol: adds `owned` (positioned in `tpl` at their stored offsets) to
+    /// the assignment. The batch being collected stays valid: its partitions keep going.
+    fn add(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        owned: HashMap<TopicPartition, Option<i64>>,
+        tpl: &TopicPartitionList,
+    ) {
+        {
+            let mut a = self.assignment.lock().expect("assignment lock");
+            let mut after: HashMap<TopicPartition, Option<i64>> = a.partitions.clone();
+            after.extend(owned);
+            crate::metrics::rebalance("assign", a.partitions.keys(), after.keys());
+            a.partitions = after;
+            a.cooperative = true;
+            a.joined = true;
+        }
+        self.progress.reassigned();
+        self.assigned(consumer.incremental_assign(tpl), true, "assign");
+    }
+
+    /// Cooperative protocol: takes the partitions of `tpl` away; the consumer loop drops
+    /// their records from the batch being collected (see [`Assignment::revoked`]).
+    fn remove(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        {
+            let mut a = self.assignment.lock().expect("assignment lock");
+            let mut after = a.partitions.clone();
+            for e in tpl.elements() {
+                let tp = (e.topic().to_owned(), e.partition());
+                after.remove(&tp);
+                a.revoked.push(tp);
+            }
+            crate::metrics::rebalance("revoke", a.partitions.keys(), after.keys());
+            a.partitions = after;
+            a.cooperative = true;
+        }
+        self.progress.reassigned();
+        self.assigned(consumer.incremental_unassign(tpl), false, "revoke");
+    }
+
+    /// Cooperative protocol: gives up every partition (rebalance error, shutdown during an
+    /// assignment); `assign(NULL)` is refused under this protocol.
+    fn unassign_all(&self, consumer: &BaseConsumer<Self>) {
+        match consumer.assignment() {
+            Ok(current) => self.remove(consumer, &current),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the current assignment to give it up");
+                let mut a = self.assignment.lock().expect("assignment lock");
+                let all: Vec<TopicPartition> = a.partitions.keys().cloned().collect();
+                a.revoked.extend(all);
+                a.partitions.clear();
+            }
+        }
+    }
+
+    /// Reports the outcome of handing an assignment to librdkafka.
+    fn assigned(&self, result: KafkaResult<()>, assigning: bool, kind: &'static str) {
         match result {
             Ok(()) => {
-                if tpl.is_some() {
+                if assigning {
                     self.progress.positioning(None);
                 }
             }
@@ -139,7 +247,7 @@ impl RebalanceContext {
                 // at the stored offsets until it succeeds.
                 crate::metrics::positioning_error("assign");
                 tracing::error!(error = %e, kind, "applying the assignment failed; the consumer retries it");
-                if tpl.is_some() {
+                if assigning {
                     self.progress
                         .positioning(Some(format!("assign at the stored offsets failed: {e}")));
                 }

@@ -68,8 +68,9 @@ struct Pending {
     batch: Batch,
     /// Index of each partition in `batch.progress`.
     index: HashMap<(usize, i32), usize>,
-    /// Broker timestamps, for end-to-end latency after the commit.
-    timestamps: Vec<i64>,
+    /// Broker timestamps, for end-to-end latency after the commit, with their partition
+    /// (a cooperative revocation drops a partition's records).
+    timestamps: Vec<(i64, (usize, i32))>,
     /// Assignment generation the batch was built under.
     generation: u64,
     /// When the first record arrived (linger deadline base).
@@ -208,6 +209,11 @@ impl ConsumerLoop {
                         let m = m.detach();
                         self.accept(&mut pending, &topics, m, &shutdown).await;
                     }
+                    Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                        // librdkafka gives up on a fatal error (e.g. another instance joined
+                        // with this group.instance.id): the consumer never fetches again.
+                        anyhow::bail!("stopping: the Kafka consumer failed fatally: {e}");
+                    }
                     Err(e) => {
                         crate::metrics::transient_error("broker");
                         // Rate limited like librdkafka's own reports of the same outage.
@@ -237,6 +243,8 @@ impl ConsumerLoop {
         topics: &[String],
         shutdown: &'s CancellationToken,
     ) -> Option<InFlight<'s>> {
+        // Records of partitions revoked incrementally (cooperative protocol) leave first.
+        self.forget_revoked(pending, topics);
         let generation = self.generation();
         let mut next = Pending::new(topics, generation);
         let taken = std::mem::replace(pending, Pending::new(topics, generation));
@@ -258,6 +266,56 @@ impl ConsumerLoop {
         self.assignment.lock().expect("assignment lock").generation
     }
 
+    /// Drops from the batch being collected every record of the partitions a cooperative
+    /// rebalance took away since the last call (their new owner starts at the stored
+    /// offset). The records of the partitions this instance keeps stay: they will not be
+    /// delivered again.
+    fn forget_revoked(&self, pending: &mut Pending, topics: &[String]) {
+        let revoked = std::mem::take(&mut self.assignment.lock().expect("assignment lock").revoked);
+        if revoked.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<(usize, i32)> = (revoked.iter())
+            .filter_map(|(t, p)| Some((topics.iter().position(|x| x == t)?, *p)))
+            .collect();
+        // A partition assigned again later starts from its stored offset, not from the end
+        // of a batch in flight when it was revoked.
+        pending.bases.retain(|tp, _| !gone.contains(tp));
+        if pending.batch.is_empty() {
+            return;
+        }
+        let before = pending.batch.record_count();
+        let keep = |s: &crate::store::Source| !gone.contains(&(s.topic, s.partition));
+        let batch = &mut pending.batch;
+        batch.progress.retain(|p| {
+            let idx = topics.iter().position(|t| *t == p.topic);
+            !idx.is_some_and(|i| gone.contains(&(i, p.partition)))
+        });
+        batch.payments.retain(|(_, s)| keep(s));
+        batch.settlements.retain(|(_, s)| keep(s));
+        batch.dead_letters.retain(|d| keep(&d.source));
+        batch.raw.retain(|s, _| keep(s));
+        pending.timestamps.retain(|(_, tp)| !gone.contains(tp));
+        pending.index = (batch.progress.iter().enumerate())
+            .filter_map(|(i, p)| {
+                let t = topics.iter().position(|x| *x == p.topic)?;
+                Some(((t, p.partition), i))
+            })
+            .collect();
+        let dropped = before - batch.record_count();
+        if dropped > 0 {
+            tracing::info!(
+                records = dropped,
+                kept = batch.record_count(),
+                "dropping the records of revoked partitions from the batch being collected"
+            );
+        }
+        if batch.is_empty() {
+            pending.started = None;
+            self.progress.dropped();
+        }
+    }
+
     /// Adds one message to the batch (decoding it), after checking it is still ours.
     async fn accept(
         &self,
@@ -266,6 +324,7 @@ impl ConsumerLoop {
         m: OwnedMessage,
         shutdown: &CancellationToken,
     ) {
+        self.forget_revoked(pending, topics);
         let generation = self.generation();
         if generation != pending.generation {
             // A rebalance happened while the batch was collected: its partitions were
@@ -344,7 +403,7 @@ impl ConsumerLoop {
             }
         }
         if let Some(ts) = broker_ts {
-            pending.timestamps.push(ts);
+            pending.timestamps.push((ts, (topic_idx, m.partition())));
         }
         if pending.started.is_none() {
             // The batch's first record: from now on something waits to be committed.
@@ -480,7 +539,7 @@ impl ConsumerLoop {
     fn after_commit(
         &self,
         batch: &Batch,
-        timestamps: &[i64],
+        timestamps: &[(i64, (usize, i32))],
         outcome: crate::store::CommitOutcome,
         commit_time: Duration,
         decode_time: Duration,
@@ -511,7 +570,7 @@ impl ConsumerLoop {
             .unwrap_or_default();
         let latencies: Vec<Duration> = timestamps
             .iter()
-            .map(|ts| Duration::from_millis((now_ms - ts).max(0) as u64))
+            .map(|(ts, _)| Duration::from_millis((now_ms - ts).max(0) as u64))
             .collect();
         for l in &latencies {
             crate::metrics::end_to_end(*l);
@@ -634,7 +693,23 @@ impl ConsumerLoop {
             }
         }
         let mut a = self.assignment.lock().expect("assignment lock");
-        match self.consumer.assign(&tpl) {
+        let result = if a.cooperative {
+            // assign() is refused under the cooperative protocol: give the partitions back
+            // to librdkafka and take them again at the stored offsets.
+            let current = self.consumer.assignment().unwrap_or_default();
+            let mut ours = TopicPartitionList::new();
+            for e in current.elements() {
+                if partitions.contains(&(e.topic().to_owned(), e.partition())) {
+                    let _ = ours.add_partition(e.topic(), e.partition());
+                }
+            }
+            self.consumer
+                .incremental_unassign(&ours)
+                .and_then(|()| self.consumer.incremental_assign(&tpl))
+        } else {
+            self.consumer.assign(&tpl)
+        };
+        match result {
             Ok(()) => {
                 for tp in partitions {
                     let offset = stored.get(&tp).copied();

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use range::{Mode, PartitionRange, Topics};
 
-use crate::codec::{Codec, registry_settings};
+use crate::codec::Codec;
 use crate::config::Settings;
 use crate::reference::ReferenceCache;
 use crate::store::{Reconciler, Store};
@@ -372,8 +372,7 @@ impl Job<'_> {
             range::plan(&consumer, input_topics, self.requested, &committed)?
         };
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
-        let sr = registry_settings(&settings.registry.url, settings.registry.request_timeout)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sr = settings.registry.client()?;
         let codec = Codec::new(sr).with_limits(settings.validation.limits());
         // Reference data from the live database: its versions are temporal, so lookups as of
         // each event's time give what the service got.

@@ -3,8 +3,11 @@
 //! real `payrecon` binary as child processes where crashes are part of the scenario.
 
 mod helpers;
+#[path = "../support/registry_gate.rs"]
+mod registry_gate;
 
 mod bad_input;
+mod cooperative;
 mod crash;
 mod fencing;
 mod frozen;
