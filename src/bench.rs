@@ -2,7 +2,9 @@
 //! they can be compared as ratios on a shared, noisy machine.
 //!
 //! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
-//!    no decoding): the most the database path can take.
+//!    no decoding): the most the database path can take; with PostgreSQL's row writes per
+//!    record (`pg_stat_user_tables`, HOT updates) and, when `pg_stat_statements` is preloaded,
+//!    the statements that took the time.
 //! 2. End-to-end: a backlog produced into the embedded Kafka, then consumed by the real
 //!    service loop (decode + validate + batch transaction); records/s from first to last
 //!    commit.
@@ -13,6 +15,10 @@
 //! 5. Hostile: the end-to-end run again on the same backlog with one hostile record after
 //!    every `--hostile-every` (default 10,000), each class in turn, one of them refused only
 //!    by PostgreSQL; records/s and the ratio to the clean end-to-end figure.
+//! 6. Ingestion only: the end-to-end run again with `reconciliation.enabled = false`
+//!    (`--ingestion false` skips it).
+//! 7. Scale-out: the backlog consumed by 1, 2 and 3 instances of one group on the same
+//!    PostgreSQL (`--instances`), total records/s and the row-lock waits seen in `pg_locks`.
 //!
 //! `--reference-versions N` measures only the reference-data cache instead: the process's
 //! memory with N merchant versions loaded, the load time and the lookup rate.
