@@ -41,6 +41,7 @@ use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{Batch, PartitionProgress, Source, Store};
 
 mod pgstats;
+mod rolling;
 mod scale;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -66,6 +67,11 @@ pub struct BenchOptions {
     /// false` (decode, validate, insert-or-ignore, running totals, offsets).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ingestion: bool,
+    /// Measure only the pause of a steady stream (`--rate` records/s) while 3 instances of
+    /// one group are restarted one after the other, with the eager and the cooperative-sticky
+    /// protocol.
+    #[arg(long)]
+    pub rolling_restart: bool,
     /// The scale-out stage: the backlog consumed by this many instances of one group on the
     /// same PostgreSQL, each count in turn (total records/s and row-lock waits); empty skips.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
@@ -83,6 +89,7 @@ pub struct BenchOptions {
 pub enum BenchOutcome {
     Pipeline(BenchReport),
     Reference(ReferenceReport),
+    Rolling(Vec<rolling::RollingRestart>),
 }
 
 /// One run's figures.
@@ -163,6 +170,9 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         return Ok(BenchOutcome::Reference(
             reference_cache(&admin, versions).await?,
         ));
+    }
+    if o.rolling_restart {
+        return rolling_restart(settings, &admin, &o).await;
     }
     let sim = SimulationOptions {
         payments: o.payments,
@@ -404,6 +414,51 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
     println!("{}", serde_json::to_string(&report)?);
     Ok(BenchOutcome::Pipeline(report))
+}
+
+/// `payrecon bench --rolling-restart`: the stream's pause while 3 instances are restarted in
+/// turn, eager protocol then cooperative-sticky, on the embedded broker and registry.
+async fn rolling_restart(
+    mut settings: Settings,
+    admin: &PgConnectOptions,
+    o: &BenchOptions,
+) -> anyhow::Result<BenchOutcome> {
+    let cluster = MockCluster::new(1)?;
+    let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
+        storage: crate::registry::Storage::Memory,
+    })
+    .await?;
+    settings.kafka.bootstrap_servers = cluster.bootstrap_servers();
+    settings.registry.url = registry_url;
+    settings.http.listen = "127.0.0.1:0".parse()?;
+    let sim = SimulationOptions {
+        malformed: 0,
+        ..SimulationOptions::default()
+    };
+    println!(
+        "payrecon bench --rolling-restart: 3 instances, each stopped and replaced in turn, {} records/s offered, {} partitions/topic",
+        o.rate, o.partitions
+    );
+    let mut runs = Vec::new();
+    for cooperative in [false, true] {
+        let run = rolling::run_with(
+            settings.clone(),
+            admin,
+            &cluster,
+            &sim,
+            o.partitions,
+            o.rate,
+            cooperative,
+        )
+        .await?;
+        println!(
+            "{:<20} longest pause without a commit {:>6} ms; latency during the restarts p99 {} ms, max {} ms",
+            run.protocol, run.longest_pause_ms, run.p99_ms, run.max_ms
+        );
+        runs.push(run);
+    }
+    println!("{}", serde_json::to_string(&runs)?);
+    Ok(BenchOutcome::Rolling(runs))
 }
 
 /// The reference-data cache's figures.
