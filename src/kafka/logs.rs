@@ -49,6 +49,11 @@ impl Throttle {
 
     /// A librdkafka log line, at its level, rate limited per facility and text shape.
     pub fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let level = if mirror_commit_refused(message) {
+            RDKafkaLogLevel::Debug
+        } else {
+            level
+        };
         let key = format!("{fac}:{}", shape(message));
         let Some(held) = self.admit(key, Instant::now()) else {
             return;
@@ -73,6 +78,9 @@ impl Throttle {
     }
 
     /// A librdkafka error callback, rate limited per error; end of partition at DEBUG.
+    ///
+    /// (Offset commits the broker refuses during a rebalance are logged by [`Self::log`] at
+    /// DEBUG: see [`mirror_commit_refused`].)
     pub fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error,
@@ -91,6 +99,15 @@ impl Throttle {
 /// The text with digits removed, so "after 5002ms" and "after 5003ms" are one report.
 fn shape(text: &str) -> String {
     text.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+/// An offset commit to Kafka the group coordinator refused because a rebalance is in
+/// progress. payrecon commits offsets to Kafka only as a mirror for lag tools (PostgreSQL holds
+/// the offsets it reads), and the next batch's mirror commit carries the same positions, so
+/// this is normal during every rebalance and not worth a warning.
+fn mirror_commit_refused(message: &str) -> bool {
+    message.contains("Offset commit")
+        && (message.contains("rebalance in progress") || message.contains("REBALANCE_IN_PROGRESS"))
 }
 
 #[cfg(test)]
@@ -115,5 +132,16 @@ mod tests {
         assert_eq!(t.admit("other".into(), t0), Some(0));
         assert_eq!(t.admit(key(), t0 + INTERVAL), Some(12));
         assert_eq!(t.admit(key(), t0 + INTERVAL + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn mirror_commits_refused_during_a_rebalance_are_not_warnings() {
+        assert!(super::mirror_commit_refused(
+            "Offset commit (manual) failed for 3/3 partition(s) in join-state steady: Broker: Group rebalance in progress: t[1]@2017(Broker: Group rebalance in progress)"
+        ));
+        assert!(!super::mirror_commit_refused(
+            "Offset commit (manual) failed: Broker: Not coordinator"
+        ));
+        assert!(!super::mirror_commit_refused("Group rebalance in progress"));
     }
 }

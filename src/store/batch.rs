@@ -889,8 +889,12 @@ async fn advance_offsets(
     progress: &[PartitionProgress],
     max_times: &HashMap<(&str, i32), DateTime<Utc>>,
 ) -> Result<(), CommitError> {
+    // In one key order: a zombie's batch and the new owner's may cover the same partitions
+    // during a rebalance, and rows locked in the order records arrived could deadlock.
+    let mut sorted: Vec<&PartitionProgress> = progress.iter().collect();
+    sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
     let (known, new): (Vec<&PartitionProgress>, Vec<&PartitionProgress>) =
-        progress.iter().partition(|p| p.expected.is_some());
+        sorted.into_iter().partition(|p| p.expected.is_some());
     let cols = |ps: &[&PartitionProgress]| {
         (
             ps.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(),
