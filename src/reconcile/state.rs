@@ -117,8 +117,10 @@ pub struct ItemState {
     pub expected_gross: Decimal,
     pub expected_fee: Decimal,
     /// The first event (in order) no rate converted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_rate: Option<MissingRate>,
     /// Per event currency other than the pricing currency.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rates: Vec<RatesSeen>,
     pub events: u32,
     pub captures: u32,
@@ -128,6 +130,7 @@ pub struct ItemState {
     pub capture_lines: u32,
     pub last_line: Option<DateTime<Utc>>,
     pub settled: LineSums,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub foreign_line: Option<ForeignLine>,
 }
 
