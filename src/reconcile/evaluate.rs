@@ -131,8 +131,7 @@ pub fn evaluate(
     }
     let given = Given { terms, events };
     let records: Vec<&PaymentEvent> = events.iter().map(|e| e.event).collect();
-    let state = super::state::fold(None, &records, lines, &given)
-        .expect("a fold from nothing always applies");
+    let state = super::state::recompute(&records, lines, &given);
     super::state::verdict(&state, terms, watermark)
 }
 

@@ -92,6 +92,6 @@ pub mod watermark;
 
 pub use evaluate::{Amounts, Evaluation, MissingData, PricedEvent, Terms, Tolerance, evaluate};
 pub use rules::{Priced, Rules};
-pub use state::{Bucket, ItemState, ReferenceData, fold, judge};
+pub use state::{Bucket, ItemState, ReferenceData, fold, judge, recompute};
 pub use status::{Status, Transition, transition};
 pub use watermark::{ClockRules, GroupWatermark, LogEnd, PartitionClock, TopicClock};

@@ -319,6 +319,16 @@ pub fn fold(
     Some(s)
 }
 
+/// The state of a reference from all of its records at once: the full recomputation every
+/// fold must agree with (a fold from nothing always applies).
+pub fn recompute(
+    events: &[&PaymentEvent],
+    lines: &[&SettlementLine],
+    data: &impl ReferenceData,
+) -> ItemState {
+    fold(None, events, lines, data).expect("a fold from nothing always applies")
+}
+
 /// Adds one event, converted at `rate` and rounded, to the expected sums.
 fn price(s: &mut ItemState, e: &PaymentEvent, rate: Decimal, pricing: &Pricing) {
     let gross = round(e.signed_amount() * rate, pricing.currency);

@@ -24,7 +24,7 @@ use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use crate::reconcile::watermark::group_watermark;
 use crate::reconcile::{
     Bucket, ClockRules, Evaluation, GroupWatermark, ItemState, LogEnd, PartitionClock, Priced,
-    Rules, Status, TopicClock, fold, judge, transition,
+    Rules, Status, TopicClock, fold, judge, recompute, transition,
 };
 use crate::reference::{ReferenceCache, Snapshot};
 
@@ -715,7 +715,7 @@ async fn judge_targets<'t>(
             };
             let events: Vec<&PaymentEvent> = events.iter().collect();
             let lines: Vec<&SettlementLine> = lines.iter().collect();
-            let state = fold(None, &events, &lines, &data).expect("a fold from nothing applies");
+            let state = recompute(&events, &lines, &data);
             states.push((reference, state));
         }
     }
@@ -1052,7 +1052,7 @@ pub(super) fn judge_records(
     };
     let events: Vec<&PaymentEvent> = events.iter().collect();
     let lines: Vec<&SettlementLine> = lines.iter().collect();
-    let state = fold(None, &events, &lines, &data).expect("a fold from nothing applies");
+    let state = recompute(&events, &lines, &data);
     let (evaluation, bucket) = judge(&state, &data, who.watermark);
     (state, evaluation, bucket)
 }
