@@ -77,6 +77,24 @@ async fn a_frozen_member_cannot_commit_its_stale_batch_when_it_resumes() {
     );
     let healthy = fx.spawn_service("healthy", &[]);
     let producing = fx.produce_in_background(records, encoder, 1_500);
+    // Both members own partitions first: frozen in the middle of the group's first
+    // rebalance (revoked, not yet re-assigned), the zombie would hold no batch at all.
+    wait_for(
+        Duration::from_secs(60),
+        "both members to own partitions",
+        || async {
+            let mut owned = true;
+            for s in [&zombie, &healthy] {
+                owned &= s
+                    .metric("payrecon_assigned_partitions", &[])
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0;
+            }
+            owned
+        },
+    )
+    .await;
     wait_for(
         Duration::from_secs(30),
         "the zombie to commit a batch",
