@@ -169,11 +169,9 @@ pub async fn run(
     tracing::info!(database = %settings.database.redacted_url(), brokers = %redact_url(&settings.kafka.bootstrap_servers), group = %settings.kafka.group_id, registry = %redact_url(&settings.registry.url), group_instance_id = ?settings.kafka.group_instance_id, "starting payrecon");
     // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
+    let input_topics = settings.kafka.input_topic_names();
     crate::metrics::register_zeroes(
-        &[
-            &settings.kafka.payments_topic,
-            &settings.kafka.settlements_topic,
-        ],
+        &input_topics.iter().map(String::as_str).collect::<Vec<_>>(),
         &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
     );
     let listener = tokio::net::TcpListener::bind(settings.http.listen)
@@ -266,12 +264,10 @@ async fn start_and_consume(
         pause(&mut backoff, settings, stop, "reference data loaded").await?;
     }
     let input_partitions = loop {
+        let topics = settings.kafka.input_topic_names();
         match crate::kafka::partition_count(
             &settings.kafka.client_config(),
-            &[
-                &settings.kafka.payments_topic,
-                &settings.kafka.settlements_topic,
-            ],
+            &topics.iter().map(String::as_str).collect::<Vec<_>>(),
         ) {
             Ok(n) => break n,
             Err(e) => {
@@ -292,7 +288,8 @@ async fn start_and_consume(
         cache.clone(),
         Some(input_partitions),
     )
-    .with_log_ends(log_ends.clone());
+    .with_log_ends(log_ends.clone())
+    .with_payout_leg(!settings.kafka.payouts_topic.is_empty());
     let consumer = ConsumerLoop::new(
         settings,
         store.clone(),

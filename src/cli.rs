@@ -450,16 +450,15 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
             let codec = crate::codec::Codec::new(sr).with_limits(settings.validation.limits());
             let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
             cache.reload(&store).await?;
-            let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None);
+            let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None)
+                .with_payout_leg(!settings.kafka.payouts_topic.is_empty());
             let (mut applied, mut failing) = (0, 0);
             for (id, topic, partition, offset, payload, broker_time) in
                 store.open_dead_letters(&ids).await?
             {
-                let stream = if topic == settings.kafka.settlements_topic {
-                    crate::codec::Stream::Settlements
-                } else {
-                    crate::codec::Stream::Payments
-                };
+                let stream = (settings.kafka.input_topics().into_iter())
+                    .find(|(_, t)| *t == topic)
+                    .map_or(crate::codec::Stream::Payments, |(s, _)| s);
                 match codec.decode(stream, payload.as_deref(), broker_time).await {
                     Ok(record) => {
                         let result = store

@@ -126,6 +126,10 @@ pub struct KafkaSettings {
     pub group_id: String,
     pub payments_topic: String,
     pub settlements_topic: String,
+    /// Bank statement lines (payouts), the third leg; empty: the payout leg is off (only
+    /// payments and settlements are consumed).
+    #[serde(default)]
+    pub payouts_topic: String,
     /// How long the group waits for a silent member before moving its partitions.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
@@ -153,6 +157,27 @@ pub struct KafkaSettings {
     pub options: BTreeMap<String, String>,
 }
 
+impl KafkaSettings {
+    /// The input topics with the stream each carries, in topic-index order (the index a
+    /// batch's records refer to): payments, settlements, then payouts when configured.
+    pub fn input_topics(&self) -> Vec<(crate::codec::Stream, String)> {
+        use crate::codec::Stream;
+        let mut out = vec![
+            (Stream::Payments, self.payments_topic.clone()),
+            (Stream::Settlements, self.settlements_topic.clone()),
+        ];
+        if !self.payouts_topic.is_empty() {
+            out.push((Stream::Payouts, self.payouts_topic.clone()));
+        }
+        out
+    }
+
+    /// The input topic names, in topic-index order.
+    pub fn input_topic_names(&self) -> Vec<String> {
+        self.input_topics().into_iter().map(|(_, t)| t).collect()
+    }
+}
+
 impl std::fmt::Debug for KafkaSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let options: BTreeMap<&str, &str> = (self.options.iter())
@@ -166,6 +191,7 @@ impl std::fmt::Debug for KafkaSettings {
             .field("group_id", &self.group_id)
             .field("payments_topic", &self.payments_topic)
             .field("settlements_topic", &self.settlements_topic)
+            .field("payouts_topic", &self.payouts_topic)
             .field("session_timeout", &self.session_timeout)
             .field("max_poll_interval", &self.max_poll_interval)
             .field("static_membership", &self.static_membership)
@@ -256,6 +282,16 @@ pub struct ReconciliationSettings {
     /// How long after a settlement line its payment event may still arrive.
     #[serde(with = "humantime_serde")]
     pub payment_deadline: Duration,
+    /// How long after a settlement batch's last line its payout may still arrive on the bank
+    /// statement (and how long an unexplained credit waits for its batch).
+    #[serde(with = "humantime_serde")]
+    pub payout_deadline: Duration,
+    /// Absolute tolerance between a batch's net total and its payouts (a decimal string).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub payout_tolerance_abs: rust_decimal::Decimal,
+    /// Relative tolerance of the payout leg as a fraction of the batch's net total.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub payout_tolerance_rel: rust_decimal::Decimal,
     /// A partition's highest event time counts in the watermark minus this (how late a
     /// record may arrive and still be in time).
     #[serde(with = "humantime_serde")]
@@ -604,9 +640,10 @@ impl Settings {
             (16..=2000).contains(&self.validation.max_id_bytes),
             "invalid configuration: validation.max_id_bytes must be between 16 and 2000 (a btree entry holds about 2700 bytes)"
         );
+        let topics = self.kafka.input_topic_names();
         anyhow::ensure!(
-            self.kafka.payments_topic != self.kafka.settlements_topic,
-            "invalid configuration: kafka.payments_topic and kafka.settlements_topic must differ"
+            topics.iter().collect::<std::collections::BTreeSet<_>>().len() == topics.len(),
+            "invalid configuration: kafka.payments_topic, kafka.settlements_topic and kafka.payouts_topic must differ"
         );
         self.registry.check()?;
         for key in self.kafka.options.keys() {

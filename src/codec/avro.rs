@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 
 use super::{DecodeError, PoisonKind, Stream};
 use crate::domain::{
-    Currency, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine,
+    Currency, BankPayout, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine,
 };
 
 /// Scale used when *writing* decimals; matches `precision 18, scale 4` in `schemas/`.
@@ -79,6 +79,18 @@ pub(super) fn to_record(
             settlement_date: r.date("settlement_date").map_err(invalid)?,
             event_time: r.timestamp("event_time").map_err(invalid)?,
         })),
+        Stream::Payouts if has("statement_line_id") => Ok(Record::Payout(BankPayout {
+            statement_line_id: r.string("statement_line_id").map_err(invalid)?,
+            account_id: r.string("account_id").map_err(invalid)?,
+            value_date: r.date("value_date").map_err(invalid)?,
+            amount: r.decimal("amount").map_err(invalid)?,
+            currency: r.currency("currency").map_err(invalid)?,
+            // As printed, less surrounding spaces (statements pad fixed-width fields).
+            batch_reference: (r.optional_string("batch_reference").map_err(invalid)?)
+                .map(|s| s.trim().to_owned()),
+            description: r.optional_string("description").map_err(invalid)?.unwrap_or_default(),
+            event_time: r.timestamp("event_time").map_err(invalid)?,
+        })),
         _ => Err(DecodeError::Poison {
             kind: PoisonKind::WrongRecordType,
             message: format!(
@@ -88,10 +100,7 @@ pub(super) fn to_record(
                     .map(|(n, _)| n.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
-                match stream {
-                    Stream::Payments => "PaymentEvent",
-                    Stream::Settlements => "SettlementLine",
-                }
+                stream.record_name()
             ),
         }),
     }
@@ -292,6 +301,36 @@ pub fn settlement_to_value(s: &SettlementLine) -> Value {
         (
             "event_time".into(),
             Value::TimestampMillis(s.event_time.timestamp_millis()),
+        ),
+    ])
+}
+
+/// The Avro value of a bank statement line in the shipped schema's field order.
+pub fn payout_to_value(b: &BankPayout) -> Value {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid epoch");
+    Value::Record(vec![
+        (
+            "statement_line_id".into(),
+            Value::String(b.statement_line_id.clone()),
+        ),
+        ("account_id".into(), Value::String(b.account_id.clone())),
+        (
+            "value_date".into(),
+            Value::Date((b.value_date - epoch).num_days() as i32),
+        ),
+        ("amount".into(), decimal_value(b.amount)),
+        ("currency".into(), Value::String(b.currency.code().into())),
+        (
+            "batch_reference".into(),
+            match &b.batch_reference {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
+            },
+        ),
+        ("description".into(), Value::String(b.description.clone())),
+        (
+            "event_time".into(),
+            Value::TimestampMillis(b.event_time.timestamp_millis()),
         ),
     ])
 }

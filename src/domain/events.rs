@@ -76,11 +76,31 @@ pub struct SettlementLine {
     pub event_time: DateTime<Utc>,
 }
 
+/// One line of the merchant's bank statement, as published on `payments.payouts`: the money
+/// an acquirer paid out for a settlement batch (or took back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BankPayout {
+    /// Idempotency key: a re-delivered statement line with the same id changes nothing.
+    pub statement_line_id: String,
+    pub account_id: String,
+    pub value_date: NaiveDate,
+    /// Signed: positive for a credit, negative for a debit.
+    pub amount: Decimal,
+    pub currency: Currency,
+    /// The settlement batch id as printed on the statement (surrounding spaces trimmed by
+    /// the codec); `None` when the statement carries none.
+    pub batch_reference: Option<String>,
+    /// Free text, for people; never matched on.
+    pub description: String,
+    pub event_time: DateTime<Utc>,
+}
+
 /// A decoded, validated input record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     Payment(PaymentEvent),
     Settlement(SettlementLine),
+    Payout(BankPayout),
 }
 
 /// Why a structurally decodable record can never be applied. The field is named so an
@@ -222,6 +242,25 @@ impl SettlementLine {
                     "net {} is not gross {} minus fee {}",
                     self.net, self.gross, self.fee
                 ),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BankPayout {
+    /// Applies every rule a statement line must satisfy before it is stored.
+    pub fn validate(&self) -> Result<(), InvalidRecord> {
+        non_empty("statement_line_id", &self.statement_line_id)?;
+        non_empty("account_id", &self.account_id)?;
+        if let Some(reference) = &self.batch_reference {
+            non_empty("batch_reference", reference)?;
+        }
+        check_amount("amount", self.amount, self.currency, false)?;
+        if self.amount.is_zero() {
+            return Err(InvalidRecord::Value {
+                field: "amount",
+                detail: "a statement line moves money: zero is not a payout".into(),
             });
         }
         Ok(())

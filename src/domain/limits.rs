@@ -12,7 +12,7 @@
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 
-use super::{InvalidRecord, PaymentEvent, Record, SettlementLine};
+use super::{BankPayout, InvalidRecord, PaymentEvent, Record, SettlementLine};
 
 /// The bounds; [`Limits::default`] fits any real payment system.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,9 @@ impl Default for Limits {
 /// The earliest and latest times and dates any record may carry, whatever its broker
 /// timestamp says: inside PostgreSQL's `timestamptz`/`date` ranges and ISO 8601's four-digit
 /// years, so a record without a broker timestamp can still not break a column.
+/// Longest free text (a statement line's description) in UTF-8 bytes.
+pub const MAX_FREE_TEXT_BYTES: usize = 2000;
+
 fn earliest() -> DateTime<Utc> {
     DateTime::from_timestamp(0, 0).expect("the epoch")
 }
@@ -66,7 +69,55 @@ impl Limits {
         match record {
             Record::Payment(p) => self.check_payment(p, broker_time),
             Record::Settlement(s) => self.check_settlement(s, broker_time),
+            Record::Payout(b) => self.check_payout(b, broker_time),
         }
+    }
+
+    fn check_payout(
+        &self,
+        b: &BankPayout,
+        broker_time: Option<DateTime<Utc>>,
+    ) -> Result<(), InvalidRecord> {
+        self.id("statement_line_id", &b.statement_line_id)?;
+        self.id("account_id", &b.account_id)?;
+        if let Some(reference) = &b.batch_reference {
+            self.id("batch_reference", reference)?;
+        }
+        self.free_text("description", &b.description)?;
+        self.event_time(b.event_time, broker_time)?;
+        self.date("value_date", b.value_date)?;
+        b.validate()
+    }
+
+    /// Free text (a statement's description): any printable text and line breaks, no NUL or
+    /// other control characters, at most [`MAX_FREE_TEXT_BYTES`].
+    fn free_text(&self, field: &'static str, value: &str) -> Result<(), InvalidRecord> {
+        if let Some((at, c)) = (value.char_indices())
+            .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err(InvalidRecord::Text {
+                field,
+                detail: format!("control character U+{:04X} at byte {at}", c as u32),
+            });
+        }
+        if value.len() > MAX_FREE_TEXT_BYTES {
+            return Err(InvalidRecord::TooLong {
+                field,
+                bytes: value.len(),
+                max: MAX_FREE_TEXT_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    fn date(&self, field: &'static str, date: NaiveDate) -> Result<(), InvalidRecord> {
+        if date < earliest().date_naive() || date > latest().date_naive() {
+            return Err(InvalidRecord::EventTime {
+                field,
+                detail: format!("{date} is outside 1970-01-01 ..= 9999-12-31"),
+            });
+        }
+        Ok(())
     }
 
     fn check_payment(
@@ -94,13 +145,7 @@ impl Limits {
         self.id("payment_reference", &s.payment_reference)?;
         self.id("merchant_id", &s.merchant_id)?;
         self.event_time(s.event_time, broker_time)?;
-        let date = s.settlement_date;
-        if date < earliest().date_naive() || date > latest().date_naive() {
-            return Err(InvalidRecord::EventTime {
-                field: "settlement_date",
-                detail: format!("{date} is outside 1970-01-01 ..= 9999-12-31"),
-            });
-        }
+        self.date("settlement_date", s.settlement_date)?;
         s.validate()
     }
 

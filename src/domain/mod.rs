@@ -11,7 +11,7 @@ mod totals;
 
 pub use currency::{Currency, UnknownCurrency};
 pub use events::{
-    InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine, check_amount,
+    BankPayout, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine, check_amount,
 };
 pub use limits::Limits;
 pub use totals::{PaymentTotal, SettlementTotal, Totals};

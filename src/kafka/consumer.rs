@@ -51,8 +51,8 @@ pub struct ConsumerLoop {
     group: String,
     /// `host/pid`, recorded with each commit.
     instance: String,
-    payments_topic: String,
-    settlements_topic: String,
+    /// The input topics and their streams, in topic-index order (`Source::topic`).
+    inputs: Vec<(Stream, String)>,
     max_records: usize,
     linger: Duration,
     initial_backoff: Duration,
@@ -135,11 +135,10 @@ impl ConsumerLoop {
             .consumer_config()
             .create_with_context(context)
             .context("creating the Kafka consumer")?;
+        let inputs = settings.kafka.input_topics();
+        let names: Vec<&str> = inputs.iter().map(|(_, t)| t.as_str()).collect();
         consumer
-            .subscribe(&[
-                &settings.kafka.payments_topic,
-                &settings.kafka.settlements_topic,
-            ])
+            .subscribe(&names)
             .context("subscribing to the input topics")?;
         Ok(ConsumerLoop {
             consumer,
@@ -148,8 +147,7 @@ impl ConsumerLoop {
             reconciler,
             group: settings.kafka.group_id.clone(),
             instance: crate::app::instance_id(),
-            payments_topic: settings.kafka.payments_topic.clone(),
-            settlements_topic: settings.kafka.settlements_topic.clone(),
+            inputs,
             max_records: settings.pipeline.batch_max_records,
             linger: settings.pipeline.batch_linger,
             initial_backoff: settings.pipeline.retry_initial_backoff,
@@ -180,7 +178,7 @@ impl ConsumerLoop {
     /// not commit (fenced), the resync starts a new generation and the next batch is dropped
     /// before it commits, so nothing is applied out of order.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let topics = vec![self.payments_topic.clone(), self.settlements_topic.clone()];
+        let topics: Vec<String> = self.inputs.iter().map(|(_, t)| t.clone()).collect();
         let mut pending = Pending::new(&topics, self.generation());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,11 +344,7 @@ impl ConsumerLoop {
             Accepted::Added => {}
             Accepted::Skipped | Accepted::NotAssigned => return,
         }
-        let stream = if topic_idx == 0 {
-            Stream::Payments
-        } else {
-            Stream::Settlements
-        };
+        let stream = self.inputs[topic_idx].0;
         let source = Source {
             topic: topic_idx,
             partition: m.partition(),
@@ -382,6 +376,10 @@ impl ConsumerLoop {
             Some(Ok(Record::Settlement(s))) => {
                 pending.batch.raw.insert(source, raw());
                 pending.batch.settlements.push((s, source));
+            }
+            Some(Ok(Record::Payout(b))) => {
+                pending.batch.raw.insert(source, raw());
+                pending.batch.payouts.push((b, source));
             }
             Some(Err(DecodeError::Poison { kind, message })) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = kind.as_str(), message = %crate::store::printable(&message, 500), "dead-lettering a record that can never succeed");
@@ -557,6 +555,9 @@ impl ConsumerLoop {
             outcome.settlements_inserted,
             outcome.settlements_duplicates,
         );
+        if let Some(topic) = batch.topics.get(2) {
+            crate::metrics::records(topic, outcome.payouts_inserted, outcome.payouts_duplicates);
+        }
         for d in batch.dead_letters.iter().chain(&outcome.refused) {
             crate::metrics::dead_lettered(&batch.topics[d.source.topic], d.error_kind);
         }
@@ -593,7 +594,9 @@ impl ConsumerLoop {
         if let Some(o) = &self.observer {
             let _ = o.send(LoopEvent::Committed {
                 records,
-                inserted: outcome.payments_inserted + outcome.settlements_inserted,
+                inserted: outcome.payments_inserted
+                    + outcome.settlements_inserted
+                    + outcome.payouts_inserted,
                 dead_letters: outcome.dead_letters,
                 latencies,
             });

@@ -32,10 +32,7 @@ pub async fn measure(
     client: &BaseConsumer,
     store: &Store,
 ) -> anyhow::Result<HashMap<(String, i32), PartitionLag>> {
-    let topics = [
-        kafka.payments_topic.clone(),
-        kafka.settlements_topic.clone(),
-    ];
+    let topics = kafka.input_topic_names();
     let stored = store.positions(&kafka.group_id).await?;
     let watermarks = tokio::task::block_in_place(|| watermarks(client, &topics))?;
     let now = Utc::now();
@@ -70,13 +67,7 @@ pub async fn measure(
 /// (blocking: tools such as `payrecon report`).
 pub fn log_ends(kafka: &KafkaSettings) -> anyhow::Result<HashMap<(String, i32), (i64, i64)>> {
     let client: BaseConsumer = kafka.client_config().create()?;
-    watermarks(
-        &client,
-        &[
-            kafka.payments_topic.clone(),
-            kafka.settlements_topic.clone(),
-        ],
-    )
+    watermarks(&client, &kafka.input_topic_names())
 }
 
 fn watermarks(

@@ -86,11 +86,13 @@
 
 mod evaluate;
 mod rules;
+pub mod payout;
 pub mod state;
 mod status;
 pub mod watermark;
 
 pub use evaluate::{Amounts, Evaluation, MissingData, PricedEvent, Terms, Tolerance, evaluate};
+pub use payout::{PayoutKey, PayoutRules, PayoutState, PayoutStatus, PayoutVerdict};
 pub use rules::{Priced, Rules};
 pub use state::{Bucket, ItemState, ReferenceData, fold, judge, recompute};
 pub use status::{Status, Transition, transition};

@@ -54,7 +54,7 @@ pub const EXIT_CODES: &str = "Exit codes:
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayOptions {
     /// Input topics to replay.
-    #[arg(long, value_enum, default_value_t = Topics::Both)]
+    #[arg(long, value_enum, default_value_t = Topics::All)]
     pub topics: Topics,
     /// First offset (inclusive) per partition: `topic:partition=offset,...`. Only the
     /// partitions named in --from-offsets or --to-offsets are replayed; an unnamed bound is
@@ -209,7 +209,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<ReplayOutcome> {
     let k = &settings.kafka;
-    let input_topics = [k.payments_topic.as_str(), k.settlements_topic.as_str()];
+    let names = k.input_topic_names();
+    let input_topics: Vec<&str> = names.iter().map(String::as_str).collect();
     let requested = Requested {
         mode: if options.from_time.is_some() || options.to_time.is_some() {
             Mode::Time
@@ -351,7 +352,8 @@ impl Job<'_> {
         let settings = self.settings;
         let k = &settings.kafka;
         let group = k.group_id.as_str();
-        let input_topics = [k.payments_topic.as_str(), k.settlements_topic.as_str()];
+        let names = k.input_topic_names();
+        let input_topics: Vec<&str> = names.iter().map(String::as_str).collect();
         let committed = self.live.group_offsets(group).await?;
         if committed.is_empty() {
             // A mistyped or defaulted group would replay nothing and report every live row as
@@ -369,7 +371,7 @@ impl Job<'_> {
                 reader::consumer_config(settings, &self.consumer_group())
                     .create()
                     .context("creating a Kafka client")?;
-            range::plan(&consumer, input_topics, self.requested, &committed)?
+            range::plan(&consumer, &input_topics, self.requested, &committed)?
         };
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
         let sr = settings.registry.client()?;
@@ -400,7 +402,8 @@ impl Job<'_> {
             })
             .collect();
         let reconciler = Reconciler::new(&settings.reconciliation, cache, Some(input_partitions))
-            .with_log_ends(Arc::new(crate::store::LogEnds::fixed(ends)));
+            .with_log_ends(Arc::new(crate::store::LogEnds::fixed(ends)))
+            .with_payout_leg(!k.payouts_topic.is_empty());
 
         let shadow = Shadow::create(settings, self.live, self.schema).await?;
         let result = self
@@ -433,7 +436,8 @@ impl Job<'_> {
         let settings = self.settings;
         let k = &settings.kafka;
         let group = k.group_id.as_str();
-        let input_topics = [k.payments_topic.as_str(), k.settlements_topic.as_str()];
+        let names = k.input_topic_names();
+        let input_topics: Vec<&str> = names.iter().map(String::as_str).collect();
         let reader = reader::Reader {
             settings,
             codec,
@@ -465,7 +469,7 @@ impl Job<'_> {
         // A range that is not the whole log the group applied is judged at the live
         // watermark: its verdicts depend on records outside the range.
         let live_now = self.live.group_offsets(group).await?;
-        let both = self.requested.topics == Topics::Both;
+        let both = self.requested.topics == Topics::All;
         let whole =
             both && read.ranges.iter().all(|r| {
                 r.from == 0
@@ -551,7 +555,8 @@ impl Job<'_> {
         both: bool,
     ) -> anyhow::Result<(String, u64)> {
         let k = &self.settings.kafka;
-        let input_topics = [k.payments_topic.as_str(), k.settlements_topic.as_str()];
+        let names = k.input_topic_names();
+        let input_topics: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut c =
             Comparison::begin(self.live, &shadow.schema, &k.group_id, &input_topics, both).await?;
         let mut out = ReportWriter::create(

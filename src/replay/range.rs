@@ -32,7 +32,11 @@ use crate::store::TopicPartition;
 pub enum Topics {
     Payments,
     Settlements,
-    Both,
+    Payouts,
+    /// Every input topic (`both` is accepted too, from before the payouts topic).
+    #[value(alias = "both")]
+    #[serde(rename = "both")]
+    All,
 }
 
 /// How the range was chosen (recorded in the report).
@@ -126,11 +130,11 @@ pub fn parse_offsets(spec: &str, topics: &[&str]) -> anyhow::Result<BTreeMap<Str
 
 /// Decides every partition's reading plan.
 ///
-/// `input_topics` are the payments and settlements topics in that order; `selected` says
+/// `input_topics` are the input topics in topic-index order; `selected` says
 /// which of them the replay reads; `committed` is the live group's stored offsets.
 pub fn plan(
     consumer: &BaseConsumer,
-    input_topics: [&str; 2],
+    input_topics: &[&str],
     requested: &Requested,
     committed: &HashMap<TopicPartition, i64>,
 ) -> anyhow::Result<Vec<Plan>> {
@@ -138,7 +142,14 @@ pub fn plan(
     let selected: Vec<usize> = match requested.topics {
         Topics::Payments => vec![0],
         Topics::Settlements => vec![1],
-        Topics::Both => vec![0, 1],
+        Topics::Payouts => {
+            anyhow::ensure!(
+                input_topics.len() > 2,
+                "--topics payouts: no payouts topic is configured (kafka.payouts_topic)"
+            );
+            vec![2]
+        }
+        Topics::All => (0..input_topics.len()).collect(),
     };
     let mut bounds = Vec::new();
     for &i in &selected {

@@ -132,7 +132,7 @@ impl Builder {
         let batch = std::mem::replace(&mut self.batch, fresh);
         self.index.clear();
         for p in &batch.progress {
-            let t = usize::from(p.topic == self.topics[1]);
+            let t = (self.topics.iter().position(|x| *x == p.topic)).unwrap_or_default();
             self.expected.insert((t, p.partition), p.next_offset);
         }
         Some(batch)
@@ -147,7 +147,8 @@ impl Reader<'_> {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<ReadOutcome> {
         let k = &self.settings.kafka;
-        let topics = vec![k.payments_topic.clone(), k.settlements_topic.clone()];
+        let inputs = k.input_topics();
+        let topics: Vec<String> = inputs.iter().map(|(_, t)| t.clone()).collect();
         let mut parts: Vec<Partition> = plans
             .into_iter()
             .map(|plan| Partition {
@@ -371,11 +372,7 @@ impl Reader<'_> {
             partition: m.partition(),
             offset,
         };
-        let stream = if topic == 0 {
-            Stream::Payments
-        } else {
-            Stream::Settlements
-        };
+        let stream = Stream::ALL[topic];
         let pipeline = &self.settings.pipeline;
         let backoff = (pipeline.retry_initial_backoff, pipeline.retry_max_backoff);
         let Some(decoded) = (self.codec)
@@ -403,6 +400,10 @@ impl Reader<'_> {
             Ok(Record::Settlement(s)) => {
                 builder.batch.raw.insert(source, raw());
                 builder.batch.settlements.push((s, source));
+            }
+            Ok(Record::Payout(b)) => {
+                builder.batch.raw.insert(source, raw());
+                builder.batch.payouts.push((b, source));
             }
             Err(DecodeError::Poison { kind, message }) => {
                 builder.batch.dead_letters.push(DeadLetter {

@@ -34,7 +34,7 @@ use super::reconcile::{
     evaluate_targets,
 };
 use super::{CommitError, Disposition, Store, describe, disposition};
-use crate::domain::{PaymentEvent, SettlementLine};
+use crate::domain::{BankPayout, PaymentEvent, SettlementLine};
 
 /// Where a record came from in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,6 +89,7 @@ pub struct Batch {
     pub progress: Vec<PartitionProgress>,
     pub payments: Vec<(PaymentEvent, Source)>,
     pub settlements: Vec<(SettlementLine, Source)>,
+    pub payouts: Vec<(BankPayout, Source)>,
     pub dead_letters: Vec<DeadLetter>,
     /// The bytes of the decoded records, by position (absent ones are stored without bytes).
     pub raw: HashMap<Source, RawRecord>,
@@ -103,6 +104,9 @@ pub struct CommitOutcome {
     /// Exact re-deliveries ignored, per stream.
     pub payments_duplicates: u64,
     pub settlements_duplicates: u64,
+    /// Bank statement lines newly inserted, and exact re-deliveries ignored.
+    pub payouts_inserted: u64,
+    pub payouts_duplicates: u64,
     /// Dead letters written: the batch's poison plus the records the database refused.
     pub dead_letters: u64,
     /// Records the database refused, dead-lettered by the isolation (also in `dead_letters`).
@@ -149,7 +153,13 @@ impl Store {
         };
         let payments: Vec<_> = batch.payments.iter().collect();
         let settlements: Vec<_> = batch.settlements.iter().collect();
-        let applied = apply.isolating(&mut tx, &payments, &settlements).await?;
+        let payouts: Vec<_> = batch.payouts.iter().collect();
+        let records = Records {
+            payments: &payments,
+            settlements: &settlements,
+            payouts: &payouts,
+        };
+        let applied = apply.isolating(&mut tx, records).await?;
         let dead_letters = insert_dead_letters(
             &mut tx,
             &batch.topics,
@@ -162,6 +172,8 @@ impl Store {
             settlements_inserted: applied.settlements_inserted,
             payments_duplicates: applied.payments_duplicates,
             settlements_duplicates: applied.settlements_duplicates,
+            payouts_inserted: applied.payouts_inserted,
+            payouts_duplicates: applied.payouts_duplicates,
             dead_letters,
             refused: applied.refused,
             conflicts: applied.conflicts,
@@ -177,6 +189,8 @@ pub(crate) struct Applied {
     pub settlements_inserted: u64,
     pub payments_duplicates: u64,
     pub settlements_duplicates: u64,
+    pub payouts_inserted: u64,
+    pub payouts_duplicates: u64,
     pub conflicts: Vec<Source>,
     pub refused: Vec<DeadLetter>,
     pub reconciliation: ReconcileOutcome,
@@ -188,6 +202,8 @@ impl Applied {
         self.settlements_inserted += other.settlements_inserted;
         self.payments_duplicates += other.payments_duplicates;
         self.settlements_duplicates += other.settlements_duplicates;
+        self.payouts_inserted += other.payouts_inserted;
+        self.payouts_duplicates += other.payouts_duplicates;
         self.conflicts.extend(other.conflicts);
         self.refused.extend(other.refused);
         self.reconciliation.merge(other.reconciliation);
@@ -196,6 +212,42 @@ impl Applied {
 
 type Payments<'b> = [&'b (PaymentEvent, Source)];
 type Settlements<'b> = [&'b (SettlementLine, Source)];
+type Payouts<'b> = [&'b (BankPayout, Source)];
+
+/// The records one try applies: one slice per input stream, seen as one sequence (payments,
+/// then settlements, then payouts) that the refusal isolation can cut anywhere.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Records<'b> {
+    pub payments: &'b Payments<'b>,
+    pub settlements: &'b Settlements<'b>,
+    pub payouts: &'b Payouts<'b>,
+}
+
+impl<'b> Records<'b> {
+    pub fn len(&self) -> usize {
+        self.payments.len() + self.settlements.len() + self.payouts.len()
+    }
+
+    /// Records `a..b` of the sequence.
+    fn slice(&self, a: usize, b: usize) -> Records<'b> {
+        fn cut<'x, T>(xs: &'x [T], start: usize, (a, b): (usize, usize)) -> &'x [T] {
+            let clamp = |i: usize| i.clamp(start, start + xs.len()) - start;
+            &xs[clamp(a)..clamp(b)]
+        }
+        let (p, s) = (self.payments.len(), self.settlements.len());
+        Records {
+            payments: cut(self.payments, 0, (a, b)),
+            settlements: cut(self.settlements, p, (a, b)),
+            payouts: cut(self.payouts, p + s, (a, b)),
+        }
+    }
+
+    fn first_source(&self) -> Option<Source> {
+        (self.payments.first().map(|(_, s)| *s))
+            .or_else(|| self.settlements.first().map(|(_, s)| *s))
+            .or_else(|| self.payouts.first().map(|(_, s)| *s))
+    }
+}
 
 /// Applies records inside the caller's transaction: inserts, duplicates, reconciliation.
 pub(crate) struct Apply<'a> {
@@ -216,15 +268,14 @@ impl Apply<'_> {
     async fn isolating(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        payments: &Payments<'_>,
-        settlements: &Settlements<'_>,
+        records: Records<'_>,
     ) -> Result<Applied, CommitError> {
-        match self.attempt(tx, payments, settlements).await? {
+        match self.attempt(tx, records).await? {
             Ok(applied) => Ok(applied),
             Err(first) => {
                 crate::metrics::batch_isolating();
-                tracing::warn!(error = %describe(&first), records = payments.len() + settlements.len(), "PostgreSQL refused the batch; isolating the refused records");
-                self.bisect(tx, payments, settlements).await
+                tracing::warn!(error = %describe(&first), records = records.len(), "PostgreSQL refused the batch; isolating the refused records");
+                self.bisect(tx, records).await
             }
         }
     }
@@ -234,11 +285,10 @@ impl Apply<'_> {
     async fn attempt(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        payments: &Payments<'_>,
-        settlements: &Settlements<'_>,
+        records: Records<'_>,
     ) -> Result<Result<Applied, sqlx::Error>, CommitError> {
         savepoint(tx, SAVEPOINT_SET).await?;
-        match self.apply(tx, payments, settlements).await {
+        match self.apply(tx, records).await {
             Ok(applied) => {
                 savepoint(tx, SAVEPOINT_RELEASE).await?;
                 Ok(Ok(applied))
@@ -256,33 +306,23 @@ impl Apply<'_> {
     async fn bisect(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        payments: &Payments<'_>,
-        settlements: &Settlements<'_>,
+        records: Records<'_>,
     ) -> Result<Applied, CommitError> {
-        let p = payments.len();
-        let slice = |(a, b): (usize, usize)| {
-            (
-                &payments[a.min(p)..b.min(p)],
-                &settlements[a.max(p) - p..b.max(p) - p],
-            )
-        };
         let mut out = Applied::default();
-        // Ranges over payments ++ settlements still to try, in log order.
-        let mut todo = vec![(0, p + settlements.len())];
+        // Ranges over the records still to try, in log order.
+        let mut todo = vec![(0, records.len())];
         while let Some((a, b)) = todo.pop() {
             if b - a > 1 {
                 let mid = a + (b - a) / 2;
                 for half in [(mid, b), (a, mid)] {
-                    let (ps, ss) = slice(half);
-                    match self.attempt(tx, ps, ss).await? {
+                    match self.attempt(tx, records.slice(half.0, half.1)).await? {
                         Ok(applied) => out.merge(applied),
                         Err(_) => todo.push(half),
                     }
                 }
                 continue;
             }
-            let (ps, ss) = slice((a, b));
-            match self.refused(tx, ps, ss).await? {
+            match self.refused(tx, records.slice(a, b)).await? {
                 Ok(applied) => out.merge(applied),
                 Err(dead_letter) => out.refused.push(dead_letter),
             }
@@ -296,27 +336,35 @@ impl Apply<'_> {
     async fn refused(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        payments: &Payments<'_>,
-        settlements: &Settlements<'_>,
+        records: Records<'_>,
     ) -> Result<Result<Applied, DeadLetter>, CommitError> {
-        let refusal = match self.attempt(tx, payments, settlements).await? {
+        let refusal = match self.attempt(tx, records).await? {
             Err(e) => e,
             Ok(applied) => return Ok(Ok(applied)),
         };
-        let twin_p: Vec<(PaymentEvent, Source)> = payments
-            .iter()
+        let twin_p: Vec<(PaymentEvent, Source)> = (records.payments.iter())
             .map(|(e, s)| (payment_twin(e), *s))
             .collect();
-        let twin_s: Vec<(SettlementLine, Source)> = settlements
-            .iter()
+        let twin_s: Vec<(SettlementLine, Source)> = (records.settlements.iter())
             .map(|(l, s)| (settlement_twin(l), *s))
             .collect();
+        let twin_b: Vec<(BankPayout, Source)> = (records.payouts.iter())
+            .map(|(b, s)| (payout_twin(b), *s))
+            .collect();
+        let (twin_p, twin_s, twin_b) = (
+            twin_p.iter().collect::<Vec<_>>(),
+            twin_s.iter().collect::<Vec<_>>(),
+            twin_b.iter().collect::<Vec<_>>(),
+        );
         savepoint(tx, SAVEPOINT_SET).await?;
         let twin = self
             .apply(
                 tx,
-                &twin_p.iter().collect::<Vec<_>>(),
-                &twin_s.iter().collect::<Vec<_>>(),
+                Records {
+                    payments: &twin_p,
+                    settlements: &twin_s,
+                    payouts: &twin_b,
+                },
             )
             .await;
         savepoint(tx, SAVEPOINT_ROLLBACK).await?;
@@ -332,11 +380,7 @@ impl Apply<'_> {
                 return Err(CommitError::Permanent(e));
             }
         }
-        let source = payments
-            .first()
-            .map(|(_, s)| *s)
-            .or_else(|| settlements.first().map(|(_, s)| *s))
-            .expect("one record");
+        let source = records.first_source().expect("one record");
         let raw = self.raw.get(&source).cloned().unwrap_or_default();
         tracing::warn!(topic = %self.topics[source.topic], partition = source.partition, offset = source.offset, error = %describe(&refusal), "dead-lettering a record PostgreSQL refuses");
         Ok(Err(DeadLetter {
@@ -353,23 +397,28 @@ impl Apply<'_> {
     pub(crate) async fn apply(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        payments: &Payments<'_>,
-        settlements: &Settlements<'_>,
+        records: Records<'_>,
     ) -> Result<Applied, sqlx::Error> {
         let mut out = Applied::default();
-        let p = self.insert_checked(tx, payments).await?;
-        let s = self.insert_checked(tx, settlements).await?;
+        let p = self.insert_checked(tx, records.payments).await?;
+        let s = self.insert_checked(tx, records.settlements).await?;
+        let b = self.insert_checked(tx, records.payouts).await?;
         out.payments_inserted = p.inserted.len() as u64;
         out.settlements_inserted = s.inserted.len() as u64;
+        out.payouts_inserted = b.inserted.len() as u64;
         out.payments_duplicates = p.duplicates;
         out.settlements_duplicates = s.duplicates;
-        out.conflicts = p.conflicts.into_iter().chain(s.conflicts).collect();
+        out.payouts_duplicates = b.duplicates;
+        out.conflicts = (p.conflicts.into_iter())
+            .chain(s.conflicts)
+            .chain(b.conflicts)
+            .collect();
         out.reconciliation = reconcile_inserted(
             tx,
             (self.group, self.instance, self.shard),
             self.reconciler,
-            (payments, settlements),
-            (&p.inserted, &s.inserted),
+            records,
+            (&p.inserted, &s.inserted, &b.inserted),
         )
         .await?;
         Ok(out)
@@ -492,7 +541,7 @@ struct Checked {
 
 /// A record's business fields as canonical strings (amounts normalized, times in UTC to the
 /// microsecond PostgreSQL keeps), in a fixed order, so two versions compare field by field.
-type Fields = Vec<(&'static str, Option<String>)>;
+pub(super) type Fields = Vec<(&'static str, Option<String>)>;
 
 fn as_json(fields: &Fields) -> serde_json::Value {
     serde_json::Value::Object(
@@ -508,22 +557,22 @@ fn as_json(fields: &Fields) -> serde_json::Value {
     )
 }
 
-fn amount(d: Decimal) -> Option<String> {
+pub(super) fn amount(d: Decimal) -> Option<String> {
     Some(d.normalize().to_string())
 }
 
-fn time(t: DateTime<Utc>) -> Option<String> {
+pub(super) fn time(t: DateTime<Utc>) -> Option<String> {
     Some(t.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
 /// A stored row's fields and where in the log it came from.
-struct StoredRow {
-    fields: Fields,
-    position: (String, i32, i64),
+pub(super) struct StoredRow {
+    pub fields: Fields,
+    pub position: (String, i32, i64),
 }
 
 /// What the duplicate check needs of a record type.
-trait Keyed: Sync {
+pub(super) trait Keyed: Sync {
     /// `conflicting_duplicates.record_type`.
     const TYPE: &'static str;
     fn id(&self) -> &str;
@@ -767,6 +816,20 @@ fn settlement_twin(l: &SettlementLine) -> SettlementLine {
     }
 }
 
+/// The bank-statement counterpart of [`payment_twin`].
+fn payout_twin(b: &BankPayout) -> BankPayout {
+    BankPayout {
+        statement_line_id: PROBE.into(),
+        account_id: PROBE.into(),
+        value_date: b.value_date,
+        amount: Decimal::ONE,
+        currency: b.currency,
+        batch_reference: b.batch_reference.as_ref().map(|_| PROBE.into()),
+        description: String::new(),
+        event_time: b.event_time,
+    }
+}
+
 /// Runs one of the statements below on the one savepoint records are applied under (one try at a time, re-declared
 /// for each); static text, so it goes as a simple query.
 async fn savepoint(
@@ -788,13 +851,18 @@ pub(crate) async fn reconcile_inserted<'r>(
     tx: &mut Transaction<'_, Postgres>,
     (group, instance, shard): (&str, &str, &str),
     reconciler: &Reconciler,
-    records: (&Payments<'r>, &Settlements<'r>),
-    inserted: (&[String], &[String]),
+    records: Records<'r>,
+    (inserted_payments, inserted_lines, inserted_payouts): (&[String], &[String], &[String]),
 ) -> Result<ReconcileOutcome, sqlx::Error> {
     let snapshot = reconciler.cache.snapshot();
     let mut targets = Targets::default();
     let mut daily = DailyDeltas::default();
-    record_inserted(records, inserted, &mut targets, &mut daily);
+    record_inserted(
+        (records.payments, records.settlements),
+        (inserted_payments, inserted_lines),
+        &mut targets,
+        &mut daily,
+    );
     if !reconciler.enabled {
         daily.write(tx, shard).await?;
         return Ok(ReconcileOutcome::default());
@@ -817,7 +885,32 @@ pub(crate) async fn reconcile_inserted<'r>(
         outcome.merge(evaluate_targets(tx, &who, targets, &mut daily).await?);
     }
     daily.write(tx, shard).await?;
+    if let Some(rules) = &reconciler.payouts {
+        // Last in the transaction: a batch's item is shared by the partitions its lines
+        // came from, so its row lock is held only from here to the commit.
+        let lines = inserted_only(records.settlements, inserted_lines, |l| &l.line_id);
+        let payouts = inserted_only(records.payouts, inserted_payouts, |b| &b.statement_line_id);
+        outcome.payouts = super::payouts::reconcile(tx, &who, rules, &lines, &payouts).await?;
+    }
     Ok(outcome)
+}
+
+/// The records of `records` whose ids are in `inserted` (first occurrence of each id).
+fn inserted_only<'r, T>(
+    records: &[&'r (T, Source)],
+    inserted: &[String],
+    id: impl Fn(&T) -> &String,
+) -> Vec<&'r T> {
+    if inserted.is_empty() {
+        return Vec::new();
+    }
+    let mut by_id: HashMap<&str, &'r T> = HashMap::with_capacity(records.len());
+    for (r, _) in records.iter().copied() {
+        by_id.entry(id(r).as_str()).or_insert(r);
+    }
+    (inserted.iter())
+        .filter_map(|i| by_id.get(i.as_str()).copied())
+        .collect()
 }
 
 /// Adds the rows this transaction inserted (not the re-deliveries) to the references to
@@ -869,7 +962,8 @@ impl Batch {
     fn max_event_times(&self) -> HashMap<(&str, i32), DateTime<Utc>> {
         let mut out: HashMap<(&str, i32), DateTime<Utc>> = HashMap::new();
         let times = (self.payments.iter().map(|(p, s)| (p.event_time, s)))
-            .chain(self.settlements.iter().map(|(l, s)| (l.event_time, s)));
+            .chain(self.settlements.iter().map(|(l, s)| (l.event_time, s)))
+            .chain(self.payouts.iter().map(|(b, s)| (b.event_time, s)));
         for (t, s) in times {
             let e = out
                 .entry((self.topics[s.topic].as_str(), s.partition))

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use std::collections::HashMap;
 
-use super::batch::{Apply, Source};
+use super::batch::{Apply, Records, Source};
 use super::reconcile::{ReconcileOutcome, Reconciler};
 use super::{CommitError, Store};
 use crate::domain::Record;
@@ -106,11 +106,20 @@ impl Store {
             shard: "dead-letters",
         };
         // Through the same path as the consumer: a conflicting duplicate is kept, not applied.
-        let outcome = match record {
-            Record::Payment(p) => apply.apply(&mut tx, &[&(p, source)], &[]).await?,
-            Record::Settlement(s) => apply.apply(&mut tx, &[], &[&(s, source)]).await?,
+        let (mut pv, mut sv, mut bv) = (Vec::new(), Vec::new(), Vec::new());
+        match record {
+            Record::Payment(x) => pv.push((x, source)),
+            Record::Settlement(x) => sv.push((x, source)),
+            Record::Payout(x) => bv.push((x, source)),
         }
-        .reconciliation;
+        let (pr, sr, br): (Vec<_>, Vec<_>, Vec<_>) =
+            (pv.iter().collect(), sv.iter().collect(), bv.iter().collect());
+        let records = Records {
+            payments: &pr,
+            settlements: &sr,
+            payouts: &br,
+        };
+        let outcome = apply.apply(&mut tx, records).await?.reconciliation;
         sqlx::query(
             "UPDATE dead_letters SET replayed_at = now(), replay_attempts = replay_attempts + 1,
                     last_replay_error = NULL WHERE id = $1",

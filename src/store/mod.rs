@@ -11,6 +11,7 @@
 
 mod batch;
 mod dead_letters;
+mod payouts;
 mod reconcile;
 mod reference;
 mod totals;
@@ -25,6 +26,7 @@ use sqlx::postgres::PgConnectOptions;
 pub use crate::reconcile::Rules;
 pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
 pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
+pub use payouts::PayoutOutcome;
 pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, LogEnds, ReconcileOutcome, Reconciler};
 pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 pub use verify::{CHECKS, Check, Difference};

@@ -43,6 +43,9 @@ pub struct Reconciler {
     /// The input partitions' log ends as last fetched from the broker: what says a partition
     /// is caught up, hence may be idle. `None`: no partition is ever idle (tools).
     pub log_ends: Option<Arc<LogEnds>>,
+    /// The payout leg's rules; `None`: the leg is off (no payouts topic, or reconciliation
+    /// off), and no payout item is written.
+    pub payouts: Option<crate::reconcile::PayoutRules>,
 }
 
 /// A log end and when it was fetched (`None`: fixed, never stale).
@@ -113,7 +116,24 @@ impl Reconciler {
             cache,
             input_partitions,
             log_ends: None,
+            payouts: settings.enabled.then(|| crate::reconcile::PayoutRules {
+                deadline: chrono::Duration::from_std(settings.payout_deadline)
+                    .unwrap_or(chrono::Duration::MAX),
+                tolerance: crate::reconcile::Tolerance {
+                    absolute: settings.payout_tolerance_abs,
+                    relative: settings.payout_tolerance_rel,
+                },
+            }),
         }
+    }
+
+    /// Turns the payout leg off when `on` is false (no payouts topic is configured:
+    /// `kafka.payouts_topic = ""`), so batches are not awaited on a statement never read.
+    pub fn with_payout_leg(mut self, on: bool) -> Self {
+        if !on {
+            self.payouts = None;
+        }
+        self
     }
 
     /// Judges idleness with `log_ends` (see [`crate::reconcile::watermark`]).
@@ -240,6 +260,8 @@ pub struct ReconcileOutcome {
     pub exceptions_resolved: u64,
     /// The watermark the evaluations used.
     pub watermark: Option<DateTime<Utc>>,
+    /// What the payout leg changed.
+    pub payouts: super::payouts::PayoutOutcome,
 }
 
 impl ReconcileOutcome {
@@ -251,6 +273,7 @@ impl ReconcileOutcome {
         self.exceptions_opened += other.exceptions_opened;
         self.exceptions_resolved += other.exceptions_resolved;
         self.watermark = self.watermark.max(other.watermark);
+        self.payouts.merge(other.payouts);
     }
 }
 
