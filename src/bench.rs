@@ -285,8 +285,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
             crate::simulate::produce(
                 &producer,
                 &encoder,
-                payments_topic,
-                settlements_topic,
+                &[payments_topic, settlements_topic],
                 &paced,
                 rate,
                 |_| {},
@@ -797,8 +796,7 @@ impl Stage {
         crate::simulate::produce(
             &producer,
             encoder,
-            payments_topic,
-            settlements_topic,
+            &[payments_topic, settlements_topic],
             records,
             0,
             |_| {},
@@ -945,6 +943,7 @@ fn pre_decoded_batches(records: &[Generated], max: usize, partitions: i32) -> Ve
                 match r {
                     Generated::Payment(e) => b.payments.push((e.clone(), source)),
                     Generated::Settlement(s) => b.settlements.push((s.clone(), source)),
+                    Generated::Payout(x) => b.payouts.push((x.clone(), source)),
                     Generated::Malformed { .. } => {}
                 }
             }

@@ -285,9 +285,10 @@ pub async fn simulate(
         store.pool().close().await;
     }
     if let Some(partitions) = create_topics {
+        let inputs = k.input_topic_names();
         crate::kafka::ensure_topics(
             &k.client_config(),
-            &[&k.payments_topic, &k.settlements_topic],
+            &inputs.iter().map(String::as_str).collect::<Vec<_>>(),
             partitions,
         )
         .await?;
@@ -295,8 +296,11 @@ pub async fn simulate(
         crate::kafka::ensure_topics(&k.client_config(), &[&settings.exceptions.topic], 1).await?;
     }
     let sr = settings.registry.client()?;
-    let encoder =
+    let mut encoder =
         crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+    if !k.payouts_topic.is_empty() {
+        encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
+    }
     let (records, expected) = crate::simulate::generate(options, encoder.payment_schema_id())?;
     if let Some(path) = &options.expected_out {
         std::fs::write(path, serde_json::to_vec_pretty(&expected)?)
@@ -307,8 +311,10 @@ pub async fn simulate(
     crate::simulate::produce_stamped(
         &producer,
         &encoder,
-        &k.payments_topic,
-        &k.settlements_topic,
+        &k.input_topic_names()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &records,
         options.rate,
         options.broker_time,

@@ -642,7 +642,11 @@ impl Settings {
         );
         let topics = self.kafka.input_topic_names();
         anyhow::ensure!(
-            topics.iter().collect::<std::collections::BTreeSet<_>>().len() == topics.len(),
+            topics
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == topics.len(),
             "invalid configuration: kafka.payments_topic, kafka.settlements_topic and kafka.payouts_topic must differ"
         );
         self.registry.check()?;

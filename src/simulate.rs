@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use crate::codec::{Encoder, frame, payment_to_value};
 use crate::domain::{
-    Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
+    BankPayout, Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
 };
 use crate::reconcile::Status;
 use crate::reference::{FxRate, MerchantStatus, MerchantVersion, Snapshot};
@@ -153,6 +153,8 @@ impl Default for SimulationOptions {
 pub enum Generated {
     Payment(PaymentEvent),
     Settlement(SettlementLine),
+    /// A bank statement line, for the payouts topic.
+    Payout(BankPayout),
     /// Bytes that must be dead-lettered, with the topic they go to (true = payments).
     Malformed {
         payments_topic: bool,
@@ -166,6 +168,7 @@ impl Generated {
         match self {
             Generated::Payment(p) => &p.payment_reference,
             Generated::Settlement(s) => &s.payment_reference,
+            Generated::Payout(b) => &b.account_id,
             Generated::Malformed { key, .. } => key,
         }
     }
@@ -647,21 +650,21 @@ pub fn malformed_records(count: u64, payment_schema_id: u32, seed: u64) -> Vec<G
 
 /// Produces `records` to the two topics with an idempotent producer, at `rate` records/s
 /// (0 = unthrottled). Returns when every record is acknowledged.
+///
+/// `topics` are the input topics in topic-index order: payments, settlements and, when the
+/// records hold payouts, the payouts topic.
 pub async fn produce(
     producer: &FutureProducer,
     encoder: &Encoder,
-    payments_topic: &str,
-    settlements_topic: &str,
+    topics: &[&str],
     records: &[Generated],
     rate: u64,
     progress: impl FnMut(usize),
 ) -> anyhow::Result<()> {
-    let topics = (payments_topic, settlements_topic);
     produce_stamped(
         producer,
         encoder,
-        topics.0,
-        topics.1,
+        topics,
         records,
         rate,
         BrokerTime::Now,
@@ -675,13 +678,18 @@ pub async fn produce(
 pub async fn produce_stamped(
     producer: &FutureProducer,
     encoder: &Encoder,
-    payments_topic: &str,
-    settlements_topic: &str,
+    topics: &[&str],
     records: &[Generated],
     rate: u64,
     broker_time: BrokerTime,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        topics.len() >= 2,
+        "payments and settlements topics are required"
+    );
+    let (payments_topic, settlements_topic) = (topics[0], topics[1]);
+    let payouts_topic = topics.get(2).copied();
     let mut in_flight = FuturesUnordered::new();
     let mut stamp: Option<i64> = None;
     let started = tokio::time::Instant::now();
@@ -693,6 +701,10 @@ pub async fn produce_stamped(
         let (topic, bytes) = match r {
             Generated::Payment(p) => (payments_topic, encoder.encode_payment(p)?),
             Generated::Settlement(s) => (settlements_topic, encoder.encode_settlement(s)?),
+            Generated::Payout(b) => (
+                payouts_topic.context("payout records need a payouts topic")?,
+                encoder.encode_payout(b)?,
+            ),
             Generated::Malformed {
                 payments_topic: true,
                 bytes,
@@ -706,6 +718,7 @@ pub async fn produce_stamped(
             (BrokerTime::Now, _) => None,
             (BrokerTime::Event, Generated::Payment(p)) => Some(p.event_time.timestamp_millis()),
             (BrokerTime::Event, Generated::Settlement(l)) => Some(l.event_time.timestamp_millis()),
+            (BrokerTime::Event, Generated::Payout(b)) => Some(b.event_time.timestamp_millis()),
             (BrokerTime::Event, Generated::Malformed { .. }) => stamp,
         };
         loop {

@@ -113,8 +113,7 @@ pub async fn run_with(
             crate::simulate::produce(
                 &producer,
                 &encoder,
-                payments_topic,
-                settlements_topic,
+                &[payments_topic, settlements_topic],
                 &records,
                 rate,
                 |_| {},

@@ -96,7 +96,15 @@ pub async fn run_with(
             .await?;
     }
     let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
-    crate::simulate::produce(&producer, &encoder, topics.0, topics.1, records, 0, |_| {}).await?;
+    crate::simulate::produce(
+        &producer,
+        &encoder,
+        &[topics.0, topics.1],
+        records,
+        0,
+        |_| {},
+    )
+    .await?;
 
     let stop_sampling = CancellationToken::new();
     let sampler = tokio::spawn(sample_lock_waits(

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 
 use super::{DecodeError, PoisonKind, Stream};
 use crate::domain::{
-    Currency, BankPayout, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine,
+    BankPayout, Currency, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine,
 };
 
 /// Scale used when *writing* decimals; matches `precision 18, scale 4` in `schemas/`.
@@ -88,7 +88,10 @@ pub(super) fn to_record(
             // As printed, less surrounding spaces (statements pad fixed-width fields).
             batch_reference: (r.optional_string("batch_reference").map_err(invalid)?)
                 .map(|s| s.trim().to_owned()),
-            description: r.optional_string("description").map_err(invalid)?.unwrap_or_default(),
+            description: r
+                .optional_string("description")
+                .map_err(invalid)?
+                .unwrap_or_default(),
             event_time: r.timestamp("event_time").map_err(invalid)?,
         })),
         _ => Err(DecodeError::Poison {

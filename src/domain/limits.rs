@@ -92,8 +92,8 @@ impl Limits {
     /// Free text (a statement's description): any printable text and line breaks, no NUL or
     /// other control characters, at most [`MAX_FREE_TEXT_BYTES`].
     fn free_text(&self, field: &'static str, value: &str) -> Result<(), InvalidRecord> {
-        if let Some((at, c)) = (value.char_indices())
-            .find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        if let Some((at, c)) =
+            (value.char_indices()).find(|(_, c)| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
         {
             return Err(InvalidRecord::Text {
                 field,

@@ -85,8 +85,8 @@
 //! is idle once the payments run `idle_timeout` of broker time past its last burst.
 
 mod evaluate;
-mod rules;
 pub mod payout;
+mod rules;
 pub mod state;
 mod status;
 pub mod watermark;

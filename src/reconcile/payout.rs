@@ -282,19 +282,22 @@ pub fn judge(
         difference,
     };
     if let PayoutKey::Line(id) = key {
-        let paid = state.paid_total().map_or_else(
-            || currencies(&state.paid),
-            |(c, a)| money(a, c),
-        );
+        let paid = state
+            .paid_total()
+            .map_or_else(|| currencies(&state.paid), |(c, a)| money(a, c));
         return verdict(
             PayoutStatus::Unexpected,
-            format!("statement line {id} credits {paid} without a batch reference: no settlement batch can explain it"),
+            format!(
+                "statement line {id} credits {paid} without a batch reference: no settlement batch can explain it"
+            ),
             None,
             None,
         );
     }
-    let deadline = (state.last_line_time.or(state.first_payout_time))
-        .map(|t| t.checked_add_signed(rules.deadline).unwrap_or(DateTime::<Utc>::MAX_UTC));
+    let deadline = (state.last_line_time.or(state.first_payout_time)).map(|t| {
+        t.checked_add_signed(rules.deadline)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    });
     let due = deadline.is_some_and(|d| watermark > d);
     let when = deadline.map_or_else(String::new, |d| d.to_rfc3339());
     if state.net.len() > 1 {
@@ -311,7 +314,10 @@ pub fn judge(
     if state.paid.len() > 1 {
         return verdict(
             PayoutStatus::CurrencyMismatch,
-            format!("the batch was paid out in several currencies ({})", currencies(&state.paid)),
+            format!(
+                "the batch was paid out in several currencies ({})",
+                currencies(&state.paid)
+            ),
             deadline,
             None,
         );
@@ -323,7 +329,10 @@ pub fn judge(
     {
         return verdict(
             PayoutStatus::CurrencyMismatch,
-            format!("the batch settled in {ec} but {} was paid out", money(pa, pc)),
+            format!(
+                "the batch settled in {ec} but {} was paid out",
+                money(pa, pc)
+            ),
             deadline,
             None,
         );
@@ -409,12 +418,7 @@ pub fn judge(
             verdict(status, reason, deadline, None)
         }
         // Neither lines nor payouts: an empty state is never stored.
-        (None, None) => verdict(
-            PayoutStatus::Pending,
-            "no records".into(),
-            deadline,
-            None,
-        ),
+        (None, None) => verdict(PayoutStatus::Pending, "no records".into(), deadline, None),
     }
 }
 
@@ -489,28 +493,216 @@ mod tests {
     fn every_status_by_table() {
         let none = rules("0", "0");
         let cases = vec![
-            Case { name: "paid in full", lines: vec![line("l1", "60.00", "EUR", 0), line("l2", "40.00", "EUR", 1)], payouts: vec![payout("s1", "100.00", "EUR", 24)], at: 24, rules: none, status: Matched, difference: Some("0") },
-            Case { name: "a split payout summed", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "70.00", "EUR", 24), payout("s2", "30.00", "EUR", 30)], at: 30, rules: none, status: Matched, difference: Some("0") },
-            Case { name: "partially paid before the deadline waits", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "70.00", "EUR", 24)], at: 72, rules: none, status: Pending, difference: Some("-30") },
-            Case { name: "partially paid after the deadline is short", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "70.00", "EUR", 24)], at: 73, rules: none, status: AmountMismatch, difference: Some("-30") },
-            Case { name: "over-paid after the deadline", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "100.01", "EUR", 24)], at: 100, rules: none, status: AmountMismatch, difference: Some("0.01") },
-            Case { name: "over-paid before the deadline waits for a late line", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "150.00", "EUR", 24)], at: 24, rules: none, status: Pending, difference: Some("50") },
-            Case { name: "nothing paid, not due", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![], at: 72, rules: none, status: Pending, difference: Some("-100") },
-            Case { name: "nothing paid, due exactly at the deadline is still in time", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![], at: 72, rules: none, status: Pending, difference: Some("-100") },
-            Case { name: "nothing paid, past the deadline", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![], at: 73, rules: none, status: Missing, difference: Some("-100") },
-            Case { name: "a late line restarts the clock", lines: vec![line("l1", "100.00", "EUR", 0), line("l2", "1.00", "EUR", 10)], payouts: vec![], at: 80, rules: none, status: Pending, difference: Some("-101") },
-            Case { name: "a batch netting to zero owes nothing", lines: vec![line("l1", "50.00", "EUR", 0), line("l2", "-50.00", "EUR", 0)], payouts: vec![], at: 500, rules: none, status: Matched, difference: Some("0") },
-            Case { name: "a negative batch is paid by a debit", lines: vec![line("l1", "-20.00", "EUR", 0)], payouts: vec![payout("s1", "-20.00", "EUR", 5)], at: 5, rules: none, status: Matched, difference: Some("0") },
-            Case { name: "a payout before its lines waits", lines: vec![], payouts: vec![payout("s1", "100.00", "EUR", 0)], at: 72, rules: none, status: Pending, difference: None },
-            Case { name: "a payout whose batch never came is unexpected", lines: vec![], payouts: vec![payout("s1", "100.00", "EUR", 0)], at: 73, rules: none, status: Unexpected, difference: None },
-            Case { name: "paid in another currency", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "100.00", "USD", 1)], at: 1, rules: none, status: CurrencyMismatch, difference: None },
-            Case { name: "lines in two currencies", lines: vec![line("l1", "100.00", "EUR", 0), line("l2", "1.00", "GBP", 0)], payouts: vec![], at: 1, rules: none, status: CurrencyMismatch, difference: None },
-            Case { name: "paid in two currencies", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "50.00", "EUR", 1), payout("s2", "50.00", "USD", 1)], at: 1, rules: none, status: CurrencyMismatch, difference: None },
-            Case { name: "short by exactly the absolute tolerance matches", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "99.50", "EUR", 1)], at: 1, rules: rules("0.50", "0"), status: Matched, difference: Some("-0.5") },
-            Case { name: "one cent beyond the absolute tolerance waits, then mismatches", lines: vec![line("l1", "100.00", "EUR", 0)], payouts: vec![payout("s1", "99.49", "EUR", 1)], at: 73, rules: rules("0.50", "0"), status: AmountMismatch, difference: Some("-0.51") },
-            Case { name: "the relative tolerance scales with the net", lines: vec![line("l1", "10000.00", "EUR", 0)], payouts: vec![payout("s1", "9990.00", "EUR", 1)], at: 1, rules: rules("0.50", "0.001"), status: Matched, difference: Some("-10") },
-            Case { name: "the relative allowance is truncated to minor units", lines: vec![line("l1", "1.99", "EUR", 0)], payouts: vec![payout("s1", "1.98", "EUR", 1)], at: 73, rules: rules("0", "0.005"), status: AmountMismatch, difference: Some("-0.01") },
-            Case { name: "a reserve withheld is short", lines: vec![line("l1", "1000.00", "EUR", 0)], payouts: vec![payout("s1", "900.00", "EUR", 1)], at: 200, rules: none, status: AmountMismatch, difference: Some("-100") },
+            Case {
+                name: "paid in full",
+                lines: vec![line("l1", "60.00", "EUR", 0), line("l2", "40.00", "EUR", 1)],
+                payouts: vec![payout("s1", "100.00", "EUR", 24)],
+                at: 24,
+                rules: none,
+                status: Matched,
+                difference: Some("0"),
+            },
+            Case {
+                name: "a split payout summed",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![
+                    payout("s1", "70.00", "EUR", 24),
+                    payout("s2", "30.00", "EUR", 30),
+                ],
+                at: 30,
+                rules: none,
+                status: Matched,
+                difference: Some("0"),
+            },
+            Case {
+                name: "partially paid before the deadline waits",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "70.00", "EUR", 24)],
+                at: 72,
+                rules: none,
+                status: Pending,
+                difference: Some("-30"),
+            },
+            Case {
+                name: "partially paid after the deadline is short",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "70.00", "EUR", 24)],
+                at: 73,
+                rules: none,
+                status: AmountMismatch,
+                difference: Some("-30"),
+            },
+            Case {
+                name: "over-paid after the deadline",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "100.01", "EUR", 24)],
+                at: 100,
+                rules: none,
+                status: AmountMismatch,
+                difference: Some("0.01"),
+            },
+            Case {
+                name: "over-paid before the deadline waits for a late line",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "150.00", "EUR", 24)],
+                at: 24,
+                rules: none,
+                status: Pending,
+                difference: Some("50"),
+            },
+            Case {
+                name: "nothing paid, not due",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![],
+                at: 72,
+                rules: none,
+                status: Pending,
+                difference: Some("-100"),
+            },
+            Case {
+                name: "nothing paid, due exactly at the deadline is still in time",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![],
+                at: 72,
+                rules: none,
+                status: Pending,
+                difference: Some("-100"),
+            },
+            Case {
+                name: "nothing paid, past the deadline",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![],
+                at: 73,
+                rules: none,
+                status: Missing,
+                difference: Some("-100"),
+            },
+            Case {
+                name: "a late line restarts the clock",
+                lines: vec![
+                    line("l1", "100.00", "EUR", 0),
+                    line("l2", "1.00", "EUR", 10),
+                ],
+                payouts: vec![],
+                at: 80,
+                rules: none,
+                status: Pending,
+                difference: Some("-101"),
+            },
+            Case {
+                name: "a batch netting to zero owes nothing",
+                lines: vec![
+                    line("l1", "50.00", "EUR", 0),
+                    line("l2", "-50.00", "EUR", 0),
+                ],
+                payouts: vec![],
+                at: 500,
+                rules: none,
+                status: Matched,
+                difference: Some("0"),
+            },
+            Case {
+                name: "a negative batch is paid by a debit",
+                lines: vec![line("l1", "-20.00", "EUR", 0)],
+                payouts: vec![payout("s1", "-20.00", "EUR", 5)],
+                at: 5,
+                rules: none,
+                status: Matched,
+                difference: Some("0"),
+            },
+            Case {
+                name: "a payout before its lines waits",
+                lines: vec![],
+                payouts: vec![payout("s1", "100.00", "EUR", 0)],
+                at: 72,
+                rules: none,
+                status: Pending,
+                difference: None,
+            },
+            Case {
+                name: "a payout whose batch never came is unexpected",
+                lines: vec![],
+                payouts: vec![payout("s1", "100.00", "EUR", 0)],
+                at: 73,
+                rules: none,
+                status: Unexpected,
+                difference: None,
+            },
+            Case {
+                name: "paid in another currency",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "100.00", "USD", 1)],
+                at: 1,
+                rules: none,
+                status: CurrencyMismatch,
+                difference: None,
+            },
+            Case {
+                name: "lines in two currencies",
+                lines: vec![line("l1", "100.00", "EUR", 0), line("l2", "1.00", "GBP", 0)],
+                payouts: vec![],
+                at: 1,
+                rules: none,
+                status: CurrencyMismatch,
+                difference: None,
+            },
+            Case {
+                name: "paid in two currencies",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![
+                    payout("s1", "50.00", "EUR", 1),
+                    payout("s2", "50.00", "USD", 1),
+                ],
+                at: 1,
+                rules: none,
+                status: CurrencyMismatch,
+                difference: None,
+            },
+            Case {
+                name: "short by exactly the absolute tolerance matches",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "99.50", "EUR", 1)],
+                at: 1,
+                rules: rules("0.50", "0"),
+                status: Matched,
+                difference: Some("-0.5"),
+            },
+            Case {
+                name: "one cent beyond the absolute tolerance waits, then mismatches",
+                lines: vec![line("l1", "100.00", "EUR", 0)],
+                payouts: vec![payout("s1", "99.49", "EUR", 1)],
+                at: 73,
+                rules: rules("0.50", "0"),
+                status: AmountMismatch,
+                difference: Some("-0.51"),
+            },
+            Case {
+                name: "the relative tolerance scales with the net",
+                lines: vec![line("l1", "10000.00", "EUR", 0)],
+                payouts: vec![payout("s1", "9990.00", "EUR", 1)],
+                at: 1,
+                rules: rules("0.50", "0.001"),
+                status: Matched,
+                difference: Some("-10"),
+            },
+            Case {
+                name: "the relative allowance is truncated to minor units",
+                lines: vec![line("l1", "1.99", "EUR", 0)],
+                payouts: vec![payout("s1", "1.98", "EUR", 1)],
+                at: 73,
+                rules: rules("0", "0.005"),
+                status: AmountMismatch,
+                difference: Some("-0.01"),
+            },
+            Case {
+                name: "a reserve withheld is short",
+                lines: vec![line("l1", "1000.00", "EUR", 0)],
+                payouts: vec![payout("s1", "900.00", "EUR", 1)],
+                at: 200,
+                rules: none,
+                status: AmountMismatch,
+                difference: Some("-100"),
+            },
         ];
         for c in cases {
             let state = PayoutState::of(&c.lines, &c.payouts);
@@ -531,7 +723,11 @@ mod tests {
         assert_eq!(key, PayoutKey::Line("s9".into()));
         let v = judge(&key, &PayoutState::of([], [&p]), t(0), &rules("0", "0"));
         assert_eq!(v.status, Unexpected);
-        assert!(v.reason.contains("s9") && v.reason.contains("12.00 EUR"), "{}", v.reason);
+        assert!(
+            v.reason.contains("s9") && v.reason.contains("12.00 EUR"),
+            "{}",
+            v.reason
+        );
     }
 
     #[test]

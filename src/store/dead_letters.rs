@@ -112,8 +112,11 @@ impl Store {
             Record::Settlement(x) => sv.push((x, source)),
             Record::Payout(x) => bv.push((x, source)),
         }
-        let (pr, sr, br): (Vec<_>, Vec<_>, Vec<_>) =
-            (pv.iter().collect(), sv.iter().collect(), bv.iter().collect());
+        let (pr, sr, br): (Vec<_>, Vec<_>, Vec<_>) = (
+            pv.iter().collect(),
+            sv.iter().collect(),
+            bv.iter().collect(),
+        );
         let records = Records {
             payments: &pr,
             settlements: &sr,

@@ -77,7 +77,9 @@ pub(crate) async fn reconcile(
             .push(l);
     }
     for p in payouts {
-        target(&mut targets, PayoutKey::of_payout(p)).payouts.push(p);
+        target(&mut targets, PayoutKey::of_payout(p))
+            .payouts
+            .push(p);
     }
     // Items the watermark made due; locked ones are another transaction's to judge.
     let due: Vec<(String, String)> = sqlx::query_as(
@@ -105,12 +107,16 @@ pub(crate) async fn reconcile(
             Some((status, state)) => (*status, state.clone()),
             None => (None, PayoutState::default()),
         };
-        let state = payout::fold(prior_state, t.lines.iter().copied(), t.payouts.iter().copied());
+        let state = payout::fold(
+            prior_state,
+            t.lines.iter().copied(),
+            t.payouts.iter().copied(),
+        );
         let v = payout::judge(key, &state, who.watermark, rules);
         out.evaluated += 1;
         let changed = prior_status != Some(v.status);
-        let publish = changed
-            && (v.status.is_exception() || prior_status.is_some_and(|s| s.is_exception()));
+        let publish =
+            changed && (v.status.is_exception() || prior_status.is_some_and(|s| s.is_exception()));
         if changed {
             *out.status_changes.entry(v.status).or_default() += 1;
             if publish {
@@ -134,7 +140,12 @@ pub(crate) async fn reconcile(
             &state,
             &v,
             prior_status,
-            (changed, publish, cause, caused_by.join(&ID_SEPARATOR.to_string())),
+            (
+                changed,
+                publish,
+                cause,
+                caused_by.join(&ID_SEPARATOR.to_string()),
+            ),
         );
     }
     write(tx, who, &rows).await?;
@@ -230,10 +241,12 @@ impl Rows {
         self.paid.push(paid.map(|(_, a)| a));
         self.differences.push(v.difference);
         self.lines.push(state.lines.try_into().unwrap_or(i32::MAX));
-        self.payouts.push(state.payouts.try_into().unwrap_or(i32::MAX));
+        self.payouts
+            .push(state.payouts.try_into().unwrap_or(i32::MAX));
         self.deadlines.push(v.deadline);
         self.reasons.push(v.reason.clone());
-        self.states.push(serde_json::to_string(state).expect("a payout state serializes"));
+        self.states
+            .push(serde_json::to_string(state).expect("a payout state serializes"));
         self.from.push(from.map(|s| s.as_str()));
         self.changed.push(changed);
         self.publish.push(publish);

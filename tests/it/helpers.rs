@@ -127,6 +127,8 @@ pub struct TestKafka {
     pub bootstrap: String,
     pub payments_topic: String,
     pub settlements_topic: String,
+    /// Bank statement lines (the payout leg).
+    pub payouts_topic: String,
     /// Where the service's relay publishes exceptions (one partition).
     pub exceptions_topic: String,
     pub partitions: i32,
@@ -139,19 +141,18 @@ impl TestKafka {
         let bootstrap = cluster.bootstrap_servers();
         let payments_topic = unique("payments");
         let settlements_topic = unique("settlements");
+        let payouts_topic = unique("payouts");
         let exceptions_topic = unique("exceptions");
-        cluster
-            .create_topic(&payments_topic, partitions, 1)
-            .unwrap();
-        cluster
-            .create_topic(&settlements_topic, partitions, 1)
-            .unwrap();
+        for topic in [&payments_topic, &settlements_topic, &payouts_topic] {
+            cluster.create_topic(topic, partitions, 1).unwrap();
+        }
         cluster.create_topic(&exceptions_topic, 1, 1).unwrap();
         TestKafka {
             cluster: Some(cluster),
             bootstrap,
             payments_topic,
             settlements_topic,
+            payouts_topic,
             exceptions_topic,
             partitions,
         }
@@ -161,11 +162,13 @@ impl TestKafka {
     pub async fn external(bootstrap: &str, partitions: i32) -> TestKafka {
         let payments_topic = unique("payments");
         let settlements_topic = unique("settlements");
+        let payouts_topic = unique("payouts");
         let exceptions_topic = unique("exceptions");
         let config = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .clone();
-        payrecon::kafka::ensure_topics(&config, &[&payments_topic, &settlements_topic], partitions)
+        let inputs = [&payments_topic, &settlements_topic, &payouts_topic];
+        payrecon::kafka::ensure_topics(&config, &inputs.map(String::as_str), partitions)
             .await
             .expect("creating the input topics");
         payrecon::kafka::ensure_topics(&config, &[&exceptions_topic], 1)
@@ -176,6 +179,7 @@ impl TestKafka {
             bootstrap: bootstrap.to_owned(),
             payments_topic,
             settlements_topic,
+            payouts_topic,
             exceptions_topic,
             partitions,
         }
@@ -188,8 +192,13 @@ impl TestKafka {
             .expect("this test needs the embedded mock cluster")
     }
 
-    pub fn topics(&self) -> [&str; 2] {
-        [&self.payments_topic, &self.settlements_topic]
+    /// The input topics in topic-index order.
+    pub fn topics(&self) -> [&str; 3] {
+        [
+            &self.payments_topic,
+            &self.settlements_topic,
+            &self.payouts_topic,
+        ]
     }
 
     /// (low, high) watermarks of every partition of both topics.
@@ -273,6 +282,10 @@ impl Fixture {
                 self.kafka.settlements_topic.clone(),
             ),
             (
+                "PAYRECON_KAFKA__PAYOUTS_TOPIC".into(),
+                self.kafka.payouts_topic.clone(),
+            ),
+            (
                 "PAYRECON_EXCEPTIONS__TOPIC".into(),
                 self.kafka.exceptions_topic.clone(),
             ),
@@ -303,6 +316,7 @@ impl Fixture {
         s.kafka.group_id = self.group.clone();
         s.kafka.payments_topic = self.kafka.payments_topic.clone();
         s.kafka.settlements_topic = self.kafka.settlements_topic.clone();
+        s.kafka.payouts_topic = self.kafka.payouts_topic.clone();
         s.exceptions.topic = self.kafka.exceptions_topic.clone();
         s.registry.url = self.registry_url.clone();
         s
@@ -381,6 +395,9 @@ impl Fixture {
         )
         .await
         .unwrap()
+        .with_payouts(&sr, &self.kafka.payouts_topic)
+        .await
+        .unwrap()
     }
 
     /// Generates and produces simulated traffic; returns the expected totals.
@@ -397,8 +414,7 @@ impl Fixture {
         payrecon::simulate::produce(
             &producer,
             encoder,
-            &self.kafka.payments_topic,
-            &self.kafka.settlements_topic,
+            &self.kafka.topics(),
             records,
             rate,
             |_| {},
@@ -416,12 +432,13 @@ impl Fixture {
         rate: u64,
     ) -> tokio::task::JoinHandle<()> {
         let producer = self.producer();
-        let (p, s) = (
+        let (p, s, b) = (
             self.kafka.payments_topic.clone(),
             self.kafka.settlements_topic.clone(),
+            self.kafka.payouts_topic.clone(),
         );
         tokio::spawn(async move {
-            payrecon::simulate::produce(&producer, &encoder, &p, &s, &records, rate, |_| {})
+            payrecon::simulate::produce(&producer, &encoder, &[&p, &s, &b], &records, rate, |_| {})
                 .await
                 .expect("producing the simulated records");
         })

@@ -46,8 +46,7 @@ async fn produce_stamped(f: &Fixture, records: &[Generated]) {
     payrecon::simulate::produce_stamped(
         &f.producer(),
         &encoder,
-        &f.kafka.payments_topic,
-        &f.kafka.settlements_topic,
+        &f.kafka.topics(),
         records,
         0,
         BrokerTime::Event,
@@ -319,6 +318,11 @@ async fn send(
             &f.kafka.settlements_topic,
             &l.payment_reference,
             encoder.encode_settlement(l).unwrap(),
+        ),
+        Generated::Payout(b) => (
+            &f.kafka.payouts_topic,
+            &b.account_id,
+            encoder.encode_payout(b).unwrap(),
         ),
         Generated::Malformed { .. } => unreachable!(),
     };

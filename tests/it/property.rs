@@ -234,6 +234,7 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
                     match codec.decode(stream, Some(&bytes), broker).await {
                         Ok(Record::Payment(p)) => batch.payments.push((p, source)),
                         Ok(Record::Settlement(s)) => batch.settlements.push((s, source)),
+                        Ok(Record::Payout(b)) => batch.payouts.push((b, source)),
                         Err(DecodeError::Poison { kind, message }) => {
                             batch.dead_letters.push(DeadLetter {
                                 source,
