@@ -744,6 +744,10 @@ impl Stage {
         let (payments_topic, settlements_topic) = self.topics;
         cluster.create_topic(payments_topic, partitions, 1)?;
         cluster.create_topic(settlements_topic, partitions, 1)?;
+        // The payout leg is on, as in production: its items follow the settlement batches
+        // (the bench produces no statement lines, so they stay pending).
+        let payouts_topic = format!("{payments_topic}.payouts");
+        cluster.create_topic(&payouts_topic, partitions, 1)?;
         let (db, url, store) = fresh_store(admin, self.tag).await?;
         load_reference(&store, sim, settings).await?;
         if self.refuse_psp {
@@ -758,6 +762,7 @@ impl Stage {
         settings.database.url = SecretString::from(url);
         settings.kafka.payments_topic = payments_topic.into();
         settings.kafka.settlements_topic = settlements_topic.into();
+        settings.kafka.payouts_topic = payouts_topic;
         settings.kafka.group_id = self.group.into();
         let sr = crate::codec::registry_settings(
             &settings.registry.url,

@@ -243,6 +243,15 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
         counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(status))
             .absolute(0);
     }
+    // The payout leg's statuses (PAYOUT_*) count in the same series.
+    for status in crate::reconcile::PayoutStatus::ALL {
+        let exception = if status.is_exception() {
+            "true"
+        } else {
+            "false"
+        };
+        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception).absolute(0);
+    }
     for event in ["opened", "resolved"] {
         counter!(EXCEPTIONS, "event" => event).absolute(0);
     }
@@ -287,8 +296,20 @@ pub fn reconciled(outcome: &crate::store::ReconcileOutcome) {
         counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(*status))
             .increment(*n);
     }
-    counter!(EXCEPTIONS, "event" => "opened").increment(outcome.exceptions_opened);
-    counter!(EXCEPTIONS, "event" => "resolved").increment(outcome.exceptions_resolved);
+    let p = &outcome.payouts;
+    for (status, n) in &p.status_changes {
+        let exception = if status.is_exception() {
+            "true"
+        } else {
+            "false"
+        };
+        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception)
+            .increment(*n);
+    }
+    counter!(EXCEPTIONS, "event" => "opened")
+        .increment(outcome.exceptions_opened + p.exceptions_opened);
+    counter!(EXCEPTIONS, "event" => "resolved")
+        .increment(outcome.exceptions_resolved + p.exceptions_resolved);
     if let Some(w) = outcome
         .watermark
         .filter(|w| *w > chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)

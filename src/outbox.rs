@@ -76,6 +76,9 @@ pub struct OutboxRow {
     pub reason: String,
     pub watermark: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// SETTLEMENT or PAYOUT.
+    pub leg: String,
+    pub account_id: Option<String>,
 }
 
 /// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
@@ -119,6 +122,14 @@ pub fn to_value(r: &OutboxRow) -> Value {
         (
             "created_at".into(),
             Value::TimestampMillis(r.created_at.timestamp_millis()),
+        ),
+        ("leg".into(), Value::String(r.leg.clone())),
+        (
+            "account_id".into(),
+            match &r.account_id {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
+            },
         ),
     ])
 }
@@ -242,7 +253,8 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     loop {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
-                    opened, currency, expected_gross, settled_gross, reason, watermark, created_at
+                    opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
+                    reason, watermark, created_at, leg, account_id
                FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
         )
         .bind(round)

@@ -78,6 +78,12 @@ pub struct Report {
     pub open_exceptions: Vec<OpenException>,
     /// One row per merchant and currency with totals on the day, by merchant.
     pub merchants: Vec<MerchantDay>,
+    /// The payout leg on the day: settlement batches (and unexplained credits) per merchant,
+    /// currency and status (view `payout_status_summary`).
+    pub payouts: Vec<PayoutDay>,
+    /// Open payout exceptions of the day, largest absolute difference first, at most the
+    /// limit (view `open_payout_exceptions`).
+    pub open_payout_exceptions: Vec<OpenPayoutException>,
     /// With `--verify` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verification: Option<Verification>,
@@ -165,6 +171,39 @@ pub struct MerchantDay {
     /// What was settled for them, net of fees.
     pub items_settled_net: Option<Decimal>,
     pub items_net_difference: Option<Decimal>,
+}
+
+/// A row of the `payout_status_summary` view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct PayoutDay {
+    /// Empty for credits no batch explains.
+    pub merchant_id: String,
+    /// `None` for items in mixed currencies.
+    pub currency: Option<String>,
+    pub status: String,
+    pub items: i64,
+    /// Net totals of the batches, and what was paid out for them.
+    pub expected_net: Option<Decimal>,
+    pub paid: Option<Decimal>,
+    /// paid − expected_net.
+    pub difference: Option<Decimal>,
+}
+
+/// A row of the `open_payout_exceptions` view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OpenPayoutException {
+    /// BATCH (a settlement batch) or LINE (a statement line without a batch reference).
+    pub kind: String,
+    pub batch_or_line: String,
+    pub merchant_id: Option<String>,
+    pub account_id: Option<String>,
+    pub currency: Option<String>,
+    pub status: String,
+    pub expected_net: Option<Decimal>,
+    pub paid: Option<Decimal>,
+    pub difference: Option<Decimal>,
+    pub reason: String,
+    pub since: Option<DateTime<Utc>>,
 }
 
 /// The outcome of `--verify`.
@@ -365,6 +404,8 @@ pub async fn build(
         open_exceptions_total: 0,
         open_exceptions: Vec::new(),
         merchants: Vec::new(),
+        payouts: Vec::new(),
+        open_payout_exceptions: Vec::new(),
         verification: None,
         watermark: None,
     };
@@ -413,6 +454,50 @@ pub async fn build(
     .await?
     .into_iter()
     .map(MerchantDay::in_minor_units)
+    .collect();
+    report.payouts = sqlx::query_as::<_, PayoutDay>(
+        "SELECT merchant_id, trim(currency) AS currency, status, items, expected_net, paid,
+                difference
+           FROM payout_status_summary
+          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
+          ORDER BY merchant_id, currency, status",
+    )
+    .bind(date)
+    .bind(merchant)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|mut p| {
+        if let Some(c) = p.currency.as_deref() {
+            p.expected_net = p.expected_net.map(|a| money(a, c));
+            p.paid = p.paid.map(|a| money(a, c));
+            p.difference = p.difference.map(|a| money(a, c));
+        }
+        p
+    })
+    .collect();
+    report.open_payout_exceptions = sqlx::query_as::<_, OpenPayoutException>(
+        "SELECT kind, batch_or_line, merchant_id, account_id, trim(currency) AS currency, status,
+                expected_net, paid, difference, reason, since
+           FROM open_payout_exceptions
+          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
+          ORDER BY abs(difference) DESC NULLS LAST, kind, batch_or_line
+          LIMIT $3",
+    )
+    .bind(date)
+    .bind(merchant)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|mut p| {
+        if let Some(c) = p.currency.as_deref() {
+            p.expected_net = p.expected_net.map(|a| money(a, c));
+            p.paid = p.paid.map(|a| money(a, c));
+            p.difference = p.difference.map(|a| money(a, c));
+        }
+        p
+    })
     .collect();
     tx.commit().await?;
     Ok(report)
@@ -622,9 +707,89 @@ pub fn render(report: &Report) -> String {
             &rows,
         );
     }
+    render_payouts(&mut out, report);
     render_verification(&mut out, report);
     render_watermark(&mut out, report);
     out
+}
+
+/// The payout leg: batches per status, then the open payout exceptions.
+fn render_payouts(out: &mut String, report: &Report) {
+    let _ = writeln!(out);
+    let items: i64 = report.payouts.iter().map(|p| p.items).sum();
+    let _ = writeln!(
+        out,
+        "Payouts (settlement batches against bank credits): {items} item(s)"
+    );
+    if !report.payouts.is_empty() {
+        let rows: Vec<Vec<String>> = (report.payouts.iter())
+            .map(|p| {
+                vec![
+                    if p.merchant_id.is_empty() {
+                        "-".into()
+                    } else {
+                        p.merchant_id.clone()
+                    },
+                    p.currency.clone().unwrap_or_else(|| "mixed".into()),
+                    p.status.clone(),
+                    p.items.to_string(),
+                    amount(p.expected_net),
+                    amount(p.paid),
+                    amount(p.difference),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                ("merchant", Left),
+                ("cur", Left),
+                ("status", Left),
+                ("items", Right),
+                ("expected_net", Right),
+                ("paid", Right),
+                ("difference", Right),
+            ],
+            &rows,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Open payout exceptions: {}",
+        report.open_payout_exceptions.len()
+    );
+    if !report.open_payout_exceptions.is_empty() {
+        let rows: Vec<Vec<String>> = (report.open_payout_exceptions.iter())
+            .map(|e| {
+                vec![
+                    format!("{} {}", e.kind.to_lowercase(), e.batch_or_line),
+                    e.merchant_id.clone().unwrap_or_else(|| "-".into()),
+                    e.account_id.clone().unwrap_or_else(|| "-".into()),
+                    e.currency.clone().unwrap_or_else(|| "mixed".into()),
+                    e.status.clone(),
+                    amount(e.expected_net),
+                    amount(e.paid),
+                    amount(e.difference),
+                    e.reason.clone(),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                ("batch", Left),
+                ("merchant", Left),
+                ("account", Left),
+                ("cur", Left),
+                ("status", Left),
+                ("expected_net", Right),
+                ("paid", Right),
+                ("difference", Right),
+                ("reason", Left),
+            ],
+            &rows,
+        );
+    }
 }
 
 fn render_verification(out: &mut String, report: &Report) {

@@ -260,8 +260,11 @@ pub struct PayoutVerdict {
     pub difference: Option<Decimal>,
 }
 
+/// An amount with exactly the currency's minor units (12.3 EUR prints as 12.30 EUR, however
+/// the sum's scale came out).
 fn money(a: Decimal, c: Currency) -> String {
-    format!("{} {}", a.round_dp(c.minor_units()), c)
+    let dp = c.minor_units();
+    format!("{:.*} {}", dp as usize, a.round_dp(dp), c)
 }
 
 fn currencies(m: &BTreeMap<Currency, Decimal>) -> String {

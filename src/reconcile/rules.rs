@@ -22,6 +22,8 @@ pub struct Rules {
     /// Idle timeout and allowed lateness per input topic (the watermark's rules).
     pub clock: ClockRules,
     pub due_sweep_limit: i64,
+    /// The payout leg's deadline and tolerance.
+    pub payout: super::PayoutRules,
 }
 
 fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
@@ -56,6 +58,13 @@ impl Rules {
                     .collect(),
             },
             due_sweep_limit: s.due_sweep_limit.max(1),
+            payout: super::PayoutRules {
+                deadline: chrono_duration(s.payout_deadline),
+                tolerance: Tolerance {
+                    absolute: s.payout_tolerance_abs,
+                    relative: s.payout_tolerance_rel,
+                },
+            },
         }
     }
 

@@ -48,6 +48,32 @@ const LINE_COLUMNS: [&str; 9] = [
     "settlement_date",
     "event_time",
 ];
+const PAYOUT_COLUMNS: [&str; 7] = [
+    "account_id",
+    "value_date",
+    "amount",
+    "currency",
+    "batch_reference",
+    "description",
+    "event_time",
+];
+const PAYOUT_ITEM_COLUMNS: [&str; 11] = [
+    "merchant_id",
+    "account_id",
+    "business_date",
+    "currency",
+    "status",
+    "expected_net",
+    "paid",
+    "difference",
+    "settlement_lines",
+    "payouts",
+    "state",
+];
+const PAYOUT_DAILY_COLUMNS: [&str; 3] = ["payout_count", "credited", "debited"];
+/// Payout statuses only a passed deadline gives.
+const PAYOUT_DEADLINE_STATUSES: &str =
+    "('PAYOUT_MISSING', 'PAYOUT_AMOUNT_MISMATCH', 'PAYOUT_UNEXPECTED')";
 const POSITION_COLUMNS: [&str; 3] = ["source_topic", "source_partition", "source_offset"];
 const DEAD_LETTER_COLUMNS: [&str; 5] = [
     "error_kind",
@@ -341,6 +367,12 @@ impl<'c> Comparison<'c> {
                 "line_id",
                 &LINE_COLUMNS[..],
             ),
+            (
+                "bank_payout",
+                "bank_payouts",
+                "statement_line_id",
+                &PAYOUT_COLUMNS[..],
+            ),
         ] {
             let (l, s) = (&self.live, &self.shadow);
             let sql = format!(
@@ -592,6 +624,137 @@ impl<'c> Comparison<'c> {
               ORDER BY diffs.m COLLATE \"C\", diffs.d, diffs.c COLLATE \"C\""
         );
         self.stream("merchant_daily_total", &sql, None, out).await
+    }
+
+    /// Payout items (kind/key) whose live records all lie in the range, or every one for a
+    /// complete range, on every column and the running state; returns (compared, not
+    /// comparable, judged at different watermarks) as for [`Comparison::items`].
+    pub async fn payout_items(
+        &mut self,
+        out: &mut ReportWriter,
+    ) -> anyhow::Result<(i64, i64, i64)> {
+        let (l, s) = (&self.live, &self.shadow);
+        let inr = self.row_in_range("x");
+        let values = values_sql(&PAYOUT_ITEM_COLUMNS, &[]);
+        let cte = format!(
+            "WITH lrec AS (
+                SELECT kind, key, bool_and(inr) AS all_in FROM (
+                    SELECT 'BATCH' AS kind, x.batch_id AS key, {inr} AS inr
+                      FROM {l}.settlement_lines x
+                    UNION ALL
+                    SELECT CASE WHEN x.batch_reference IS NULL THEN 'LINE' ELSE 'BATCH' END,
+                           coalesce(x.batch_reference, x.statement_line_id), {inr}
+                      FROM {l}.bank_payouts x) a
+                 GROUP BY 1, 2),
+             pairs AS (
+                SELECT coalesce(s.kind, l.kind) AS kind, coalesce(s.key, l.key) AS key,
+                       {PROBLEM} AS problem, {values} AS values,
+                       l.status AS l_status, s.status AS s_status, l.deadline AS l_deadline,
+                       s.deadline AS s_deadline, l.watermark AS l_watermark,
+                       s.watermark AS s_watermark
+                  FROM (SELECT x.*, true AS present FROM {s}.payout_items x) s
+                  FULL JOIN (SELECT x.*, true AS present FROM {l}.payout_items x) l
+                    ON l.kind = s.kind AND l.key = s.key),
+             judged AS (
+                SELECT p.*, ($1 OR coalesce(lr.all_in, false)) AS comparable,
+                       coalesce(jsonb_array_length(p.values) = 1
+                           AND p.values->0->>'column' = 'status'
+                           AND ((p.l_status = 'PAYOUT_PENDING'
+                                 AND p.s_status IN {PAYOUT_DEADLINE_STATUSES}
+                                 AND p.s_watermark > p.l_deadline)
+                             OR (p.s_status = 'PAYOUT_PENDING'
+                                 AND p.l_status IN {PAYOUT_DEADLINE_STATUSES}
+                                 AND p.l_watermark > p.s_deadline)), false) AS apart
+                  FROM pairs p
+                  LEFT JOIN lrec lr ON lr.kind = p.kind AND lr.key = p.key)"
+        );
+        let positions = |schema: &str| {
+            format!(
+                "SELECT coalesce(jsonb_agg(jsonb_build_object('topic', t, 'partition', p, 'offset', o)
+                                  ORDER BY t COLLATE \"C\", p, o), '[]'::jsonb) AS positions
+                   FROM (SELECT t, p, o FROM (
+                           SELECT source_topic AS t, source_partition AS p, source_offset AS o
+                             FROM {schema}.settlement_lines
+                            WHERE d.kind = 'BATCH' AND batch_id = d.key
+                           UNION ALL
+                           SELECT source_topic, source_partition, source_offset
+                             FROM {schema}.bank_payouts
+                            WHERE coalesce(batch_reference, statement_line_id) = d.key) r
+                          ORDER BY t COLLATE \"C\", p, o LIMIT 20) y"
+            )
+        };
+        let sql = format!(
+            "{cte}
+             SELECT d.kind || '/' || d.key AS key, d.problem, d.values,
+                    coalesce(nullif(sp.positions, '[]'::jsonb), lp.positions) AS positions
+               FROM (SELECT * FROM judged
+                      WHERE comparable AND NOT apart AND jsonb_array_length(values) > 0) d
+              CROSS JOIN LATERAL ({sp}) sp
+              CROSS JOIN LATERAL ({lp}) lp
+              ORDER BY d.kind, d.key COLLATE \"C\"",
+            sp = positions(s),
+            lp = positions(l),
+        );
+        let complete = self.complete;
+        self.stream("payout_item", &sql, Some(complete), out)
+            .await?;
+        let counts: (i64, i64, i64) = sqlx::query_as(&format!(
+            "{cte}
+             SELECT count(*) FILTER (WHERE comparable), count(*) FILTER (WHERE NOT comparable),
+                    count(*) FILTER (WHERE comparable AND apart)
+               FROM judged"
+        ))
+        .bind(complete)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(counts)
+    }
+
+    /// Per account, value date and currency: `payout_daily_totals` for a complete range,
+    /// the sums of the statement lines in the range otherwise.
+    pub async fn payout_daily_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+        let (l, s) = (&self.live, &self.shadow);
+        let inr = self.row_in_range("x");
+        let sums = |rows: &str| {
+            format!(
+                "SELECT account_id AS a, value_date AS d, trim(currency) AS c,
+                        count(*)::bigint AS payout_count,
+                        coalesce(sum(amount) FILTER (WHERE amount > 0), 0)::numeric(24,4) AS credited,
+                        coalesce(sum(-amount) FILTER (WHERE amount < 0), 0)::numeric(24,4) AS debited,
+                        true AS present
+                   FROM ({rows}) r GROUP BY 1, 2, 3"
+            )
+        };
+        let sources = if self.complete {
+            format!(
+                "s AS (SELECT account_id AS a, value_date AS d, trim(currency) AS c, x.*,
+                              true AS present FROM {s}.payout_daily_totals x),
+                 l AS (SELECT account_id AS a, value_date AS d, trim(currency) AS c, x.*,
+                              true AS present FROM {l}.payout_daily_totals x)"
+            )
+        } else {
+            format!(
+                "s AS ({ss}), l AS ({ls})",
+                ss = sums(&format!(
+                    "SELECT y.* FROM {s}.bank_payouts y WHERE NOT EXISTS (
+                        SELECT 1 FROM {l}.bank_payouts x
+                         WHERE x.statement_line_id = y.statement_line_id AND NOT {inr})"
+                )),
+                ls = sums(&format!("SELECT x.* FROM {l}.bank_payouts x WHERE {inr}")),
+            )
+        };
+        let sql = format!(
+            "WITH {sources}
+             SELECT key, problem, values, '[]'::jsonb AS positions FROM (
+                SELECT coalesce(s.a, l.a) || '/' || coalesce(s.d, l.d)::text || '/'
+                           || coalesce(s.c, l.c) AS key,
+                       {PROBLEM} AS problem, {values} AS values
+                  FROM s FULL JOIN l ON l.a = s.a AND l.d = s.d AND l.c = s.c) diffs
+              WHERE jsonb_array_length(values) > 0
+              ORDER BY key COLLATE \"C\"",
+            values = values_sql(&PAYOUT_DAILY_COLUMNS, &[]),
+        );
+        self.stream("payout_daily_total", &sql, None, out).await
     }
 
     /// Ends the read-only snapshot.

@@ -590,6 +590,9 @@ impl Job<'_> {
         c.conflicting_duplicates(&mut out).await?;
         let (compared, not_comparable, apart) = c.items(&mut out).await?;
         c.daily_totals(&mut out).await?;
+        let (payouts_compared, payouts_not_comparable, payouts_apart) =
+            c.payout_items(&mut out).await?;
+        c.payout_daily_totals(&mut out).await?;
         c.end().await?;
         let differences = out.differences;
         let summary = Summary {
@@ -603,6 +606,9 @@ impl Job<'_> {
             references_compared: compared,
             references_not_comparable: not_comparable,
             references_judged_at_different_watermarks: apart,
+            payout_items_compared: payouts_compared,
+            payout_items_not_comparable: payouts_not_comparable,
+            payout_items_judged_at_different_watermarks: payouts_apart,
             live_rows_in_range: live_rows,
             replay_rows,
         };

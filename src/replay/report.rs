@@ -103,6 +103,11 @@ pub struct Summary {
     /// the other, each consistent with its own evaluation's watermark (the service judged
     /// later or had not yet judged): not a difference in the data.
     pub references_judged_at_different_watermarks: i64,
+    /// Payout items (settlement batches, unexplained credits) compared, not comparable
+    /// (live records outside the range) and judged at different watermarks, as above.
+    pub payout_items_compared: i64,
+    pub payout_items_not_comparable: i64,
+    pub payout_items_judged_at_different_watermarks: i64,
     /// Rows the live tables hold for the range (open dead letters only).
     pub live_rows_in_range: RowCounts,
     /// Rows the replay wrote.

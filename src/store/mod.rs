@@ -16,6 +16,7 @@ mod reconcile;
 mod reference;
 mod totals;
 mod verify;
+mod verify_payouts;
 
 use std::collections::HashMap;
 

@@ -116,14 +116,9 @@ impl Reconciler {
             cache,
             input_partitions,
             log_ends: None,
-            payouts: settings.enabled.then(|| crate::reconcile::PayoutRules {
-                deadline: chrono::Duration::from_std(settings.payout_deadline)
-                    .unwrap_or(chrono::Duration::MAX),
-                tolerance: crate::reconcile::Tolerance {
-                    absolute: settings.payout_tolerance_abs,
-                    relative: settings.payout_tolerance_rel,
-                },
-            }),
+            payouts: settings
+                .enabled
+                .then(|| Rules::from_settings(settings).payout),
         }
     }
 
@@ -1205,10 +1200,30 @@ impl super::Store {
             let wm = reconciler.watermark(&mut tx, group).await?;
             let refs = due_items(&mut tx, wm, chunk).await?;
             if refs.is_empty() {
-                return Ok(outcome);
+                break;
             }
             let who = (group, instance, reconciler, &*snapshot, wm);
             outcome.merge(evaluate_and_commit(tx, who, refs, Cause::Deadline).await?);
+        }
+        // The payout leg's due items (the payout sweep writes no daily totals).
+        let Some(rules) = &reconciler.payouts else {
+            return Ok(outcome);
+        };
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let who = Evaluator {
+                group,
+                instance,
+                rules: &reconciler.rules,
+                snapshot: &snapshot,
+                watermark: reconciler.watermark(&mut tx, group).await?,
+            };
+            let p = super::payouts::reconcile(&mut tx, &who, rules, &[], &[]).await?;
+            tx.commit().await?;
+            if p.evaluated == 0 {
+                return Ok(outcome);
+            }
+            outcome.payouts.merge(p);
         }
     }
 }
@@ -1305,7 +1320,9 @@ impl super::Store {
         let mut tx = self.pool.begin().await?;
         let (due, unpublished): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM reconciliation_items
-                      WHERE status = 'EXPECTED' AND deadline < $1),
+                      WHERE status = 'EXPECTED' AND deadline < $1)
+                  + (SELECT count(*) FROM payout_items
+                      WHERE status = 'PAYOUT_PENDING' AND deadline < $1),
                     (SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL)",
         )
         .bind(wm)

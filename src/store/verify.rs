@@ -18,6 +18,9 @@ use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::Store;
 use super::reconcile::{Evaluator, judge_records, records_of};
+use super::verify_payouts::{
+    payout_history_sql, payout_outbox_sql, payout_totals_sql, payout_verdicts,
+};
 use crate::reconcile::Rules;
 use crate::reconcile::Status;
 use crate::reference::Snapshot;
@@ -30,7 +33,7 @@ pub const MAX_SHOWN: i64 = 100;
 const REEVALUATION_CHUNK: i64 = 1000;
 
 /// The checks, in the order they run and are printed: (name, table, what it proves).
-pub const CHECKS: [(&str, &str, &str); 10] = [
+pub const CHECKS: [(&str, &str, &str); 14] = [
     (
         "payment_totals",
         "merchant_payment_totals",
@@ -85,6 +88,33 @@ pub const CHECKS: [(&str, &str, &str); 10] = [
          has an item; every such history row has exactly one outbox row",
     ),
     (
+        "payout_totals",
+        "payout_daily_totals",
+        "payout_count, credited and debited per account, value date and currency equal \
+         payout_daily_totals_recomputed (the sums of bank_payouts); no row missing on either side",
+    ),
+    (
+        "payout_verdicts",
+        "payout_items",
+        "every payout item's running state equals the sums of its batch's settlement lines and \
+         its bank statement lines, and its status, deadline and reason equal the payout \
+         matcher's judgement of them at the item's watermark; every batch and every \
+         statement line without a batch reference has an item",
+    ),
+    (
+        "payout_history",
+        "payout_history",
+        "every payout item's latest history row has its status, and per item, in id order, \
+         each row's from_status is the previous row's to_status (none on the first)",
+    ),
+    (
+        "payout_outbox",
+        "exceptions_outbox",
+        "every outbox row of leg PAYOUT belongs to a payout history row into or out of a \
+         payout exception status, with the same key, statuses and opened flag; every such \
+         history row has exactly one",
+    ),
+    (
         "offsets_records_applied",
         "consumer_offsets",
         "per group and partition: distinct log positions with a row (event, line or dead \
@@ -136,7 +166,7 @@ impl Check {
         self.differing == 0
     }
 
-    fn new(name: &'static str) -> Check {
+    pub(super) fn new(name: &'static str) -> Check {
         let (_, table, proves) = CHECKS
             .iter()
             .find(|(n, _, _)| *n == name)
@@ -156,7 +186,7 @@ impl Check {
 
 /// SQL that compares `columns` of rows `a` and `b`: (the differing columns of `a`, the same of
 /// `b`, whether any differ). A side whose `key` column is NULL is `missing`.
-fn compare_columns(columns: &[&str], key: &str) -> (String, String, String) {
+pub(super) fn compare_columns(columns: &[&str], key: &str) -> (String, String, String) {
     let side = |t: &str| {
         let parts: Vec<String> = columns
             .iter()
@@ -383,7 +413,7 @@ fn exceptions_outbox_sql() -> &'static str {
                 OR (o.payment_reference, o.from_status, o.to_status, o.opened)
                    IS DISTINCT FROM (h.payment_reference, h.from_status, h.to_status, h.opens)
                 OR count(*) OVER (PARTITION BY h.id) > 1 AS differs
-       FROM exceptions_outbox o
+       FROM (SELECT * FROM exceptions_outbox WHERE leg = 'SETTLEMENT') o
        FULL JOIN (SELECT id, payment_reference, from_status, to_status,
                          to_status NOT IN ('MATCHED', 'EXPECTED') AS opens,
                          (to_status NOT IN ('MATCHED', 'EXPECTED'))
@@ -404,6 +434,9 @@ const POSITIONS: &str = "SELECT source_topic AS topic, source_partition AS parti
                          UNION
                          SELECT source_topic, source_partition, source_offset
                            FROM settlement_lines
+                         UNION
+                         SELECT source_topic, source_partition, source_offset
+                           FROM bank_payouts
                          UNION
                          SELECT topic, partition, \"offset\" FROM dead_letters
                          UNION
@@ -440,6 +473,9 @@ fn offsets_cover_rows_sql() -> &'static str {
         UNION ALL
         SELECT 'settlement_lines', source_topic, source_partition, source_offset
           FROM settlement_lines
+        UNION ALL
+        SELECT 'bank_payouts', source_topic, source_partition, source_offset
+          FROM bank_payouts
         UNION ALL
         SELECT 'dead_letters', topic, partition, \"offset\" FROM dead_letters
         UNION ALL
@@ -679,6 +715,10 @@ impl Store {
         checks.push(run_sql_check(conn, "item_history", item_history_sql()).await?);
         checks.push(run_sql_check(conn, "history_chains", history_chains_sql()).await?);
         checks.push(run_sql_check(conn, "exceptions_outbox", exceptions_outbox_sql()).await?);
+        checks.push(run_sql_check(conn, "payout_totals", &payout_totals_sql()).await?);
+        checks.push(payout_verdicts(conn, &rules.payout).await?);
+        checks.push(run_sql_check(conn, "payout_history", payout_history_sql()).await?);
+        checks.push(run_sql_check(conn, "payout_outbox", payout_outbox_sql()).await?);
         let mut offsets = run_sql_check(
             conn,
             "offsets_records_applied",

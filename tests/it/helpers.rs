@@ -382,6 +382,24 @@ impl Fixture {
             "merchant_daily_totals differ from the rows:\n{}",
             daily.join("\n")
         );
+        // The payout leg: items against their records, history chains, outbox, totals.
+        let rules = payrecon::store::Rules::from_settings(&self.settings().reconciliation);
+        let verification = payrecon::report::verify(store, &rules).await.unwrap();
+        let failed: Vec<String> = (verification.checks.iter())
+            .filter(|c| c.name.starts_with("payout") && !c.passed())
+            .map(|c| {
+                format!(
+                    "{}: {:?}",
+                    c.name,
+                    &c.differences[..c.differences.len().min(5)]
+                )
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "payout checks failed:\n{}",
+            failed.join("\n")
+        );
         outbox
     }
 
@@ -551,6 +569,47 @@ impl Fixture {
         assert!(
             wrong.is_empty(),
             "{} references in the wrong status, e.g.:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(20)].join("\n")
+        );
+    }
+
+    /// Every payout item (settlement batch, unexplained credit) is in exactly the status the
+    /// simulator predicts, and there is no other.
+    pub async fn assert_payout_statuses(
+        &self,
+        expected: &std::collections::BTreeMap<
+            payrecon::reconcile::PayoutKey,
+            payrecon::reconcile::PayoutStatus,
+        >,
+    ) {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT kind, key, status FROM payout_items")
+                .fetch_all(self.db.store.pool())
+                .await
+                .unwrap();
+        let actual: std::collections::BTreeMap<(String, String), String> = rows
+            .into_iter()
+            .map(|(kind, key, status)| ((kind, key), status))
+            .collect();
+        let mut wrong = Vec::new();
+        for (k, status) in expected {
+            match actual.get(&(k.kind().to_owned(), k.key().to_owned())) {
+                Some(s) if s == status.as_str() => {}
+                found => wrong.push(format!("{k:?}: expected {status}, found {found:?}")),
+            }
+        }
+        let known: std::collections::BTreeSet<(String, String)> = (expected.keys())
+            .map(|k| (k.kind().to_owned(), k.key().to_owned()))
+            .collect();
+        wrong.extend(
+            (actual.keys())
+                .filter(|k| !known.contains(*k))
+                .map(|k| format!("{k:?}: a payout item the simulation did not create")),
+        );
+        assert!(
+            wrong.is_empty(),
+            "{} payout items in the wrong status, e.g.:\n{}",
             wrong.len(),
             wrong[..wrong.len().min(20)].join("\n")
         );

@@ -15,6 +15,7 @@ mod hostile;
 mod idleness;
 mod observability;
 mod outage;
+mod payouts;
 mod property;
 mod rebalance;
 mod reconciliation;
