@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::{Rng, SeedableRng};
@@ -206,6 +206,15 @@ enum Fault {
     FeeMismatch,
     OverSettled,
     CurrencyMismatch,
+}
+
+/// A settlement batch's id: one merchant's lines of one settlement day in one currency, as
+/// an acquirer pays them out (one payout per merchant, day and currency). The currency is
+/// part of it because a line settled in a wrong currency (a settlement-leg fault) or for a
+/// merchant the reference data does not know (settled in the payment's currency) is
+/// reported, and paid, apart from the merchant's usual batch.
+fn batch_id(seed: u64, merchant: &str, date: NaiveDate, currency: Currency) -> String {
+    format!("batch-{seed}-{merchant}-{date}-{currency}")
 }
 
 /// Value of one unit of a currency in EUR, to derive consistent cross rates.
@@ -441,7 +450,7 @@ pub fn simulate(
             }
             let line = SettlementLine {
                 line_id: format!("line-{}-{i}-{n}", o.seed),
-                batch_id: format!("batch-{}-{}", o.seed, i / 1000),
+                batch_id: batch_id(o.seed, &merchant, date, line_currency),
                 payment_reference: reference.clone(),
                 merchant_id: merchant.clone(),
                 gross,
@@ -455,7 +464,7 @@ pub fn simulate(
                 // The same capture settled again in a later batch, under a new line id.
                 lines.push(SettlementLine {
                     line_id: format!("line-{}-{i}-again", o.seed),
-                    batch_id: format!("batch-{}-{}-again", o.seed, i / 1000),
+                    batch_id: format!("{}-again", line.batch_id),
                     ..line.clone()
                 });
             }
@@ -500,11 +509,12 @@ pub fn simulate(
             // is wrong with it.
             let settle_k = currencies[k as usize % currencies.len()];
             let gross = round(amount, settle_k).max(Decimal::ONE);
+            let settled_for = format!("merchant-{k:03}");
             let line = SettlementLine {
                 line_id: format!("line-{}-{i}-unexpected", o.seed),
-                batch_id: format!("batch-{}-{}", o.seed, i / 1000),
+                batch_id: batch_id(o.seed, &settled_for, date, settle_k),
                 payment_reference: reference.clone(),
-                merchant_id: format!("merchant-{k:03}"),
+                merchant_id: settled_for,
                 gross,
                 fee: Decimal::ZERO,
                 net: gross,
