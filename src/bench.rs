@@ -177,6 +177,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let sim = SimulationOptions {
         payments: o.payments,
         malformed: 0,
+        payouts: false,
         ..SimulationOptions::default()
     };
     let (records, _) = crate::simulate::generate(&sim, 1)?;
@@ -274,6 +275,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         payments: count / 2 + 1,
         seed: 7,
         malformed: 0,
+        payouts: false,
         ..SimulationOptions::default()
     };
     let (mut paced, _) = crate::simulate::generate(&sim, 1)?;
@@ -321,6 +323,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         let sim = SimulationOptions {
             payments: o.payments,
             malformed: 0,
+            payouts: false,
             ..SimulationOptions::default()
         };
         hostile_stage(settings.clone(), &admin, &cluster, &sim, &records, &o).await?
@@ -336,6 +339,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     let backlog_sim = SimulationOptions {
         payments: o.payments,
         malformed: 0,
+        payouts: false,
         ..SimulationOptions::default()
     };
     for &n in o.instances.iter().filter(|n| **n > 0) {
@@ -432,6 +436,7 @@ async fn rolling_restart(
     settings.http.listen = "127.0.0.1:0".parse()?;
     let sim = SimulationOptions {
         malformed: 0,
+        payouts: false,
         ..SimulationOptions::default()
     };
     println!(

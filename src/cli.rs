@@ -264,7 +264,10 @@ pub async fn simulate(
     load_reference: bool,
 ) -> anyhow::Result<crate::domain::Totals> {
     let k = &settings.kafka;
-    let options = &options.clone().with_rules(&settings.reconciliation);
+    let mut options = options.clone().with_rules(&settings.reconciliation);
+    // No payouts topic configured: the payout leg is off, so there is nowhere to send them.
+    options.payouts &= !k.payouts_topic.is_empty();
+    let options = &options;
     if load_reference {
         let (merchants, rates) = crate::simulate::reference_data(options)?;
         let store = crate::app::connect_store(
@@ -324,8 +327,11 @@ pub async fn simulate(
     )
     .await?;
     println!(
-        "produced {total} records: {} payment events, {} settlement lines, {} malformed",
-        expected.payment_events, expected.settlement_lines, expected.dead_letters
+        "produced {total} records: {} payment events, {} settlement lines, {} bank statement lines, {} malformed",
+        expected.payment_events,
+        expected.settlement_lines,
+        expected.statement_lines,
+        expected.dead_letters
     );
     Ok(expected)
 }

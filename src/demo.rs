@@ -3,9 +3,10 @@
 //! Starts an embedded Kafka (librdkafka's mock cluster; its bootstrap address is printed so
 //! other clients can connect), the embedded Schema Registry, and uses PostgreSQL from
 //! `DATABASE_URL` or the local server (or, if none answers and `initdb`/`pg_ctl` exist, a
-//! throwaway cluster in a temporary directory). Then it simulates traffic, runs the service,
-//! prints progress and a summary checked against the simulator's expected totals, and exits
-//! 0 only when they match.
+//! throwaway cluster in a temporary directory). Then it simulates traffic on all three input
+//! topics (payments, settlement lines, the bank's payouts), runs the service, prints progress
+//! and a summary checked against the simulator's expected totals and statuses of both
+//! reconciliation legs, and exits 0 only when they match.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -208,16 +209,16 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     // Embedded Kafka.
     let cluster = MockCluster::new(1).context("starting the embedded Kafka (mock cluster)")?;
     let bootstrap = cluster.bootstrap_servers();
-    for topic in [
-        &settings.kafka.payments_topic,
-        &settings.kafka.settlements_topic,
-    ] {
+    // Payments, settlements and (unless configured off) the bank's payouts.
+    let inputs = settings.kafka.input_topic_names();
+    for topic in &inputs {
         cluster.create_topic(topic, o.partitions, 1)?;
     }
     cluster.create_topic(&settings.exceptions.topic, 1, 1)?;
     println!(
-        "embedded Kafka:           {bootstrap}  (topics {}, {}; {} partitions each)",
-        settings.kafka.payments_topic, settings.kafka.settlements_topic, o.partitions
+        "embedded Kafka:           {bootstrap}  (topics {}; {} partitions each)",
+        inputs.join(", "),
+        o.partitions
     );
     // Embedded registry.
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
@@ -391,6 +392,10 @@ async fn summarize(
         running.settlement_lines, expected.settlement_lines
     );
     println!(
+        "statement lines:    {} (expected {})",
+        running.statement_lines, expected.statement_lines
+    );
+    println!(
         "dead letters:       {} (expected {})",
         running.dead_letters, expected.dead_letters
     );
@@ -428,6 +433,21 @@ async fn summarize(
             "{status:<24} {:>8} {:>9}",
             running.statuses.get(status).copied().unwrap_or(0),
             expected.statuses.get(status).copied().unwrap_or(0)
+        );
+    }
+    // The payout leg: settlement batches against the bank's statement lines.
+    println!();
+    println!("{:<24} {:>8} {:>9}", "payout status", "found", "expected");
+    let payout_statuses: std::collections::BTreeSet<&String> = expected
+        .payout_statuses
+        .keys()
+        .chain(running.payout_statuses.keys())
+        .collect();
+    for status in payout_statuses {
+        println!(
+            "{status:<24} {:>8} {:>9}",
+            running.payout_statuses.get(status).copied().unwrap_or(0),
+            expected.payout_statuses.get(status).copied().unwrap_or(0)
         );
     }
     let mut differences = expected.differences(&running);
@@ -474,7 +494,7 @@ async fn summarize(
     println!();
     if differences.is_empty() {
         println!(
-            "RESULT: MATCH: every expected event, line, total, dead letter and reconciliation status is in PostgreSQL exactly once; every exception is on the topic exactly once"
+            "RESULT: MATCH: every expected event, line, statement line, total, dead letter, reconciliation and payout status is in PostgreSQL exactly once; every exception is on the topic exactly once"
         );
         Ok(ExitCode::SUCCESS)
     } else {

@@ -100,6 +100,7 @@ pub async fn run_with(
             payments: count as u64 / 2 + 1,
             seed: 11,
             malformed: 0,
+            payouts: false,
             ..SimulationOptions::default()
         },
         1,

@@ -14,4 +14,4 @@ pub use events::{
     BankPayout, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine, check_amount,
 };
 pub use limits::Limits;
-pub use totals::{PaymentTotal, SettlementTotal, Totals};
+pub use totals::{PaymentTotal, PayoutTotal, SettlementTotal, Totals};

@@ -22,6 +22,14 @@ pub struct SettlementTotal {
     pub net: Decimal,
 }
 
+/// Count and signed sum (credits less debits) of one (account, currency) of bank statement
+/// lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayoutTotal {
+    pub count: i64,
+    pub sum: Decimal,
+}
+
 /// The outcome of consuming a stream, in comparable form.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
@@ -39,6 +47,15 @@ pub struct Totals {
     /// Reconciliation items by status (`MATCHED`, `AMOUNT_MISMATCH`, ...).
     #[serde(default)]
     pub statuses: BTreeMap<String, i64>,
+    /// Bank statement lines keyed `account/currency`, and how many distinct ones (the
+    /// payout leg; `serde(default)`: expected totals written before it read as none).
+    #[serde(default)]
+    pub payouts: BTreeMap<String, PayoutTotal>,
+    #[serde(default)]
+    pub statement_lines: i64,
+    /// Payout items by status (`PAYOUT_MATCHED`, `PAYOUT_MISSING`, ...).
+    #[serde(default)]
+    pub payout_statuses: BTreeMap<String, i64>,
 }
 
 impl Totals {
@@ -56,6 +73,11 @@ impl Totals {
             self.settlement_lines,
             actual.settlement_lines,
         );
+        scalar(
+            "statement lines",
+            self.statement_lines,
+            actual.statement_lines,
+        );
         scalar("dead letters", self.dead_letters, actual.dead_letters);
         scalar("records applied", self.records, actual.records);
         diff_maps("payments", &self.payments, &actual.payments, &mut out);
@@ -66,6 +88,13 @@ impl Totals {
             &mut out,
         );
         diff_maps("statuses", &self.statuses, &actual.statuses, &mut out);
+        diff_maps("payouts", &self.payouts, &actual.payouts, &mut out);
+        diff_maps(
+            "payout statuses",
+            &self.payout_statuses,
+            &actual.payout_statuses,
+            &mut out,
+        );
         out
     }
 }

@@ -230,7 +230,7 @@ impl<'b> Records<'b> {
 
     /// Records `a..b` of the sequence.
     fn slice(&self, a: usize, b: usize) -> Records<'b> {
-        fn cut<'x, T>(xs: &'x [T], start: usize, (a, b): (usize, usize)) -> &'x [T] {
+        fn cut<T>(xs: &[T], start: usize, (a, b): (usize, usize)) -> &[T] {
             let clamp = |i: usize| i.clamp(start, start + xs.len()) - start;
             &xs[clamp(a)..clamp(b)]
         }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::Store;
-use crate::domain::{PaymentTotal, SettlementTotal, Totals};
+use crate::domain::{PaymentTotal, PayoutTotal, SettlementTotal, Totals};
 
 impl Store {
     /// Totals as maintained incrementally by the batch transactions.
@@ -14,16 +14,19 @@ impl Store {
         self.totals_from(
             "SELECT merchant_id, currency, kind, event_count, amount_sum FROM merchant_payment_totals",
             "SELECT merchant_id, currency, line_count, gross_sum, fee_sum, net_sum FROM merchant_settlement_totals",
+            "SELECT account_id, currency, sum(payout_count)::bigint, sum(credited - debited) FROM payout_daily_totals GROUP BY 1, 2",
             group,
         )
         .await
     }
 
-    /// The same totals recomputed from `payment_events` and `settlement_lines`.
+    /// The same totals recomputed from `payment_events`, `settlement_lines` and
+    /// `bank_payouts`.
     pub async fn recomputed_totals(&self, group: &str) -> Result<Totals, sqlx::Error> {
         self.totals_from(
             "SELECT merchant_id, currency, kind, count(*), sum(amount) FROM payment_events GROUP BY 1, 2, 3",
             "SELECT merchant_id, currency, count(*), sum(gross), sum(fee), sum(net) FROM settlement_lines GROUP BY 1, 2",
+            "SELECT account_id, currency, count(*), sum(amount) FROM bank_payouts GROUP BY 1, 2",
             group,
         )
         .await
@@ -33,6 +36,7 @@ impl Store {
         &self,
         payments_sql: &'static str,
         settlements_sql: &'static str,
+        payouts_sql: &'static str,
         group: &str,
     ) -> Result<Totals, sqlx::Error> {
         let payment_rows: Vec<(String, String, String, i64, Decimal)> =
@@ -67,6 +71,20 @@ impl Store {
                 },
             );
         }
+        let payout_rows: Vec<(String, String, i64, Decimal)> =
+            sqlx::query_as(payouts_sql).fetch_all(&self.pool).await?;
+        let mut payouts = BTreeMap::new();
+        let mut statement_lines = 0;
+        for (a, c, count, sum) in payout_rows {
+            statement_lines += count;
+            payouts.insert(
+                format!("{a}/{}", c.trim()),
+                PayoutTotal {
+                    count,
+                    sum: sum.normalize(),
+                },
+            );
+        }
         let (dead_letters, records): (i64, Option<Decimal>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM dead_letters),
                     (SELECT sum(records_applied) FROM consumer_offsets WHERE consumer_group = $1)",
@@ -78,8 +96,15 @@ impl Store {
             sqlx::query_as("SELECT status, count(*) FROM reconciliation_items GROUP BY status")
                 .fetch_all(&self.pool)
                 .await?;
+        let payout_statuses: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM payout_items GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(Totals {
             statuses: statuses.into_iter().collect(),
+            payout_statuses: payout_statuses.into_iter().collect(),
+            payouts,
+            statement_lines,
             payments,
             settlements,
             payment_events,

@@ -18,7 +18,7 @@ export const dashboard = {
       }
     ]
   },
-  "description": "Reconciliation view from PostgreSQL (totals, dead letters, ingestion, reconciliation status and open exceptions) plus Prometheus throughput.",
+  "description": "Reconciliation view from PostgreSQL (totals, dead letters, ingestion, reconciliation status and open exceptions, the payout leg's batches against bank statement lines) plus Prometheus throughput.",
   "editable": true,
   "fiscalYearStartMonth": 0,
   "graphTooltip": 1,
@@ -1502,6 +1502,351 @@ export const dashboard = {
         "w": 12,
         "x": 12,
         "y": 70
+      }
+    },
+    {
+      "type": "row",
+      "id": 22,
+      "title": "Payouts (PostgreSQL: settlement batches against bank statement lines)",
+      "collapsed": false,
+      "gridPos": {
+        "h": 1,
+        "w": 24,
+        "x": 0,
+        "y": 80
+      },
+      "panels": []
+    },
+    {
+      "type": "stat",
+      "title": "Open payout exceptions",
+      "description": "Settlement batches (kind BATCH) and unexplained statement lines (kind LINE) in a payout exception status now (view open_payout_exceptions: every status except PAYOUT_MATCHED and PAYOUT_PENDING). A batch's payout is due payout_deadline after its last line's event time.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT count(*) AS open FROM open_payout_exceptions",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "unit": "short",
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              },
+              {
+                "color": "orange",
+                "value": 1
+              },
+              {
+                "color": "red",
+                "value": 100
+              }
+            ]
+          },
+          "mappings": [],
+          "decimals": 0
+        },
+        "overrides": []
+      },
+      "options": {
+        "reduceOptions": {
+          "calcs": [
+            "lastNotNull"
+          ],
+          "fields": "",
+          "values": false
+        },
+        "orientation": "auto",
+        "colorMode": "value",
+        "graphMode": "none",
+        "justifyMode": "auto",
+        "textMode": "auto",
+        "wideLayout": true,
+        "showPercentChange": false,
+        "percentChangeColorMode": "standard"
+      },
+      "id": 23,
+      "gridPos": {
+        "h": 8,
+        "w": 6,
+        "x": 0,
+        "y": 81
+      }
+    },
+    {
+      "type": "table",
+      "title": "Payout items per status",
+      "description": "View payout_status_summary, all business days, merchants and currencies: payout items per status. PAYOUT_PENDING: not paid in full yet and within the deadline; every other status except PAYOUT_MATCHED is an exception.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT status, sum(items) AS items,\n       bool_or(exception) AS exception\n  FROM payout_status_summary\n GROUP BY status\n ORDER BY bool_or(exception) DESC, status",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "exception"
+            },
+            "properties": [
+              {
+                "id": "custom.cellOptions",
+                "value": {
+                  "type": "color-text"
+                }
+              },
+              {
+                "id": "mappings",
+                "value": [
+                  {
+                    "type": "value",
+                    "options": {
+                      "true": {
+                        "text": "yes",
+                        "color": "red"
+                      },
+                      "false": {
+                        "text": "no",
+                        "color": "green"
+                      }
+                    }
+                  }
+                ]
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 24,
+      "gridPos": {
+        "h": 8,
+        "w": 8,
+        "x": 6,
+        "y": 81
+      }
+    },
+    {
+      "type": "table",
+      "title": "Paid vs expected per currency",
+      "description": "View payout_status_summary, all business days: the batches' net totals (expected_net) against what the bank paid for them (paid), per currency. Items in PAYOUT_CURRENCY_MISMATCH (paid in another currency) and PAYOUT_UNEXPECTED (credits no batch explains) are left out, so paid / expected below 1 is money still owed (pending or missing payouts, short payments), above 1 over-payment.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT currency,\n       sum(items) AS items,\n       sum(expected_net) AS expected_net,\n       coalesce(sum(paid), 0) AS paid,\n       sum(difference) AS difference,\n       round(coalesce(sum(paid), 0) / nullif(sum(expected_net), 0), 4) AS paid_ratio\n  FROM payout_status_summary\n WHERE currency IS NOT NULL\n   AND status NOT IN ('PAYOUT_CURRENCY_MISMATCH', 'PAYOUT_UNEXPECTED')\n GROUP BY currency\n ORDER BY currency",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byRegexp",
+              "options": "/^(expected_net|paid|difference)$/"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "none"
+              }
+            ]
+          },
+          {
+            "matcher": {
+              "id": "byName",
+              "options": "paid_ratio"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "percentunit"
+              },
+              {
+                "id": "decimals",
+                "value": 2
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 25,
+      "gridPos": {
+        "h": 8,
+        "w": 10,
+        "x": 14,
+        "y": 81
+      }
+    },
+    {
+      "type": "table",
+      "title": "Open payout exceptions (largest differences first)",
+      "description": "View open_payout_exceptions: one row per settlement batch or unexplained statement line in a payout exception status. expected_net: the batch's net total (sum of its lines' net); paid: the sum of the statement lines carrying its batch reference (in their own currency); difference = paid - expected_net, empty when not comparable (other or mixed currencies, no lines). since: when the item entered its status.",
+      "datasource": {
+        "type": "grafana-postgresql-datasource",
+        "uid": "payrecon-postgres"
+      },
+      "targets": [
+        {
+          "datasource": {
+            "type": "grafana-postgresql-datasource",
+            "uid": "payrecon-postgres"
+          },
+          "refId": "A",
+          "rawSql": "SELECT kind, batch_or_line, merchant_id, account_id, business_date, currency, status,\n       expected_net, paid, difference, settlement_lines, payouts, since, evaluations, reason\n  FROM open_payout_exceptions\n ORDER BY abs(difference) DESC NULLS LAST, since\n LIMIT 500",
+          "format": "table",
+          "rawQuery": true,
+          "editorMode": "code"
+        }
+      ],
+      "fieldConfig": {
+        "defaults": {
+          "custom": {
+            "align": "auto",
+            "cellOptions": {
+              "type": "auto"
+            },
+            "inspect": false,
+            "filterable": true
+          },
+          "color": {
+            "mode": "thresholds"
+          },
+          "thresholds": {
+            "mode": "absolute",
+            "steps": [
+              {
+                "color": "green",
+                "value": null
+              }
+            ]
+          },
+          "mappings": []
+        },
+        "overrides": [
+          {
+            "matcher": {
+              "id": "byRegexp",
+              "options": "/^(expected_net|paid|difference)$/"
+            },
+            "properties": [
+              {
+                "id": "unit",
+                "value": "none"
+              }
+            ]
+          }
+        ]
+      },
+      "options": {
+        "showHeader": true,
+        "frameIndex": 0,
+        "cellHeight": "sm",
+        "sortBy": []
+      },
+      "id": 26,
+      "gridPos": {
+        "h": 10,
+        "w": 24,
+        "x": 0,
+        "y": 89
       }
     }
   ],
