@@ -1,5 +1,6 @@
 //! The service is SIGKILLed at random moments while consuming; after the last restart drains
-//! the topics, PostgreSQL holds exactly the expected events and sums.
+//! the topics (payments, settlements and bank payouts), PostgreSQL holds exactly the expected
+//! events, sums and statuses of both reconciliation legs.
 
 use std::time::{Duration, Instant};
 
@@ -69,5 +70,11 @@ async fn ten_sigkills_while_consuming_lose_nothing_and_double_nothing() {
     fx.wait_drained(Duration::from_secs(120)).await;
     fx.assert_exact(&expected).await;
     fx.assert_statuses(&sim.statuses).await;
+    // The third topic under the same kills: every settlement batch's payout status exact.
+    assert!(
+        expected.statement_lines > 0,
+        "the simulation produces bank payouts"
+    );
+    fx.assert_payout_statuses(&sim.payout_statuses).await;
     assert_eq!(last.terminate(Duration::from_secs(20)).await, Some(0));
 }
