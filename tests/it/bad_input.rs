@@ -137,6 +137,9 @@ async fn a_registry_outage_is_retried_at_the_same_offset_and_never_dead_lettered
         &fx.kafka.settlements_topic,
     )
     .await
+    .unwrap()
+    .with_payouts(&sr, &fx.kafka.payouts_topic)
+    .await
     .unwrap();
     let (records, expected) =
         payrecon::simulate::generate(&simulation(300, 11), encoder.payment_schema_id()).unwrap();

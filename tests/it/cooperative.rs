@@ -64,7 +64,7 @@ async fn cooperative_members_joining_and_leaving_mid_stream_keep_totals_exact() 
     .await;
     // a gave up only what b took, incrementally, and kept the rest.
     wait_for(Duration::from_secs(30), "a to give b its share", || async {
-        assigned(&a).await + assigned(&b).await == 8.0
+        assigned(&a).await + assigned(&b).await == 12.0
     })
     .await;
     assert!(assigned(&a).await > 0.0, "a keeps a share");
@@ -88,7 +88,7 @@ async fn cooperative_members_joining_and_leaving_mid_stream_keep_totals_exact() 
     wait_for(
         Duration::from_secs(60),
         "b and c to own everything",
-        || async { assigned(&b).await + assigned(&c).await == 8.0 },
+        || async { assigned(&b).await + assigned(&c).await == 12.0 },
     )
     .await;
     producing.await.unwrap();

@@ -99,13 +99,14 @@ fn lag_is_zero(body: &str, series: usize) -> bool {
 async fn commit_lag_reaches_zero_when_drained_and_rises_while_the_service_is_stopped() {
     let started = Instant::now();
     let fx = Fixture::new(2).await;
-    // Both topics have 2 partitions: 4 lag series.
-    let series = 4;
+    // The three input topics have 2 partitions: 6 lag series.
+    let series = 6;
     let encoder = fx.encoder().await;
     let (records, expected) =
         payrecon::simulate::generate(&simulation(2_000, 1_001), encoder.payment_schema_id())
             .unwrap();
-    let distinct = (expected.payment_events + expected.settlement_lines) as f64;
+    let distinct =
+        (expected.payment_events + expected.settlement_lines + expected.statement_lines) as f64;
     let produced = records.len() as f64;
     assert!(produced > distinct, "the simulation should hold duplicates");
 
@@ -287,7 +288,9 @@ async fn commit_lag_reaches_zero_when_drained_and_rises_while_the_service_is_sto
         |b| lag_is_zero(b, series),
     )
     .await;
-    let distinct_more = (more_expected.payment_events + more_expected.settlement_lines) as f64;
+    let distinct_more = (more_expected.payment_events
+        + more_expected.settlement_lines
+        + more_expected.statement_lines) as f64;
     assert_eq!(
         metric_value(&body, "payrecon_records_total", &["outcome=\"applied\""]),
         distinct_more,
@@ -976,7 +979,8 @@ async fn a_real_prometheus_scrapes_the_service_and_every_dashboard_and_alert_exp
     );
     // Prometheus has the final state, a few scrapes of history (rate() needs 2 samples in
     // its window) and every payrecon series has been scraped at least 3 times.
-    let distinct = (expected.payment_events + expected.settlement_lines) as f64;
+    let distinct =
+        (expected.payment_events + expected.settlement_lines + expected.statement_lines) as f64;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let applied = prometheus

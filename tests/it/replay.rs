@@ -452,7 +452,7 @@ async fn replay_of_an_offset_or_time_range_covers_exactly_its_records_and_is_rep
         assert_eq!(r.to, end[&tp].1, "{tp:?} ends at the stored offset");
         assert_eq!(r.records as i64, r.to - r.from);
     }
-    assert_eq!(timed.ranges.len(), 2 * f.kafka.partitions as usize);
+    assert_eq!(timed.ranges.len(), 3 * f.kafka.partitions as usize);
     assert_eq!(timed.records_read as i64, second.records);
     assert_eq!(
         timed.result,
