@@ -189,6 +189,35 @@ pub struct PayoutDay {
     pub difference: Option<Decimal>,
 }
 
+impl PayoutDay {
+    fn in_minor_units(mut self) -> Self {
+        payout_amounts_in_minor_units(
+            self.currency.as_deref(),
+            [&mut self.expected_net, &mut self.paid, &mut self.difference],
+        );
+        self
+    }
+}
+
+impl OpenPayoutException {
+    fn in_minor_units(mut self) -> Self {
+        payout_amounts_in_minor_units(
+            self.currency.as_deref(),
+            [&mut self.expected_net, &mut self.paid, &mut self.difference],
+        );
+        self
+    }
+}
+
+/// A payout row's amounts with their currency's minor units (none for mixed currencies).
+fn payout_amounts_in_minor_units(currency: Option<&str>, amounts: [&mut Option<Decimal>; 3]) {
+    if let Some(c) = currency {
+        for a in amounts {
+            *a = a.map(|a| money(a, c));
+        }
+    }
+}
+
 /// A row of the `open_payout_exceptions` view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct OpenPayoutException {
@@ -467,14 +496,7 @@ pub async fn build(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|mut p| {
-        if let Some(c) = p.currency.as_deref() {
-            p.expected_net = p.expected_net.map(|a| money(a, c));
-            p.paid = p.paid.map(|a| money(a, c));
-            p.difference = p.difference.map(|a| money(a, c));
-        }
-        p
-    })
+    .map(PayoutDay::in_minor_units)
     .collect();
     report.open_payout_exceptions = sqlx::query_as::<_, OpenPayoutException>(
         "SELECT kind, batch_or_line, merchant_id, account_id, trim(currency) AS currency, status,
@@ -490,14 +512,7 @@ pub async fn build(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|mut p| {
-        if let Some(c) = p.currency.as_deref() {
-            p.expected_net = p.expected_net.map(|a| money(a, c));
-            p.paid = p.paid.map(|a| money(a, c));
-            p.difference = p.difference.map(|a| money(a, c));
-        }
-        p
-    })
+    .map(OpenPayoutException::in_minor_units)
     .collect();
     tx.commit().await?;
     Ok(report)
