@@ -115,8 +115,10 @@ pub(crate) async fn reconcile(
         let v = payout::judge(key, &state, who.watermark, rules);
         out.evaluated += 1;
         let changed = prior_status != Some(v.status);
-        let publish =
-            changed && (v.status.is_exception() || prior_status.is_some_and(|s| s.is_exception()));
+        // As on the settlement leg: only entering or leaving an exception is published, so
+        // opened - resolved is the number of open exceptions. A change from one exception to
+        // another (UNEXPECTED to AMOUNT_MISMATCH once the batch's lines arrive) is history only.
+        let publish = v.status.is_exception() != prior_status.is_some_and(|s| s.is_exception());
         if changed {
             *out.status_changes.entry(v.status).or_default() += 1;
             if publish {

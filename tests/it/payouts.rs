@@ -155,20 +155,28 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
         ]),
     )
     .await;
-    // The late payout arrives: its exception is resolved.
+    // The late payout arrives: its exception is resolved. The ghost batch's line arrives
+    // late (its time long past the deadline): the unexplained credit becomes a short payout,
+    // one exception turning into another, which is history and not a second outbox row.
     f.produce_records(
         &encoder,
-        &[pay(payout("late", Some("B-late"), "20.00", "EUR", 101))],
+        &[
+            pay(payout("late", Some("B-late"), "20.00", "EUR", 101)),
+            line("ghost", "B-ghost", "20.00", 0),
+        ],
         0,
     )
     .await;
-    wait_for(Duration::from_secs(30), "B-late to be matched", || async {
-        payout_statuses(&f)
-            .await
-            .get("BATCH/B-late")
-            .map(String::as_str)
-            == Some("PAYOUT_MATCHED")
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "B-late matched, B-ghost short",
+        || async {
+            let statuses = payout_statuses(&f).await;
+            statuses.get("BATCH/B-late").map(String::as_str) == Some("PAYOUT_MATCHED")
+                && statuses.get("BATCH/B-ghost").map(String::as_str)
+                    == Some("PAYOUT_AMOUNT_MISMATCH")
+        },
+    )
     .await;
     f.wait_drained(Duration::from_secs(30)).await;
     // Outbox and exceptions topic exactly once, payout checks of report --verify.
@@ -227,6 +235,32 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
             ("PAYOUT_MATCHED".into(), false, "PAYOUT".into())
         ]
     );
+    let ghost: Vec<(String, String)> = sqlx::query_as(
+        "SELECT coalesce(from_status, 'NULL') || '->' || to_status, cause FROM payout_history
+          WHERE kind = 'BATCH' AND key = 'B-ghost' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let ghost: Vec<(&str, &str)> = ghost
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        ghost,
+        [
+            ("NULL->PAYOUT_PENDING", "RECORDS"),
+            ("PAYOUT_PENDING->PAYOUT_UNEXPECTED", "DEADLINE"),
+            ("PAYOUT_UNEXPECTED->PAYOUT_AMOUNT_MISMATCH", "RECORDS"),
+        ]
+    );
+    let ghost_outbox: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT to_status, opened FROM exceptions_outbox WHERE payment_reference = 'B-ghost'",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(ghost_outbox, [("PAYOUT_UNEXPECTED".to_string(), true)]);
     // The re-delivery counted once, the conflicting version kept, the hostile ones dead.
     let (payouts, conflicts, dead): (i64, i64, Vec<String>) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM bank_payouts),
