@@ -140,8 +140,15 @@ fn values_sql(columns: &[&str], position: &[&str]) -> String {
         } else {
             ""
         };
+        // The running state is JSON kept as text: compared as jsonb, so a state written before
+        // it was text (jsonb's spelling) equals the same state written since.
+        let (sc, lc) = if c == "state" {
+            ("s.state::jsonb".to_string(), "l.state::jsonb".to_string())
+        } else {
+            (format!("s.{c}"), format!("l.{c}"))
+        };
         format!(
-            "CASE WHEN {guard}s.{c} IS DISTINCT FROM l.{c} THEN jsonb_build_object('column', '{c}', 'live', l.{c}::text, 'replay', s.{c}::text) END"
+            "CASE WHEN {guard}{sc} IS DISTINCT FROM {lc} THEN jsonb_build_object('column', '{c}', 'live', l.{c}::text, 'replay', s.{c}::text) END"
         )
     };
     let all: Vec<String> = (columns.iter().map(|c| one(c, false)))

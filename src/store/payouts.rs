@@ -167,7 +167,7 @@ async fn lock_items<'k>(
         "INSERT INTO payout_items AS i (kind, key, business_date, status, settlement_lines,
                 payouts, reason, watermark, state, evaluations)
          SELECT k.kind, k.key, DATE '1970-01-01', 'PAYOUT_PENDING', 0, 0, '', '-infinity',
-                '{}'::jsonb, 0
+                '{}', 0
            FROM UNNEST($1::text[], $2::text[]) AS k(kind, key)
           ORDER BY k.kind, k.key
          ON CONFLICT (kind, key) DO UPDATE SET evaluations = i.evaluations
@@ -281,7 +281,7 @@ async fn write(
                    expected_net = c.expected, paid = c.paid, difference = c.difference,
                    settlement_lines = c.lines, payouts = c.payouts, deadline = c.deadline,
                    reason = c.reason, watermark = GREATEST(i.watermark, $21),
-                   evaluations = i.evaluations + 1, state = c.state::jsonb,
+                   evaluations = i.evaluations + 1, state = c.state,
                    updated_at = now()
               FROM c
              WHERE i.kind = c.kind AND i.key = c.key

@@ -966,7 +966,7 @@ async fn insert_items(
                 settled_gross, settled_fee, settled_net, payment_events, settlement_lines,
                 deadline, reason, watermark, evaluations, state)
          SELECT reference, merchant_id, business_date, currency, status, eg, ef, en, sc, sg, sf,
-                sn, events, lines, deadline, reason, watermark, 1, state::jsonb
+                sn, events, lines, deadline, reason, watermark, 1, state
            FROM {}
           ORDER BY reference
          ON CONFLICT (payment_reference) DO NOTHING
@@ -1004,7 +1004,7 @@ async fn write_changes(
                    deadline = u.deadline, reason = u.reason,
                    watermark = GREATEST(i.watermark, u.watermark),
                    evaluations = i.evaluations + 1, updated_at = now(),
-                   state = u.state::jsonb
+                   state = u.state
               FROM {items}
              WHERE i.payment_reference = u.reference
             RETURNING 1

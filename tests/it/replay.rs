@@ -155,6 +155,38 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     assert!(!merchants.is_empty());
     assert!(merchants.iter().all(|m| m["live"] == m["replay"]));
 
+    // A database that kept the states as jsonb (before migration 20261202000001) holds them
+    // in jsonb's own spelling: the same states, still a match.
+    let pool = f.db.store.pool();
+    let before: String = sqlx::query_scalar(
+        "SELECT state FROM reconciliation_items WHERE state IS NOT NULL
+          ORDER BY payment_reference LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    for table in ["reconciliation_items", "payout_items"] {
+        sqlx::query(&format!("UPDATE {table} SET state = state::jsonb::text"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    let after: String = sqlx::query_scalar(
+        "SELECT state FROM reconciliation_items WHERE state IS NOT NULL
+          ORDER BY payment_reference LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_ne!(before, after, "the spelling did not change");
+    let (code, report, _) = replay_binary(&f, dir.path(), "respelled", &[]);
+    assert_eq!(
+        (code, report["audit"]["summary"]["result"].as_str()),
+        (0, Some("MATCH")),
+        "differences: {}",
+        serde_json::to_string_pretty(differences(&report)).unwrap()
+    );
+
     // A group without stored offsets here (a typo, the default) is an operational error that
     // names the groups present, not a report of every live row as "extra".
     let wrong = Command::new(env!("CARGO_BIN_EXE_payrecon"))
@@ -175,7 +207,6 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     );
 
     // (b) Tamper with the live tables in four places.
-    let pool = f.db.store.pool();
     let (event_id, et, ep, eo): (String, String, i32, i64) = sqlx::query_as(
         "DELETE FROM payment_events WHERE event_id = (
             SELECT event_id FROM payment_events WHERE kind = 'CAPTURE' ORDER BY event_id LIMIT 1)
@@ -309,13 +340,15 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(runs.len(), 3);
+    assert_eq!(runs.len(), 4);
+    // The clean run, then the one over the states in jsonb's spelling.
     assert_eq!((runs[0].1.as_str(), runs[0].2), ("MATCH", Some(0)));
+    assert_eq!((runs[1].1.as_str(), runs[1].2), ("MATCH", Some(0)));
     // The wrong-group attempt is on record too, as an error.
-    assert_eq!((runs[1].1.as_str(), runs[1].2), ("ERROR", None));
-    assert_eq!((runs[2].1.as_str(), runs[2].2), ("DIFFERENCES", Some(4)));
-    assert_eq!(runs[2].3.as_deref(), report["digest"].as_str());
-    assert_eq!(report["run"]["id"], runs[2].0.as_str());
+    assert_eq!((runs[2].1.as_str(), runs[2].2), ("ERROR", None));
+    assert_eq!((runs[3].1.as_str(), runs[3].2), ("DIFFERENCES", Some(4)));
+    assert_eq!(runs[3].3.as_deref(), report["digest"].as_str());
+    assert_eq!(report["run"]["id"], runs[3].0.as_str());
     assert!(shadow_schemas(&f).await.is_empty());
     assert_no_kafka_commits(&f, &runs[0].0);
 }

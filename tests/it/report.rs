@@ -575,7 +575,7 @@ const TAMPERS: &[Tamper] = &[
     Tamper {
         what: "an item's running state changed (the next batch would fold onto it)",
         sql: "UPDATE reconciliation_items
-                 SET state = jsonb_set(state, '{expected_fee}', '\"0\"')
+                 SET state = jsonb_set(state::jsonb, '{expected_fee}', '\"0\"')::text
                WHERE payment_reference = 'pay-usd'",
         caught_by: &[("item_verdicts", "pay-usd")],
     },
