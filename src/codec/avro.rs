@@ -85,9 +85,12 @@ pub(super) fn to_record(
             value_date: r.date("value_date").map_err(invalid)?,
             amount: r.decimal("amount").map_err(invalid)?,
             currency: r.currency("currency").map_err(invalid)?,
-            // As printed, less surrounding spaces (statements pad fixed-width fields).
+            // As printed, less surrounding spaces (statements pad fixed-width fields); a
+            // field of spaces only is no reference: the credit is still money to explain
+            // (PAYOUT_UNEXPECTED), not a record to set aside.
             batch_reference: (r.optional_string("batch_reference").map_err(invalid)?)
-                .map(|s| s.trim().to_owned()),
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty()),
             description: r
                 .optional_string("description")
                 .map_err(invalid)?

@@ -100,6 +100,8 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
         pay(payout("fx", Some("B-fx"), "30.00", "USD", 5)),
         pay(payout("ghost", Some("B-ghost"), "12.34", "EUR", 5)),
         pay(payout("noref", None, "5.00", "EUR", 5)),
+        // A fixed-width statement field of spaces: no reference, not a dead letter.
+        pay(payout("blank", Some("    "), "7.00", "EUR", 5)),
     ];
     // An exact re-delivery of a payout changes nothing; a different one under the same id is
     // a conflicting duplicate, kept and not applied.
@@ -129,6 +131,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
             ("BATCH/B-zero", "PAYOUT_MATCHED"),
             ("BATCH/B-ghost", "PAYOUT_PENDING"),
             ("LINE/stmt-noref", "PAYOUT_UNEXPECTED"),
+            ("LINE/stmt-blank", "PAYOUT_UNEXPECTED"),
         ]),
     )
     .await;
@@ -151,6 +154,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
             ("BATCH/B-zero", "PAYOUT_MATCHED"),
             ("BATCH/B-ghost", "PAYOUT_UNEXPECTED"),
             ("LINE/stmt-noref", "PAYOUT_UNEXPECTED"),
+            ("LINE/stmt-blank", "PAYOUT_UNEXPECTED"),
             ("BATCH/B-later", "PAYOUT_MATCHED"),
         ]),
     )
@@ -270,7 +274,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
     .fetch_one(pool)
     .await
     .unwrap();
-    assert_eq!((payouts, conflicts), (9, 1));
+    assert_eq!((payouts, conflicts), (10, 1));
     assert_eq!(dead, ["invalid_text", "invalid_field", "field_too_long"]);
     let (credited, count): (rust_decimal::Decimal, i64) = sqlx::query_as(
         "SELECT sum(credited), sum(payout_count)::bigint FROM payout_daily_totals
@@ -279,7 +283,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
     .fetch_one(pool)
     .await
     .unwrap();
-    assert_eq!((credited, count), (money("336.34"), 8));
+    assert_eq!((credited, count), (money("343.34"), 9));
     let report = payrecon::report::build(&f.db.store, Some(at(0).date_naive()), None, 50)
         .await
         .unwrap();
@@ -309,7 +313,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("replay.json")).unwrap())
             .unwrap();
     assert_eq!(
-        report["audit"]["summary"]["payout_items_compared"], 10,
+        report["audit"]["summary"]["payout_items_compared"], 11,
         "{report}"
     );
 }
