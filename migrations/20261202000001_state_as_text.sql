@@ -5,10 +5,22 @@
 -- looks inside it. jsonb made every item insert and update parse the document: measured on
 -- this machine with psql, 22,500 inserts of a typical 450-byte state took 300-560 ms as jsonb,
 -- 127-238 ms as text and 70-124 ms without a state. `state::jsonb` still works for an ad-hoc
--- query, and `payrecon replay` compares states as jsonb, so a state written before this
--- migration (jsonb's own spelling) equals the same state written after it.
+-- query, and `payrecon replay` compares payout item states as jsonb, so a state written
+-- before this migration (jsonb's own spelling) equals the same state written after it.
 --
 -- ALTER COLUMN TYPE rewrites both tables under an exclusive lock: run it with the service
 -- stopped (the migration runs at startup, before consuming).
 ALTER TABLE reconciliation_items ALTER COLUMN state TYPE text;
 ALTER TABLE payout_items ALTER COLUMN state TYPE text;
+
+-- The state as jsonb, or NULL when the text is not JSON (text can hold anything: a hand edit,
+-- a tampering): `payrecon replay` compares states through it, and reports such a state as a
+-- difference instead of failing on the cast.
+CREATE FUNCTION payrecon_state_jsonb(state text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN state::jsonb;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END
+$$;

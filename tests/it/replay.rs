@@ -158,26 +158,22 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     // A database that kept the states as jsonb (before migration 20261202000001) holds them
     // in jsonb's own spelling: the same states, still a match.
     let pool = f.db.store.pool();
-    let before: String = sqlx::query_scalar(
-        "SELECT state FROM reconciliation_items WHERE state IS NOT NULL
-          ORDER BY payment_reference LIMIT 1",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let before: String =
+        sqlx::query_scalar("SELECT state FROM payout_items ORDER BY kind, key LIMIT 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     for table in ["reconciliation_items", "payout_items"] {
         sqlx::query(&format!("UPDATE {table} SET state = state::jsonb::text"))
             .execute(pool)
             .await
             .unwrap();
     }
-    let after: String = sqlx::query_scalar(
-        "SELECT state FROM reconciliation_items WHERE state IS NOT NULL
-          ORDER BY payment_reference LIMIT 1",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let after: String =
+        sqlx::query_scalar("SELECT state FROM payout_items ORDER BY kind, key LIMIT 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_ne!(before, after, "the spelling did not change");
     let (code, report, _) = replay_binary(&f, dir.path(), "respelled", &[]);
     assert_eq!(
@@ -186,6 +182,42 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
         "differences: {}",
         serde_json::to_string_pretty(differences(&report)).unwrap()
     );
+    // The state kept as text can hold what is not JSON: one difference, not a failed cast.
+    let key: String = sqlx::query_scalar(
+        "UPDATE payout_items SET state = 'not json'
+          WHERE (kind, key) = (SELECT kind, key FROM payout_items ORDER BY kind, key LIMIT 1)
+         RETURNING key",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let (code, report, _) = replay_binary(&f, dir.path(), "not-json", &[]);
+    let diffs = differences(&report);
+    assert_eq!(code, 3, "{}", serde_json::to_string_pretty(diffs).unwrap());
+    assert_eq!(
+        diffs.len(),
+        1,
+        "{}",
+        serde_json::to_string_pretty(diffs).unwrap()
+    );
+    assert_eq!(diffs[0]["kind"], "payout_item");
+    assert!(
+        diffs[0]["key"].as_str().unwrap().contains(&key),
+        "{}",
+        diffs[0]
+    );
+    let values = diffs[0]["values"].as_array().unwrap();
+    assert_eq!(values.len(), 1, "{values:?}");
+    assert_eq!(
+        (values[0]["column"].as_str(), values[0]["live"].as_str()),
+        (Some("state"), Some("not json"))
+    );
+    sqlx::query("UPDATE payout_items SET state = $2 WHERE key = $1")
+        .bind(&key)
+        .bind(&after)
+        .execute(pool)
+        .await
+        .unwrap();
 
     // A group without stored offsets here (a typo, the default) is an operational error that
     // names the groups present, not a report of every live row as "extra".
@@ -340,15 +372,17 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(runs.len(), 4);
-    // The clean run, then the one over the states in jsonb's spelling.
+    assert_eq!(runs.len(), 5);
+    // The clean run, the one over the states in jsonb's spelling, the one with a state that
+    // is not JSON.
     assert_eq!((runs[0].1.as_str(), runs[0].2), ("MATCH", Some(0)));
     assert_eq!((runs[1].1.as_str(), runs[1].2), ("MATCH", Some(0)));
+    assert_eq!((runs[2].1.as_str(), runs[2].2), ("DIFFERENCES", Some(1)));
     // The wrong-group attempt is on record too, as an error.
-    assert_eq!((runs[2].1.as_str(), runs[2].2), ("ERROR", None));
-    assert_eq!((runs[3].1.as_str(), runs[3].2), ("DIFFERENCES", Some(4)));
-    assert_eq!(runs[3].3.as_deref(), report["digest"].as_str());
-    assert_eq!(report["run"]["id"], runs[3].0.as_str());
+    assert_eq!((runs[3].1.as_str(), runs[3].2), ("ERROR", None));
+    assert_eq!((runs[4].1.as_str(), runs[4].2), ("DIFFERENCES", Some(4)));
+    assert_eq!(runs[4].3.as_deref(), report["digest"].as_str());
+    assert_eq!(report["run"]["id"], runs[4].0.as_str());
     assert!(shadow_schemas(&f).await.is_empty());
     assert_no_kafka_commits(&f, &runs[0].0);
 }
