@@ -131,8 +131,21 @@ pub(super) async fn payout_verdicts(
             differences.push(diff(&label, format!("status={status}"), "missing".into()));
             continue;
         };
-        let mut state: PayoutState = serde_json::from_str(&state)
-            .map_err(|e| sqlx::Error::Decode(format!("payout item state: {e}").into()))?;
+        // A state that does not parse (text can hold anything) is a difference, not an error.
+        let mut state: PayoutState = match serde_json::from_str(&state) {
+            Ok(state) => state,
+            Err(e) => {
+                differences.push(diff(
+                    &label,
+                    format!("state does not parse: {e}"),
+                    format!(
+                        "state={}",
+                        serde_json::to_string(&expected).unwrap_or_default()
+                    ),
+                ));
+                continue;
+            }
+        };
         for a in state.net.values_mut().chain(state.paid.values_mut()) {
             *a = a.normalize();
         }

@@ -600,6 +600,11 @@ const TAMPERS: &[Tamper] = &[
         sql: "DELETE FROM exceptions_outbox WHERE leg = 'SETTLEMENT'",
         caught_by: &[("exceptions_outbox", "history #")],
     },
+    Tamper {
+        what: "a payout item's state is not JSON (text can hold anything)",
+        sql: "UPDATE payout_items SET state = 'not json'",
+        caught_by: &[("payout_verdicts", "BATCH/")],
+    },
 ];
 
 #[tokio::test(flavor = "multi_thread")]
