@@ -13,14 +13,15 @@
 ALTER TABLE reconciliation_items ALTER COLUMN state TYPE text;
 ALTER TABLE payout_items ALTER COLUMN state TYPE text;
 
--- The state as jsonb, or NULL when the text is not JSON (text can hold anything: a hand edit,
--- a tampering): `payrecon replay` compares states through it, and reports such a state as a
--- difference instead of failing on the cast.
+-- The state as jsonb; a text that is not JSON (text can hold anything: a hand edit, a
+-- tampering) as a jsonb string of that text, which equals no state payrecon writes (always an
+-- object). `payrecon replay` compares states through it, so such a state is a difference
+-- instead of a failed cast.
 CREATE FUNCTION payrecon_state_jsonb(state text) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     RETURN state::jsonb;
 EXCEPTION WHEN others THEN
-    RETURN NULL;
+    RETURN to_jsonb(state);
 END
 $$;

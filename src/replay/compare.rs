@@ -140,19 +140,19 @@ fn values_sql(columns: &[&str], position: &[&str]) -> String {
         } else {
             ""
         };
-        // The running state is JSON kept as text: texts that differ are compared as jsonb, so
-        // a state written before it was text (jsonb's spelling) equals the same state written
-        // since; a text that is not JSON (NULL from payrecon_state_jsonb) always differs.
-        let differs = if c == "state" {
-            "s.state IS DISTINCT FROM l.state
-             AND (payrecon_state_jsonb(s.state) IS NULL OR payrecon_state_jsonb(l.state) IS NULL
-                  OR payrecon_state_jsonb(s.state) <> payrecon_state_jsonb(l.state))"
-                .to_string()
+        // The running state is JSON kept as text, compared as jsonb: a state written before
+        // it was text (jsonb's spelling) equals the same state written since, and a text that
+        // is not JSON differs (see payrecon_state_jsonb).
+        let (sc, lc) = if c == "state" {
+            (
+                "payrecon_state_jsonb(s.state)".to_owned(),
+                "payrecon_state_jsonb(l.state)".to_owned(),
+            )
         } else {
-            format!("s.{c} IS DISTINCT FROM l.{c}")
+            (format!("s.{c}"), format!("l.{c}"))
         };
         format!(
-            "CASE WHEN {guard}({differs}) THEN jsonb_build_object('column', '{c}', 'live', l.{c}::text, 'replay', s.{c}::text) END"
+            "CASE WHEN {guard}{sc} IS DISTINCT FROM {lc} THEN jsonb_build_object('column', '{c}', 'live', l.{c}::text, 'replay', s.{c}::text) END"
         )
     };
     let all: Vec<String> = (columns.iter().map(|c| one(c, false)))
