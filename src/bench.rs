@@ -632,11 +632,15 @@ async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::replay::Repl
     let outcome = crate::replay::run(settings, &options, CancellationToken::new())
         .await
         .context("the replay stage")?;
-    anyhow::ensure!(
-        outcome.result == crate::replay::AuditResult::Match,
-        "the replay found {} differences",
-        outcome.differences
-    );
+    if outcome.result != crate::replay::AuditResult::Match {
+        // Kept for the reader: the report and every difference, row by row.
+        let kept = dir.keep();
+        anyhow::bail!(
+            "the replay found {} differences (report and differences kept in {})",
+            outcome.differences,
+            kept.display()
+        );
+    }
     Ok(outcome)
 }
 

@@ -477,8 +477,9 @@ impl<'c> Comparison<'c> {
         self.stream(kind, &sql, None, out).await
     }
 
-    /// The items of the comparable references (see the module doc).
-    fn items_cte(&self) -> String {
+    /// The items of the comparable references (see the module doc). `complete` is the SQL
+    /// for whether the range is the whole log (a bound parameter or a literal).
+    fn items_cte(&self, complete: &str) -> String {
         let (l, s) = (&self.live, &self.shadow);
         let inr = self.row_in_range("x");
         let values = values_sql(&ITEM_COLUMNS, &[]);
@@ -502,7 +503,7 @@ impl<'c> Comparison<'c> {
                     ON l.payment_reference = s.payment_reference),
              judged AS (
                 SELECT p.*,
-                       coalesce(lr.all_in, true) AND (lr.ref IS NOT NULL OR sr.ref IS NOT NULL OR $1)
+                       coalesce(lr.all_in, true) AND (lr.ref IS NOT NULL OR sr.ref IS NOT NULL OR {complete})
                            AS comparable,
                        coalesce(jsonb_array_length(p.values) = 1
                            AND p.values->0->>'column' = 'status'
@@ -533,7 +534,7 @@ impl<'c> Comparison<'c> {
                           ORDER BY t COLLATE \"C\", p, o LIMIT 20) y"
             )
         };
-        let cte = self.items_cte();
+        let cte = self.items_cte("$1");
         let sql = format!(
             "{cte}
              SELECT d.ref AS key, d.problem, d.values,
@@ -571,14 +572,44 @@ impl<'c> Comparison<'c> {
                 DAILY_COLUMNS.join(", "),
                 vec!["0"; DAILY_COLUMNS.len()].join(", ")
             );
+            // An item judged at different watermarks (EXPECTED on one side, a deadline's
+            // exception on the other: not a difference, see `items`) is counted in the
+            // expected column of one side's bucket and in the exception column of the
+            // other's. Such items move to the shadow's column on the live side, so the
+            // counts compare as the items do; every other count is compared as stored.
+            let cte = self.items_cte("true");
+            let cte = cte.strip_prefix("WITH ").unwrap_or(&cte);
+            let live_columns: Vec<String> = DAILY_COLUMNS
+                .iter()
+                .map(|c| match *c {
+                    "expected_count" => {
+                        "x.expected_count - coalesce(sh.n, 0) AS expected_count".to_owned()
+                    }
+                    "exception_count" => {
+                        "x.exception_count + coalesce(sh.n, 0) AS exception_count".to_owned()
+                    }
+                    c => format!("x.{c}"),
+                })
+                .collect();
             (
                 format!(
-                    "s AS (SELECT merchant_id AS m, business_date AS d, trim(currency) AS c, x.*,
+                    "{cte},
+                     shift AS (
+                        SELECT i.merchant_id AS m, i.business_date AS d, trim(i.currency) AS c,
+                               sum(CASE WHEN j.l_status = 'EXPECTED' THEN 1 ELSE -1 END) AS n
+                          FROM judged j JOIN {l}.reconciliation_items i ON i.payment_reference = j.ref
+                         WHERE j.comparable AND j.apart GROUP BY 1, 2, 3),
+                     s AS (SELECT merchant_id AS m, business_date AS d, trim(currency) AS c, x.*,
                                   true AS present
                              FROM {s}.merchant_daily_totals x WHERE {nonzero}),
-                     l AS (SELECT merchant_id AS m, business_date AS d, trim(currency) AS c, x.*,
-                                  true AS present
-                             FROM {l}.merchant_daily_totals x WHERE {nonzero})"
+                     l AS (SELECT * FROM (
+                             SELECT x.merchant_id AS m, x.business_date AS d, trim(x.currency) AS c,
+                                    {live}, true AS present
+                               FROM {l}.merchant_daily_totals x
+                               LEFT JOIN shift sh ON sh.m = x.merchant_id AND sh.d = x.business_date
+                                                 AND sh.c = trim(x.currency)) x
+                            WHERE {nonzero})",
+                    live = live_columns.join(", "),
                 ),
                 &DAILY_COLUMNS[..],
             )

@@ -219,6 +219,93 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
         .await
         .unwrap();
 
+    // A service stopped before its sweep judged the items its watermark had made due leaves
+    // them EXPECTED (and counted as expected in their daily buckets); the replay judges them.
+    // Judged at different watermarks: not a difference, in the items nor in the counts.
+    let unswept: Vec<(String, String, chrono::NaiveDate, String)> = sqlx::query_as(
+        "UPDATE reconciliation_items
+            SET status = 'EXPECTED', deadline = watermark - interval '1 hour',
+                watermark = watermark - interval '2 hours'
+          WHERE payment_reference IN (
+            SELECT payment_reference FROM reconciliation_items
+             WHERE status = 'MISSING_SETTLEMENT' ORDER BY payment_reference LIMIT 3)
+         RETURNING payment_reference, merchant_id, business_date, currency",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(unswept.len(), 3, "the run has missing settlements");
+    let shift_counts = |by: i64| {
+        let unswept = unswept.clone();
+        async move {
+            for (_, merchant, date, currency) in &unswept {
+                sqlx::query(
+                    "UPDATE merchant_daily_totals_by_shard
+                        SET expected_count = expected_count + $4, exception_count = exception_count - $4
+                      WHERE ctid = (SELECT ctid FROM merchant_daily_totals_by_shard
+                                     WHERE (merchant_id, business_date, currency) = ($1, $2, $3)
+                                     ORDER BY shard LIMIT 1)",
+                )
+                .bind(merchant)
+                .bind(date)
+                .bind(currency)
+                .bind(by)
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+        }
+    };
+    shift_counts(1).await;
+    let (code, report, _) = replay_binary(&f, dir.path(), "unswept", &[]);
+    assert_eq!(
+        (code, report["audit"]["summary"]["result"].as_str()),
+        (0, Some("MATCH")),
+        "differences: {}",
+        serde_json::to_string_pretty(differences(&report)).unwrap()
+    );
+    assert_eq!(
+        report["audit"]["summary"]["references_judged_at_different_watermarks"],
+        3
+    );
+    // The counts moved without their items are differences: only items judged at
+    // different watermarks excuse them.
+    let refs: Vec<&str> = unswept.iter().map(|u| u.0.as_str()).collect();
+    sqlx::query(
+        "UPDATE reconciliation_items
+            SET status = 'MISSING_SETTLEMENT', deadline = NULL,
+                watermark = watermark + interval '2 hours'
+          WHERE payment_reference = ANY($1)",
+    )
+    .bind(&refs)
+    .execute(pool)
+    .await
+    .unwrap();
+    let buckets: BTreeSet<String> = unswept
+        .iter()
+        .map(|(_, m, d, c)| format!("{m}/{d}/{}", c.trim()))
+        .collect();
+    let (code, report, _) = replay_binary(&f, dir.path(), "shifted", &[]);
+    let diffs = differences(&report);
+    assert_eq!(code, 3, "{}", serde_json::to_string_pretty(diffs).unwrap());
+    let found: BTreeSet<String> = diffs
+        .iter()
+        .map(|d| {
+            assert_eq!(d["kind"], "merchant_daily_total", "{d}");
+            let columns: BTreeSet<&str> = (d["values"].as_array().unwrap().iter())
+                .map(|v| v["column"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                columns,
+                BTreeSet::from(["exception_count", "expected_count"]),
+                "{d}"
+            );
+            d["key"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(found, buckets);
+    shift_counts(-1).await;
+
     // A group without stored offsets here (a typo, the default) is an operational error that
     // names the groups present, not a report of every live row as "extra".
     let wrong = Command::new(env!("CARGO_BIN_EXE_payrecon"))
@@ -372,17 +459,19 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     .fetch_all(pool)
     .await
     .unwrap();
-    assert_eq!(runs.len(), 5);
+    assert_eq!(runs.len(), 7);
     // The clean run, the one over the states in jsonb's spelling, the one with a state that
-    // is not JSON.
+    // is not JSON, the unswept items, the counts moved without them.
     assert_eq!((runs[0].1.as_str(), runs[0].2), ("MATCH", Some(0)));
     assert_eq!((runs[1].1.as_str(), runs[1].2), ("MATCH", Some(0)));
     assert_eq!((runs[2].1.as_str(), runs[2].2), ("DIFFERENCES", Some(1)));
+    assert_eq!((runs[3].1.as_str(), runs[3].2), ("MATCH", Some(0)));
+    assert_eq!(runs[4].1.as_str(), "DIFFERENCES");
     // The wrong-group attempt is on record too, as an error.
-    assert_eq!((runs[3].1.as_str(), runs[3].2), ("ERROR", None));
-    assert_eq!((runs[4].1.as_str(), runs[4].2), ("DIFFERENCES", Some(4)));
-    assert_eq!(runs[4].3.as_deref(), report["digest"].as_str());
-    assert_eq!(report["run"]["id"], runs[4].0.as_str());
+    assert_eq!((runs[5].1.as_str(), runs[5].2), ("ERROR", None));
+    assert_eq!((runs[6].1.as_str(), runs[6].2), ("DIFFERENCES", Some(4)));
+    assert_eq!(runs[6].3.as_deref(), report["digest"].as_str());
+    assert_eq!(report["run"]["id"], runs[6].0.as_str());
     assert!(shadow_schemas(&f).await.is_empty());
     assert_no_kafka_commits(&f, &runs[0].0);
 }
