@@ -2,7 +2,7 @@
 //! they can be compared as ratios on a shared, noisy machine.
 //!
 //! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
-//!    no decoding): the most the database path can take; with PostgreSQL's row writes per
+//!    no decoding), `pipeline.commit_lanes` lanes committing concurrently as the service's do: the most the database path can take; with PostgreSQL's row writes per
 //!    record (`pg_stat_user_tables`, HOT updates) and, when `pg_stat_statements` is preloaded,
 //!    the statements that took the time.
 //! 2. End-to-end: a backlog produced into the embedded Kafka, then consumed by the real
@@ -153,7 +153,7 @@ async fn fresh_store(
     let url = crate::store::database_url(admin, &name);
     let store = Store::new(
         sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(4)
             .connect(&url)
             .await?,
     );
@@ -182,25 +182,38 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     };
     let (records, _) = crate::simulate::generate(&sim, 1)?;
     println!(
-        "payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic",
+        "payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic, {} commit lanes",
         records.len(),
         o.payments,
         settings.pipeline.batch_max_records,
-        o.partitions
+        o.partitions,
+        settings.pipeline.commit_lanes
     );
 
     // 1. Store-only ceiling, with PostgreSQL's statistics of the same run.
     let (db1, url1, store) = fresh_store(&admin, "store").await?;
     let reconciler = load_reference(&store, &sim, &settings).await?;
-    let batches = pre_decoded_batches(&records, settings.pipeline.batch_max_records, o.partitions);
+    let lanes = settings.pipeline.commit_lanes;
+    let batches = pre_decoded_batches(
+        &records,
+        settings.pipeline.batch_max_records,
+        o.partitions,
+        lanes,
+    );
     let statements = pgstats::reset(store.pool()).await?;
     let started = Instant::now();
-    for b in &batches {
-        store
-            .commit_batch("bench", "bench", b, &reconciler)
-            .await
-            .context("store-only commit")?;
-    }
+    // The lanes commit concurrently, as the service's do (`pipeline.commit_lanes`).
+    let (store_ref, reconciler_ref) = (&store, &reconciler);
+    futures::future::try_join_all(batches.iter().map(|lane| async move {
+        for b in lane {
+            store_ref
+                .commit_batch("bench", "bench", b, reconciler_ref)
+                .await
+                .context("store-only commit")?;
+        }
+        anyhow::Ok(())
+    }))
+    .await?;
     let store_rate = records.len() as f64 / started.elapsed().as_secs_f64();
     store.pool().close().await;
     println!("store-only ceiling:   {store_rate:>10.0} records/s");
@@ -910,63 +923,78 @@ async fn ingestion_stage(
     Ok(rate)
 }
 
-/// Splits generated records into batches exactly as the consumer would build them.
-fn pre_decoded_batches(records: &[Generated], max: usize, partitions: i32) -> Vec<Batch> {
+/// The store-only stage's batches, per commit lane: each record on the partition its payment
+/// reference hashes to (the producer keys records by it, so a reference's records share a
+/// partition number), a lane holding the partitions `p` with `p mod lanes == lane`, each lane's
+/// records in log order cut into batches of at most `max`.
+fn pre_decoded_batches(
+    records: &[Generated],
+    max: usize,
+    partitions: i32,
+    lanes: usize,
+) -> Vec<Vec<Batch>> {
+    use std::hash::{Hash, Hasher};
     let topics = vec![
         "bench.payments".to_string(),
         "bench.settlements".to_string(),
     ];
+    let mut per_lane: Vec<Vec<(&Generated, usize, i32)>> = vec![Vec::new(); lanes];
+    for r in records {
+        let (topic, key) = match r {
+            Generated::Payment(e) => (0, e.payment_reference.as_str()),
+            Generated::Settlement(l) => (1, l.payment_reference.as_str()),
+            Generated::Payout(_) | Generated::Malformed { .. } => continue,
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let partition = (h.finish() % partitions as u64) as i32;
+        per_lane[partition as usize % lanes].push((r, topic, partition));
+    }
     let mut next = vec![[0i64; 2]; partitions as usize];
     let mut started: Vec<[bool; 2]> = vec![[false; 2]; partitions as usize];
-    records
-        .chunks(max)
-        .map(|chunk| {
-            let mut b = Batch {
-                topics: topics.clone(),
-                ..Batch::default()
-            };
-            let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> =
-                Default::default();
-            for (n, r) in chunk.iter().enumerate() {
-                let partition = (n as i32) % partitions;
-                let topic = usize::from(matches!(r, Generated::Settlement(_)));
-                let offset = next[partition as usize][topic];
-                next[partition as usize][topic] += 1;
-                let expected = if started[partition as usize][topic] {
-                    Some(offset)
-                } else {
-                    None
-                };
-                let p = progress
-                    .entry((topic, partition))
-                    .or_insert_with(|| PartitionProgress {
-                        topic: topics[topic].clone(),
-                        partition,
-                        expected,
-                        next_offset: offset,
-                        records: 0,
-                        last_record_time: None,
-                    });
-                p.next_offset = offset + 1;
-                p.records += 1;
-                let source = Source {
-                    topic,
+    let mut batch = |chunk: &[(&Generated, usize, i32)]| {
+        let mut b = Batch {
+            topics: topics.clone(),
+            ..Batch::default()
+        };
+        let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> =
+            Default::default();
+        for &(r, topic, partition) in chunk {
+            let offset = next[partition as usize][topic];
+            next[partition as usize][topic] += 1;
+            let expected = started[partition as usize][topic].then_some(offset);
+            let p = progress
+                .entry((topic, partition))
+                .or_insert_with(|| PartitionProgress {
+                    topic: topics[topic].clone(),
                     partition,
-                    offset,
-                };
-                match r {
-                    Generated::Payment(e) => b.payments.push((e.clone(), source)),
-                    Generated::Settlement(s) => b.settlements.push((s.clone(), source)),
-                    Generated::Payout(x) => b.payouts.push((x.clone(), source)),
-                    Generated::Malformed { .. } => {}
-                }
+                    expected,
+                    next_offset: offset,
+                    records: 0,
+                    last_record_time: None,
+                });
+            p.next_offset = offset + 1;
+            p.records += 1;
+            let source = Source {
+                topic,
+                partition,
+                offset,
+            };
+            match r {
+                Generated::Payment(e) => b.payments.push((e.clone(), source)),
+                Generated::Settlement(l) => b.settlements.push((l.clone(), source)),
+                Generated::Payout(_) | Generated::Malformed { .. } => {}
             }
-            for ((topic, partition), _) in progress.iter() {
-                started[*partition as usize][*topic] = true;
-            }
-            b.progress = progress.into_values().collect();
-            b
-        })
+        }
+        for (topic, partition) in progress.keys() {
+            started[*partition as usize][*topic] = true;
+        }
+        b.progress = progress.into_values().collect();
+        b
+    };
+    per_lane
+        .iter()
+        .map(|records| records.chunks(max.max(1)).map(&mut batch).collect())
         .collect()
 }
 

@@ -250,6 +250,9 @@ pub struct PipelineSettings {
     pub batch_max_records: usize,
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
+    /// Batches committed concurrently, each over its own partitions (partition mod lanes),
+    /// each with its own connection; 1 to 16.
+    pub commit_lanes: usize,
     #[serde(with = "humantime_serde")]
     pub retry_initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
@@ -635,6 +638,10 @@ impl Settings {
         anyhow::ensure!(
             self.pipeline.batch_max_records > 0,
             "invalid configuration: pipeline.batch_max_records must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=16).contains(&self.pipeline.commit_lanes),
+            "invalid configuration: pipeline.commit_lanes must be between 1 and 16"
         );
         anyhow::ensure!(
             (16..=2000).contains(&self.validation.max_id_bytes),

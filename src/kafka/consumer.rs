@@ -3,6 +3,14 @@
 //! Every failure has one disposition: a record that can never succeed is dead-lettered in
 //! the batch that advances past it; a transient failure (database, registry, broker) is
 //! retried at the same offset with backoff; a permanent database error stops the service.
+//!
+//! Commit lanes (`pipeline.commit_lanes`): the owned partitions are split by partition number
+//! (partition mod lanes, the same lane for a partition of every input topic, where one
+//! payment's records are), each lane collects its own batch and at most one transaction per
+//! lane runs at a time, so the lanes' transactions run concurrently on their own connections
+//! while the next batches are received and decoded. Two lanes never share a partition, so
+//! their offsets' compare-and-sets and running-totals shards (the batch's first partition)
+//! never meet, and every partition's batches still commit in order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +63,8 @@ pub struct ConsumerLoop {
     inputs: Vec<(Stream, String)>,
     max_records: usize,
     linger: Duration,
+    /// Commit lanes (module doc), at least 1.
+    lanes: usize,
     initial_backoff: Duration,
     max_backoff: Duration,
     assignment: Arc<Mutex<Assignment>>,
@@ -81,8 +91,34 @@ struct Pending {
     bases: HashMap<(usize, i32), i64>,
 }
 
-/// The transaction of the batch taken last, running while the next one is collected.
-type InFlight<'s> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 's>>;
+/// The transaction of the batch a lane took last, running while the next one is collected.
+type InFlight<'s> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Flushed>> + Send + 's>>;
+
+/// How a lane's transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// Committed, or abandoned at shutdown.
+    Done,
+    /// Rejected by the offset compare-and-set: the stored offsets must be read again once no
+    /// transaction is in flight.
+    Fenced,
+}
+
+/// The first lane whose transaction finished, with its outcome.
+fn next_done<'a, 's>(
+    in_flight: &'a mut [Option<InFlight<'s>>],
+) -> impl Future<Output = (usize, anyhow::Result<Flushed>)> + 'a {
+    std::future::poll_fn(move |cx| {
+        for (lane, f) in in_flight.iter_mut().enumerate() {
+            if let Some(f) = f
+                && let std::task::Poll::Ready(r) = f.as_mut().poll(cx)
+            {
+                return std::task::Poll::Ready((lane, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+}
 
 impl Pending {
     fn new(topics: &[String], generation: u64) -> Self {
@@ -150,6 +186,7 @@ impl ConsumerLoop {
             inputs,
             max_records: settings.pipeline.batch_max_records,
             linger: settings.pipeline.batch_linger,
+            lanes: settings.pipeline.commit_lanes.max(1),
             initial_backoff: settings.pipeline.retry_initial_backoff,
             max_backoff: settings.pipeline.retry_max_backoff,
             assignment,
@@ -168,41 +205,74 @@ impl ConsumerLoop {
         self.assignment.clone()
     }
 
-    /// Runs until `shutdown` is cancelled. The batch being committed when shutdown arrives
-    /// is finished (or abandoned if it is stuck retrying); a batch still being collected is
-    /// dropped (its records are re-read by the next owner). Leaves the group on return.
+    /// Runs until `shutdown` is cancelled. The batches being committed when shutdown
+    /// arrives are finished (or abandoned if stuck retrying); batches still being collected
+    /// are dropped (their records are re-read by the next owner). Leaves the group on return.
     ///
-    /// Decoding overlaps committing: while one batch's transaction runs, the next batch is
-    /// received and decoded (one transaction in flight at a time). The next batch's
-    /// compare-and-set base for a partition is the in-flight batch's end; if that batch does
-    /// not commit (fenced), the resync starts a new generation and the next batch is dropped
-    /// before it commits, so nothing is applied out of order.
+    /// Decoding overlaps committing: while a lane's transaction runs, its next batch (and the
+    /// other lanes' batches) are received and decoded. A lane's next batch's compare-and-set
+    /// base for a partition is its in-flight batch's end; if that batch does not commit
+    /// (fenced), nothing more starts, and once every lane's transaction has ended the resync
+    /// reads the stored offsets and starts a new generation, which drops the batches being
+    /// collected before they commit, so nothing is applied out of order.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let topics: Vec<String> = self.inputs.iter().map(|(_, t)| t.clone()).collect();
-        let mut pending = Pending::new(&topics, self.generation());
+        let generation = self.generation();
+        let mut pending: Vec<Pending> = (0..self.lanes)
+            .map(|_| Pending::new(&topics, generation))
+            .collect();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight: Option<InFlight<'_>> = None;
+        let mut in_flight: Vec<Option<InFlight<'_>>> = (0..self.lanes).map(|_| None).collect();
+        let mut resync = false;
         loop {
-            let full = pending.batch.record_count() as usize >= self.max_records;
-            if full && in_flight.is_none() {
-                in_flight = self.start_flush(&mut pending, &topics, &shutdown);
+            let busy = in_flight.iter().any(Option::is_some);
+            if resync && !busy {
+                self.resync(&shutdown).await;
+                resync = false;
             }
-            let deadline = pending
-                .started
+            if !resync {
+                for lane in 0..self.lanes {
+                    let full = pending[lane].batch.record_count() as usize >= self.max_records;
+                    if full && in_flight[lane].is_none() {
+                        in_flight[lane] = self.start_flush(&mut pending, lane, &topics, &shutdown);
+                    }
+                }
+            }
+            let busy = in_flight.iter().any(Option::is_some);
+            // No lane's batch grows past the maximum; after a fence nothing is received until
+            // the resync (the batches collected meanwhile would be dropped).
+            let hold = resync
+                || (pending.iter()).any(|p| p.batch.record_count() as usize >= self.max_records);
+            let deadline = (!resync)
+                .then(|| {
+                    (pending.iter().zip(&in_flight))
+                        .filter(|(_, f)| f.is_none())
+                        .filter_map(|(p, _)| p.started)
+                        .min()
+                })
+                .flatten()
                 .map(|s| tokio::time::Instant::from_std(s + self.linger));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    in_flight = None;
-                    done?;
+                (lane, done) = next_done(&mut in_flight), if busy => {
+                    in_flight[lane] = None;
+                    if done? == Flushed::Fenced {
+                        resync = true;
+                    }
                 }
-                _ = sleep_until(deadline), if deadline.is_some() && in_flight.is_none() => {
-                    in_flight = self.start_flush(&mut pending, &topics, &shutdown);
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    let now = Instant::now();
+                    for lane in 0..self.lanes {
+                        let due = pending[lane].started.is_some_and(|s| s + self.linger <= now);
+                        if due && in_flight[lane].is_none() {
+                            in_flight[lane] = self.start_flush(&mut pending, lane, &topics, &shutdown);
+                        }
+                    }
                 }
-                _ = tick.tick() => self.housekeeping(&shutdown, in_flight.is_none()).await,
-                message = self.consumer.recv(), if !full => match message {
+                _ = tick.tick() => self.housekeeping(&shutdown, !busy).await,
+                message = self.consumer.recv(), if !hold => match message {
                     Ok(m) => {
                         let m = m.detach();
                         self.accept(&mut pending, &topics, m, &shutdown).await;
@@ -225,7 +295,7 @@ impl ConsumerLoop {
                 },
             }
         }
-        if let Some(committing) = in_flight {
+        for committing in in_flight.into_iter().flatten() {
             committing.await?;
         }
         tracing::info!("consumer loop stopping; leaving the group");
@@ -233,31 +303,35 @@ impl ConsumerLoop {
         Ok(())
     }
 
-    /// Takes the pending batch and starts its transaction; the next batch is collected on
-    /// top of its end offsets. `None` when there is nothing to commit.
+    /// The commit lane of a partition (module doc).
+    fn lane(&self, partition: i32) -> usize {
+        partition.rem_euclid(self.lanes as i32) as usize
+    }
+
+    /// Takes the batch `lane` collected and starts its transaction; the lane's next batch is
+    /// collected on top of its end offsets. `None` when there is nothing to commit.
     fn start_flush<'s>(
         &'s self,
-        pending: &mut Pending,
+        pending: &mut [Pending],
+        lane: usize,
         topics: &[String],
         shutdown: &'s CancellationToken,
     ) -> Option<InFlight<'s>> {
         // Records of partitions revoked incrementally (cooperative protocol) leave first.
         self.forget_revoked(pending, topics);
         let generation = self.generation();
-        let mut next = Pending::new(topics, generation);
-        let taken = std::mem::replace(pending, Pending::new(topics, generation));
+        let slot = &mut pending[lane];
+        let taken = std::mem::replace(slot, Pending::new(topics, generation));
         if taken.batch.is_empty() || taken.generation != generation {
-            self.progress.dropped();
-            *pending = next;
+            self.progress.dropped(lane);
             return None;
         }
         for p in &taken.batch.progress {
             if let Some(t) = topics.iter().position(|t| *t == p.topic) {
-                next.bases.insert((t, p.partition), p.next_offset);
+                slot.bases.insert((t, p.partition), p.next_offset);
             }
         }
-        *pending = next;
-        Some(Box::pin(self.flush(taken, shutdown)))
+        Some(Box::pin(self.flush(taken, lane, shutdown)))
     }
 
     fn generation(&self) -> u64 {
@@ -268,7 +342,7 @@ impl ConsumerLoop {
     /// rebalance took away since the last call (their new owner starts at the stored
     /// offset). The records of the partitions this instance keeps stay: they will not be
     /// delivered again.
-    fn forget_revoked(&self, pending: &mut Pending, topics: &[String]) {
+    fn forget_revoked(&self, pending: &mut [Pending], topics: &[String]) {
         let revoked = std::mem::take(&mut self.assignment.lock().expect("assignment lock").revoked);
         if revoked.is_empty() {
             return;
@@ -276,67 +350,77 @@ impl ConsumerLoop {
         let gone: std::collections::HashSet<(usize, i32)> = (revoked.iter())
             .filter_map(|(t, p)| Some((topics.iter().position(|x| x == t)?, *p)))
             .collect();
-        // A partition assigned again later starts from its stored offset, not from the end
-        // of a batch in flight when it was revoked.
-        pending.bases.retain(|tp, _| !gone.contains(tp));
-        if pending.batch.is_empty() {
-            return;
-        }
-        let before = pending.batch.record_count();
-        let keep = |s: &crate::store::Source| !gone.contains(&(s.topic, s.partition));
-        let batch = &mut pending.batch;
-        batch.progress.retain(|p| {
-            let idx = topics.iter().position(|t| *t == p.topic);
-            !idx.is_some_and(|i| gone.contains(&(i, p.partition)))
-        });
-        batch.payments.retain(|(_, s)| keep(s));
-        batch.settlements.retain(|(_, s)| keep(s));
-        batch.dead_letters.retain(|d| keep(&d.source));
-        batch.raw.retain(|s, _| keep(s));
-        pending.timestamps.retain(|(_, tp)| !gone.contains(tp));
-        pending.index = (batch.progress.iter().enumerate())
-            .filter_map(|(i, p)| {
-                let t = topics.iter().position(|x| *x == p.topic)?;
-                Some(((t, p.partition), i))
-            })
-            .collect();
-        let dropped = before - batch.record_count();
-        if dropped > 0 {
-            tracing::info!(
-                records = dropped,
-                kept = batch.record_count(),
-                "dropping the records of revoked partitions from the batch being collected"
-            );
-        }
-        if batch.is_empty() {
-            pending.started = None;
-            self.progress.dropped();
+        for (lane, pending) in pending.iter_mut().enumerate() {
+            // A partition assigned again later starts from its stored offset, not from the
+            // end of a batch in flight when it was revoked.
+            pending.bases.retain(|tp, _| !gone.contains(tp));
+            if pending.batch.is_empty() {
+                continue;
+            }
+            let before = pending.batch.record_count();
+            let keep = |s: &crate::store::Source| !gone.contains(&(s.topic, s.partition));
+            let batch = &mut pending.batch;
+            batch.progress.retain(|p| {
+                let idx = topics.iter().position(|t| *t == p.topic);
+                !idx.is_some_and(|i| gone.contains(&(i, p.partition)))
+            });
+            batch.payments.retain(|(_, s)| keep(s));
+            batch.settlements.retain(|(_, s)| keep(s));
+            batch.payouts.retain(|(_, s)| keep(s));
+            batch.dead_letters.retain(|d| keep(&d.source));
+            batch.raw.retain(|s, _| keep(s));
+            pending.timestamps.retain(|(_, tp)| !gone.contains(tp));
+            pending.index = (batch.progress.iter().enumerate())
+                .filter_map(|(i, p)| {
+                    let t = topics.iter().position(|x| *x == p.topic)?;
+                    Some(((t, p.partition), i))
+                })
+                .collect();
+            let dropped = before - batch.record_count();
+            if dropped > 0 {
+                tracing::info!(
+                    records = dropped,
+                    kept = batch.record_count(),
+                    lane,
+                    "dropping the records of revoked partitions from the batch being collected"
+                );
+            }
+            if batch.is_empty() {
+                pending.started = None;
+                self.progress.dropped(lane);
+            }
         }
     }
 
-    /// Adds one message to the batch (decoding it), after checking it is still ours.
+    /// Adds one message to its lane's batch (decoding it), after checking it is still ours.
     async fn accept(
         &self,
-        pending: &mut Pending,
+        lanes: &mut [Pending],
         topics: &[String],
         m: OwnedMessage,
         shutdown: &CancellationToken,
     ) {
-        self.forget_revoked(pending, topics);
+        self.forget_revoked(lanes, topics);
         let generation = self.generation();
-        if generation != pending.generation {
-            // A rebalance happened while the batch was collected: its partitions were
-            // revoked (eager protocol) and re-assigned at their stored offsets, so every
-            // buffered record will be delivered again to whoever owns it now.
+        for (lane, pending) in lanes.iter_mut().enumerate() {
+            if generation == pending.generation {
+                continue;
+            }
+            // A rebalance (or a resync) happened while the batch was collected: its
+            // partitions were revoked (eager protocol) and re-assigned at their stored
+            // offsets, so every buffered record will be delivered again to whoever owns it.
             if !pending.batch.is_empty() {
                 tracing::info!(
                     records = pending.batch.record_count(),
+                    lane,
                     "dropping the batch collected before the rebalance"
                 );
             }
             *pending = Pending::new(topics, generation);
-            self.progress.dropped();
+            self.progress.dropped(lane);
         }
+        let lane = self.lane(m.partition());
+        let pending = &mut lanes[lane];
         let Some(topic_idx) = topics.iter().position(|t| t == m.topic()) else {
             return;
         };
@@ -396,7 +480,7 @@ impl ConsumerLoop {
             // shutdown the batch is abandoned, so nothing is lost.
             Some(Err(DecodeError::Transient(_))) | None => {
                 *pending = Pending::new(topics, generation);
-                self.progress.dropped();
+                self.progress.dropped(lane);
                 return;
             }
         }
@@ -405,7 +489,7 @@ impl ConsumerLoop {
         }
         if pending.started.is_none() {
             // The batch's first record: from now on something waits to be committed.
-            self.progress.received();
+            self.progress.received(lane);
             pending.started = Some(Instant::now());
         }
     }
@@ -473,8 +557,14 @@ impl ConsumerLoop {
         Accepted::Added
     }
 
-    /// Commits a taken batch; retries transient errors; resyncs after a fence.
-    async fn flush(&self, taken: Pending, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    /// Commits a lane's taken batch; retries transient errors; reports a fence (the loop
+    /// resyncs once no transaction is in flight).
+    async fn flush(
+        &self,
+        taken: Pending,
+        lane: usize,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Flushed> {
         let batch = taken.batch;
         let mut backoff = self.initial_backoff;
         loop {
@@ -487,23 +577,22 @@ impl ConsumerLoop {
                 Ok(outcome) => {
                     let commit_time = started.elapsed();
                     self.after_commit(
-                        &batch,
+                        (&batch, lane),
                         &taken.timestamps,
                         outcome,
                         commit_time,
                         taken.decode_time,
                     );
-                    return Ok(());
+                    return Ok(Flushed::Done);
                 }
                 Err(CommitError::Fenced { topic, partition }) => {
                     crate::metrics::batch_fenced();
-                    self.progress.dropped();
-                    tracing::warn!(%topic, partition, records = batch.record_count(), "stale batch rejected by the offset compare-and-set; rolled back, resyncing from PostgreSQL");
+                    self.progress.dropped(lane);
+                    tracing::warn!(%topic, partition, records = batch.record_count(), lane, "stale batch rejected by the offset compare-and-set; rolled back, resyncing from PostgreSQL");
                     if let Some(o) = &self.observer {
                         let _ = o.send(LoopEvent::Fenced);
                     }
-                    self.resync(shutdown).await;
-                    return Ok(());
+                    return Ok(Flushed::Fenced);
                 }
                 Err(CommitError::Transient(e)) => {
                     crate::metrics::batch_retried();
@@ -515,8 +604,8 @@ impl ConsumerLoop {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             tracing::info!("shutdown while retrying; abandoning the uncommitted batch");
-                            self.progress.dropped();
-                            return Ok(());
+                            self.progress.dropped(lane);
+                            return Ok(Flushed::Done);
                         }
                         _ = tokio::time::sleep(backoff) => {}
                     }
@@ -536,14 +625,14 @@ impl ConsumerLoop {
     /// Bookkeeping after a successful transaction.
     fn after_commit(
         &self,
-        batch: &Batch,
+        (batch, lane): (&Batch, usize),
         timestamps: &[(i64, (usize, i32))],
         outcome: crate::store::CommitOutcome,
         commit_time: Duration,
         decode_time: Duration,
     ) {
         let records = batch.record_count() as u64;
-        self.progress.committed();
+        self.progress.committed(lane);
         crate::metrics::batch_committed(records, commit_time, decode_time);
         crate::metrics::records(
             &batch.topics[0],

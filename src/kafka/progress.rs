@@ -2,7 +2,7 @@
 //! report.
 //!
 //! An instance is *stalled* when
-//! - a batch it received has not committed for `pipeline.stall_timeout` (a commit retried
+//! - a batch it received (in any commit lane) has not committed for `pipeline.stall_timeout` (a commit retried
 //!   without end: the database refuses or is unreachable), or
 //! - it owns a partition with records waiting (commit lag > 0) that it has neither fetched
 //!   (its fetch position is behind the high watermark) nor committed anything from for
@@ -14,7 +14,7 @@
 //! its timer. Judging uses the wall clock on purpose: it is about this process, not about the
 //! data, and nothing of it is stored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,8 +29,9 @@ pub struct Progress {
 
 #[derive(Debug)]
 struct State {
-    /// When the oldest record not yet committed was received; `None` when nothing waits.
-    uncommitted_since: Option<Instant>,
+    /// Per commit lane: when its oldest record not yet committed was received (absent when
+    /// nothing waits in that lane). One lane retrying is a stall even while others commit.
+    uncommitted_since: BTreeMap<usize, Instant>,
     /// Why the last commit attempt failed (retried), for the readiness message.
     last_error: Option<String>,
     /// Last commit, or last change of assignment (a new owner gets the full timeout).
@@ -49,7 +50,7 @@ impl Default for Progress {
     fn default() -> Self {
         Progress {
             state: Mutex::new(State {
-                uncommitted_since: None,
+                uncommitted_since: BTreeMap::new(),
                 last_error: None,
                 last_progress: Instant::now(),
                 last_progress_wall: SystemTime::now(),
@@ -66,25 +67,27 @@ impl Progress {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A record was added to the batch being collected.
-    pub fn received(&self) {
+    /// A record was added to the batch `lane` collects.
+    pub fn received(&self, lane: usize) {
         self.state()
             .uncommitted_since
-            .get_or_insert_with(Instant::now);
+            .entry(lane)
+            .or_insert_with(Instant::now);
     }
 
-    /// The batch committed: nothing waits any more.
-    pub fn committed(&self) {
+    /// The lane's batch committed: nothing waits in it any more (the batch it collects
+    /// meanwhile is counted from its next record on).
+    pub fn committed(&self, lane: usize) {
         let mut s = self.state();
-        s.uncommitted_since = None;
+        s.uncommitted_since.remove(&lane);
         s.last_error = None;
         s.last_progress = Instant::now();
         s.last_progress_wall = SystemTime::now();
     }
 
-    /// The batch was dropped (rebalance, fence, shutdown): its records are read again.
-    pub fn dropped(&self) {
-        self.state().uncommitted_since = None;
+    /// The lane's batch was dropped (rebalance, fence, shutdown): its records are read again.
+    pub fn dropped(&self, lane: usize) {
+        self.state().uncommitted_since.remove(&lane);
     }
 
     /// The assignment changed: the new partitions get the full timeout.
@@ -149,7 +152,7 @@ fn judge(
     if let Some(e) = &s.positioning_error {
         return Some(format!("cannot position a partition: {e}"));
     }
-    if let Some(since) = s.uncommitted_since {
+    if let Some(&since) = s.uncommitted_since.values().min() {
         let age = now.duration_since(since);
         if age > timeout {
             return Some(format!(
@@ -202,7 +205,7 @@ mod tests {
 
     fn state(now: Instant) -> State {
         State {
-            uncommitted_since: None,
+            uncommitted_since: BTreeMap::new(),
             last_error: None,
             last_progress: now,
             last_progress_wall: SystemTime::now(),
@@ -239,7 +242,7 @@ mod tests {
         assert_eq!(judge(&s, later, timeout, &owned, &waiting), None);
         // A batch retried without end.
         let mut s = state(later);
-        s.uncommitted_since = Some(t0);
+        s.uncommitted_since.insert(0, t0);
         s.last_error = Some("SQLSTATE 54000: index row size".into());
         let v = judge(&s, later, timeout, &owned, &caught_up).unwrap();
         assert!(v.contains("not committed") && v.contains("54000"), "{v}");
