@@ -600,7 +600,7 @@ impl ConsumerLoop {
                     crate::metrics::database_error(&e, "retry");
                     let cause = describe(&e);
                     tracing::warn!(error = %cause, retry_in = ?backoff, records = batch.record_count(), "batch commit failed transiently; retrying the same batch");
-                    self.progress.retrying(cause);
+                    self.progress.retrying(lane, cause);
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             tracing::info!("shutdown while retrying; abandoning the uncommitted batch");

@@ -33,7 +33,8 @@ struct State {
     /// nothing waits in that lane). One lane retrying is a stall even while others commit.
     uncommitted_since: BTreeMap<usize, Instant>,
     /// Why the last commit attempt failed (retried), for the readiness message.
-    last_error: Option<String>,
+    /// Per commit lane: why its last commit attempt failed (retried).
+    last_error: BTreeMap<usize, String>,
     /// Last commit, or last change of assignment (a new owner gets the full timeout).
     last_progress: Instant,
     /// The same moment as wall-clock time (the `payrecon_last_commit_timestamp_seconds` gauge).
@@ -51,7 +52,7 @@ impl Default for Progress {
         Progress {
             state: Mutex::new(State {
                 uncommitted_since: BTreeMap::new(),
-                last_error: None,
+                last_error: BTreeMap::new(),
                 last_progress: Instant::now(),
                 last_progress_wall: SystemTime::now(),
                 positioning_error: None,
@@ -80,7 +81,7 @@ impl Progress {
     pub fn committed(&self, lane: usize) {
         let mut s = self.state();
         s.uncommitted_since.remove(&lane);
-        s.last_error = None;
+        s.last_error.remove(&lane);
         s.last_progress = Instant::now();
         s.last_progress_wall = SystemTime::now();
     }
@@ -98,9 +99,9 @@ impl Progress {
         s.positions.clear();
     }
 
-    /// A commit attempt failed and will be retried.
-    pub fn retrying(&self, error: String) {
-        self.state().last_error = Some(error);
+    /// A commit attempt of the lane's batch failed and will be retried.
+    pub fn retrying(&self, lane: usize, error: String) {
+        self.state().last_error.insert(lane, error);
     }
 
     /// Positioning failed (`Some`) or succeeded again (`None`).
@@ -152,13 +153,15 @@ fn judge(
     if let Some(e) = &s.positioning_error {
         return Some(format!("cannot position a partition: {e}"));
     }
-    if let Some(&since) = s.uncommitted_since.values().min() {
+    if let Some((lane, &since)) = s.uncommitted_since.iter().min_by_key(|(_, t)| **t) {
         let age = now.duration_since(since);
         if age > timeout {
             return Some(format!(
                 "records received {} s ago are not committed yet ({})",
                 age.as_secs(),
-                s.last_error.as_deref().unwrap_or("no error reported")
+                s.last_error
+                    .get(lane)
+                    .map_or("no error reported", String::as_str)
             ));
         }
     }
@@ -206,7 +209,7 @@ mod tests {
     fn state(now: Instant) -> State {
         State {
             uncommitted_since: BTreeMap::new(),
-            last_error: None,
+            last_error: BTreeMap::new(),
             last_progress: now,
             last_progress_wall: SystemTime::now(),
             positioning_error: None,
@@ -243,7 +246,8 @@ mod tests {
         // A batch retried without end.
         let mut s = state(later);
         s.uncommitted_since.insert(0, t0);
-        s.last_error = Some("SQLSTATE 54000: index row size".into());
+        s.last_error
+            .insert(0, "SQLSTATE 54000: index row size".into());
         let v = judge(&s, later, timeout, &owned, &caught_up).unwrap();
         assert!(v.contains("not committed") && v.contains("54000"), "{v}");
         // A partition that could not be positioned.
@@ -253,5 +257,49 @@ mod tests {
         // Partitions owned by others do not count.
         let s = state(t0);
         assert_eq!(judge(&s, later, timeout, &HashSet::new(), &waiting), None);
+    }
+
+    #[test]
+    fn a_commit_lane_retrying_is_a_stall_while_another_lane_commits() {
+        let timeout = Duration::from_secs(60);
+        let p = Progress::default();
+        p.received(0);
+        p.received(1);
+        let t0 = p.state().uncommitted_since[&1];
+        // Lane 0 keeps committing; lane 1's batch is retried without end.
+        p.committed(0);
+        p.received(0);
+        p.retrying(1, "SQLSTATE 53100: disk full".into());
+        p.committed(0);
+        let owned = HashSet::new();
+        let v = judge(
+            &p.state(),
+            t0 + Duration::from_secs(61),
+            timeout,
+            &owned,
+            &HashMap::new(),
+        );
+        assert!(
+            v.as_deref()
+                .is_some_and(|v| v.contains("not committed") && v.contains("53100")),
+            "{v:?}"
+        );
+        // Lane 1 commits: nothing waits any more.
+        p.committed(1);
+        assert!(p.state().uncommitted_since.is_empty());
+        assert_eq!(
+            judge(
+                &p.state(),
+                t0 + Duration::from_secs(61),
+                timeout,
+                &owned,
+                &HashMap::new()
+            ),
+            None
+        );
+        // A dropped batch waits no more either.
+        p.received(1);
+        p.dropped(1);
+        assert!(p.state().uncommitted_since.is_empty());
     }
 }
