@@ -100,18 +100,38 @@ pub(crate) async fn reconcile(
         return Ok(PayoutOutcome::default());
     }
     let stored = lock_items(tx, targets.keys()).await?;
+    // A stored state that does not parse (a hand edit, another release) is rebuilt from the
+    // item's stored records, this transaction's included, so nothing is folded on top of it.
+    let unreadable: Vec<&PayoutKey> = (stored.iter())
+        .filter(|(_, (_, state))| state.is_none())
+        .map(|(k, _)| k)
+        .collect();
+    let rebuilt = if unreadable.is_empty() {
+        BTreeMap::new()
+    } else {
+        tracing::warn!(
+            items = unreadable.len(),
+            "payout item states that do not parse; rebuilt from their records"
+        );
+        super::verify_payouts::recomputed_states(tx, Some(&unreadable)).await?
+    };
     let mut rows = Rows::default();
     let mut out = PayoutOutcome::default();
     for (key, t) in &targets {
-        let (prior_status, prior_state) = match stored.get(key) {
-            Some((status, state)) => (*status, state.clone()),
-            None => (None, PayoutState::default()),
+        let state = match stored.get(key) {
+            Some((_, None)) => rebuilt.get(key).cloned().unwrap_or_default(),
+            Some((_, Some(state))) => payout::fold(
+                state.clone(),
+                t.lines.iter().copied(),
+                t.payouts.iter().copied(),
+            ),
+            None => payout::fold(
+                PayoutState::default(),
+                t.lines.iter().copied(),
+                t.payouts.iter().copied(),
+            ),
         };
-        let state = payout::fold(
-            prior_state,
-            t.lines.iter().copied(),
-            t.payouts.iter().copied(),
-        );
+        let prior_status = stored.get(key).and_then(|(status, _)| *status);
         let v = payout::judge(key, &state, who.watermark, rules);
         out.evaluated += 1;
         let changed = prior_status != Some(v.status);
@@ -155,11 +175,12 @@ pub(crate) async fn reconcile(
 }
 
 /// Inserts an item for each key that has none and locks every one, in key order, in one
-/// statement; returns the stored status and state of those that existed.
+/// statement; returns the stored status and state of those that existed (`None`: a state
+/// that does not parse).
 async fn lock_items<'k>(
     tx: &mut Transaction<'_, Postgres>,
     keys: impl Iterator<Item = &'k PayoutKey>,
-) -> Result<HashMap<PayoutKey, (Option<PayoutStatus>, PayoutState)>, sqlx::Error> {
+) -> Result<HashMap<PayoutKey, (Option<PayoutStatus>, Option<PayoutState>)>, sqlx::Error> {
     let (kinds, names): (Vec<&str>, Vec<&str>) = keys.map(|k| (k.kind(), k.key())).unzip();
     // A new item is a placeholder until the write below (same transaction). Existing rows
     // are locked by the no-op update; `xmax = 0` tells the inserted ones.
@@ -184,8 +205,7 @@ async fn lock_items<'k>(
         }
         let key = PayoutKey::parse(&kind, key)
             .ok_or_else(|| sqlx::Error::Decode(format!("payout item kind {kind:?}").into()))?;
-        let state: PayoutState = serde_json::from_str(&state)
-            .map_err(|e| sqlx::Error::Decode(format!("payout item state: {e}").into()))?;
+        let state = serde_json::from_str::<PayoutState>(&state).ok();
         out.insert(key, (PayoutStatus::parse(&status), state));
     }
     Ok(out)

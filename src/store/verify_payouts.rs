@@ -33,24 +33,41 @@ type PayoutAgg = (
     String,
 );
 
-/// The state of every payout item from the stored records, by the service's own fold rules
-/// (sums per currency, least/greatest times, dates and ids; ids compare bytewise).
-async fn recomputed_states(
+/// The state of every payout item (or of `only` those) from the stored records, by the
+/// service's own fold rules (sums per currency, least/greatest times, dates and ids; ids
+/// compare bytewise). The store rebuilds a stored state that does not parse with it.
+pub(super) async fn recomputed_states(
     conn: &mut PgConnection,
+    only: Option<&[&PayoutKey]>,
 ) -> Result<BTreeMap<PayoutKey, PayoutState>, sqlx::Error> {
+    let of_kind = |kind: &str| -> Option<Vec<&str>> {
+        only.map(|keys| {
+            (keys.iter())
+                .filter(|k| k.kind() == kind)
+                .map(|k| k.key())
+                .collect()
+        })
+    };
+    let (batches, lines_only) = (of_kind("BATCH"), of_kind("LINE"));
     let lines: Vec<LineAgg> = sqlx::query_as(
         "SELECT batch_id, currency, count(*), sum(net), max(event_time), min(settlement_date),
                 min(merchant_id COLLATE \"C\")
-           FROM settlement_lines GROUP BY 1, 2",
+           FROM settlement_lines WHERE $1::text[] IS NULL OR batch_id = ANY($1) GROUP BY 1, 2",
     )
+    .bind(&batches)
     .fetch_all(&mut *conn)
     .await?;
     let payouts: Vec<PayoutAgg> = sqlx::query_as(
         "SELECT CASE WHEN batch_reference IS NULL THEN 'LINE' ELSE 'BATCH' END,
                 coalesce(batch_reference, statement_line_id), currency, count(*), sum(amount),
                 min(event_time), min(value_date), min(account_id COLLATE \"C\")
-           FROM bank_payouts GROUP BY 1, 2, 3",
+           FROM bank_payouts
+          WHERE $1::text[] IS NULL OR batch_reference = ANY($1)
+             OR (batch_reference IS NULL AND statement_line_id = ANY($2))
+          GROUP BY 1, 2, 3",
     )
+    .bind(&batches)
+    .bind(&lines_only)
     .fetch_all(&mut *conn)
     .await?;
     let currency = |c: &str| {
@@ -82,12 +99,6 @@ async fn recomputed_states(
             _ => account,
         });
     }
-    // Amounts as the columns keep them (numeric(20,4) sums), compared by value.
-    for s in out.values_mut() {
-        for a in s.net.values_mut().chain(s.paid.values_mut()) {
-            *a = a.normalize();
-        }
-    }
     Ok(out)
 }
 
@@ -107,7 +118,7 @@ pub(super) async fn payout_verdicts(
     conn: &mut PgConnection,
     rules: &PayoutRules,
 ) -> Result<Check, sqlx::Error> {
-    let mut recomputed = recomputed_states(conn).await?;
+    let mut recomputed = recomputed_states(conn, None).await?;
     let stored: Vec<StoredItem> = sqlx::query_as(
         "SELECT kind, key, status, deadline, reason, watermark, state::text
            FROM payout_items ORDER BY kind, key",
@@ -127,7 +138,7 @@ pub(super) async fn payout_verdicts(
             ));
             continue;
         };
-        let Some(expected) = recomputed.remove(&k) else {
+        let Some(mut expected) = recomputed.remove(&k) else {
             differences.push(diff(&label, format!("status={status}"), "missing".into()));
             continue;
         };
@@ -146,7 +157,10 @@ pub(super) async fn payout_verdicts(
                 continue;
             }
         };
-        for a in state.net.values_mut().chain(state.paid.values_mut()) {
+        // Amounts compared by value (the sums keep the columns' scale, the state its own).
+        for a in (state.net.values_mut().chain(state.paid.values_mut()))
+            .chain(expected.net.values_mut().chain(expected.paid.values_mut()))
+        {
             *a = a.normalize();
         }
         let v = payout::judge(&k, &expected, watermark, rules);

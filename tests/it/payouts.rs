@@ -159,6 +159,17 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
         ]),
     )
     .await;
+    // A running state that does not parse (a hand edit; the column is text) does not stall
+    // the stream: the store rebuilds it from the batch's stored records when a record
+    // touches it, and verify's payout_verdicts (in assert_exceptions_exact) finds it exact.
+    let pool = f.db.store.pool();
+    let corrupted = sqlx::query(
+        "UPDATE payout_items SET state = 'not json' WHERE kind = 'BATCH' AND key = 'B-late'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(corrupted.rows_affected(), 1);
     // The late payout arrives: its exception is resolved. The ghost batch's line arrives
     // late (its time long past the deadline): the unexplained credit becomes a short payout,
     // one exception turning into another, which is history and not a second outbox row.
@@ -185,8 +196,19 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
     f.wait_drained(Duration::from_secs(30)).await;
     // Outbox and exceptions topic exactly once, payout checks of report --verify.
     f.assert_exceptions_exact().await;
+    let state: String = sqlx::query_scalar(
+        "SELECT state FROM payout_items WHERE kind = 'BATCH' AND key = 'B-late'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).expect("the state was rebuilt");
+    assert_eq!(
+        (state["lines"].as_i64(), state["payouts"].as_i64()),
+        (Some(1), Some(1)),
+        "{state}"
+    );
 
-    let pool = f.db.store.pool();
     let (difference, reason): (Option<rust_decimal::Decimal>, String) = sqlx::query_as(
         "SELECT difference, reason FROM payout_items WHERE kind = 'BATCH' AND key = 'B-short'",
     )
