@@ -2,9 +2,10 @@
 //! they can be compared as ratios on a shared, noisy machine.
 //!
 //! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
-//!    no decoding), `pipeline.commit_lanes` lanes committing concurrently as the service's do: the most the database path can take; with PostgreSQL's row writes per
-//!    record (`pg_stat_user_tables`, HOT updates) and, when `pg_stat_statements` is preloaded,
-//!    the statements that took the time.
+//!    no decoding), `pipeline.commit_lanes` lanes committing concurrently as the service's
+//!    do: the most the database path can take; with PostgreSQL's row writes per record
+//!    (`pg_stat_user_tables`, HOT updates) and, when `pg_stat_statements` is preloaded, the
+//!    statements that took the time.
 //! 2. End-to-end: a backlog produced into the embedded Kafka, then consumed by the real
 //!    service loop (decode + validate + batch transaction); records/s from first to last
 //!    commit.

@@ -2,8 +2,8 @@
 //! report.
 //!
 //! An instance is *stalled* when
-//! - a batch it received (in any commit lane) has not committed for `pipeline.stall_timeout` (a commit retried
-//!   without end: the database refuses or is unreachable), or
+//! - a batch it received (in any commit lane) has not committed for `pipeline.stall_timeout`
+//!   (a commit retried without end: the database refuses or is unreachable), or
 //! - it owns a partition with records waiting (commit lag > 0) that it has neither fetched
 //!   (its fetch position is behind the high watermark) nor committed anything from for
 //!   `stall_timeout` (a consumer that fetches nothing while it looks healthy), or
@@ -32,8 +32,8 @@ struct State {
     /// Per commit lane: when its oldest record not yet committed was received (absent when
     /// nothing waits in that lane). One lane retrying is a stall even while others commit.
     uncommitted_since: BTreeMap<usize, Instant>,
-    /// Why the last commit attempt failed (retried), for the readiness message.
-    /// Per commit lane: why its last commit attempt failed (retried).
+    /// Per commit lane: why its last commit attempt failed (retried), for the readiness
+    /// message.
     last_error: BTreeMap<usize, String>,
     /// Last commit, or last change of assignment (a new owner gets the full timeout).
     last_progress: Instant,

@@ -477,14 +477,15 @@ impl<'c> Comparison<'c> {
         self.stream(kind, &sql, None, out).await
     }
 
-    /// The items of the comparable references (see the module doc). `complete` is the SQL
-    /// for whether the range is the whole log (a bound parameter or a literal).
+    /// The items of the comparable references (see the module doc), as a list of CTEs (for
+    /// a `WITH`). `complete` is the SQL for whether the range is the whole log (a bound
+    /// parameter or a literal).
     fn items_cte(&self, complete: &str) -> String {
         let (l, s) = (&self.live, &self.shadow);
         let inr = self.row_in_range("x");
         let values = values_sql(&ITEM_COLUMNS, &[]);
         format!(
-            "WITH lrec AS (
+            "lrec AS (
                 SELECT payment_reference AS ref, bool_and(inr) AS all_in FROM (
                     SELECT x.payment_reference, {inr} AS inr FROM {l}.payment_events x
                     UNION ALL
@@ -536,7 +537,7 @@ impl<'c> Comparison<'c> {
         };
         let cte = self.items_cte("$1");
         let sql = format!(
-            "{cte}
+            "WITH {cte}
              SELECT d.ref AS key, d.problem, d.values,
                     coalesce(nullif(sp.positions, '[]'::jsonb), lp.positions) AS positions
                FROM (SELECT * FROM judged
@@ -551,7 +552,7 @@ impl<'c> Comparison<'c> {
         self.stream("reconciliation_item", &sql, Some(complete), out)
             .await?;
         let counts: (i64, i64, i64) = sqlx::query_as(&format!(
-            "{cte}
+            "WITH {cte}
              SELECT count(*) FILTER (WHERE comparable), count(*) FILTER (WHERE NOT comparable),
                     count(*) FILTER (WHERE comparable AND apart)
                FROM judged"
@@ -578,7 +579,6 @@ impl<'c> Comparison<'c> {
             // other's. Such items move to the shadow's column on the live side, so the
             // counts compare as the items do; every other count is compared as stored.
             let cte = self.items_cte("true");
-            let cte = cte.strip_prefix("WITH ").unwrap_or(&cte);
             let live_columns: Vec<String> = DAILY_COLUMNS
                 .iter()
                 .map(|c| match *c {

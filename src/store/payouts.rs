@@ -120,13 +120,8 @@ pub(crate) async fn reconcile(
     for (key, t) in &targets {
         let state = match stored.get(key) {
             Some((_, None)) => rebuilt.get(key).cloned().unwrap_or_default(),
-            Some((_, Some(state))) => payout::fold(
-                state.clone(),
-                t.lines.iter().copied(),
-                t.payouts.iter().copied(),
-            ),
-            None => payout::fold(
-                PayoutState::default(),
+            prior => payout::fold(
+                prior.and_then(|(_, s)| s.clone()).unwrap_or_default(),
                 t.lines.iter().copied(),
                 t.payouts.iter().copied(),
             ),

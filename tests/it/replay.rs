@@ -59,6 +59,16 @@ async fn replay_lib(
         .expect("the replay runs")
 }
 
+/// Exit 0 and a MATCH, or the differences in the failure message.
+fn assert_match(code: i32, report: &Value) {
+    assert_eq!(
+        (code, report["audit"]["summary"]["result"].as_str()),
+        (0, Some("MATCH")),
+        "differences: {}",
+        serde_json::to_string_pretty(differences(report)).unwrap()
+    );
+}
+
 fn differences(report: &Value) -> &Vec<Value> {
     report["audit"]["differences"].as_array().unwrap()
 }
@@ -176,12 +186,7 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
             .unwrap();
     assert_ne!(before, after, "the spelling did not change");
     let (code, report, _) = replay_binary(&f, dir.path(), "respelled", &[]);
-    assert_eq!(
-        (code, report["audit"]["summary"]["result"].as_str()),
-        (0, Some("MATCH")),
-        "differences: {}",
-        serde_json::to_string_pretty(differences(&report)).unwrap()
-    );
+    assert_match(code, &report);
     // The state kept as text can hold what is not JSON: one difference, not a failed cast.
     let key: String = sqlx::query_scalar(
         "UPDATE payout_items SET state = 'not json'
@@ -258,12 +263,7 @@ async fn replay_after_a_normal_run_matches_then_reports_exactly_the_tampered_row
     };
     shift_counts(1).await;
     let (code, report, _) = replay_binary(&f, dir.path(), "unswept", &[]);
-    assert_eq!(
-        (code, report["audit"]["summary"]["result"].as_str()),
-        (0, Some("MATCH")),
-        "differences: {}",
-        serde_json::to_string_pretty(differences(&report)).unwrap()
-    );
+    assert_match(code, &report);
     assert_eq!(
         report["audit"]["summary"]["references_judged_at_different_watermarks"],
         3
