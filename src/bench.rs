@@ -379,6 +379,9 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
             run.lock_waits_over_100ms,
             run.longest_lock_wait_ms
         );
+        for (statement, n) in &run.long_waits_by_statement {
+            println!("    {n:>4} waits over 100 ms in: {statement}");
+        }
         scale_out.push(run);
     }
     let report = BenchReport {

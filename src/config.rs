@@ -997,7 +997,10 @@ impl KafkaSettings {
                 "max.poll.interval.ms",
                 self.max_poll_interval.as_millis().to_string(),
             )
-            .set_default("partition.assignment.strategy", "roundrobin")
+            // Range first: partition N of every input topic goes to the same member, where
+            // one payment's events and lines are (keys are the payment reference); roundrobin
+            // second so a group still on it upgrades in one rolling restart.
+            .set_default("partition.assignment.strategy", "range,roundrobin")
             .set_default("queued.max.messages.kbytes", "32768")
             .set_default("fetch.wait.max.ms", "10");
         if let (true, Some(id)) = (self.static_membership, &self.group_instance_id) {

@@ -81,7 +81,7 @@ pub async fn run_with(
             topics: ("bench.rolleager.payments", "bench.rolleager.settlements"),
             refuse_psp: false,
         };
-        ("eager (roundrobin)", stage)
+        ("eager (range)", stage)
     };
     settings.kafka.session_timeout = Duration::from_secs(6);
     if cooperative {

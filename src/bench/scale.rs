@@ -26,6 +26,14 @@ pub struct ScaleRun {
     pub lock_waits: u64,
     pub lock_waits_over_100ms: u64,
     pub longest_lock_wait_ms: u64,
+    /// The waits over 100 ms by what waited (the waiting statement's first words), most first.
+    pub long_waits_by_statement: Vec<(String, u64)>,
+}
+
+/// One lock wait seen: how long it lasted at most, and the statement that waited.
+struct Wait {
+    ms: f64,
+    statement: String,
 }
 
 /// Lock waits seen by sampling `pg_locks` of one database until `stop`.
@@ -33,26 +41,27 @@ async fn sample_lock_waits(
     pool: sqlx::PgPool,
     database: String,
     stop: CancellationToken,
-) -> HashMap<(i32, String), f64> {
-    let mut waits: HashMap<(i32, String), f64> = HashMap::new();
+) -> HashMap<(i32, String), Wait> {
+    let mut waits: HashMap<(i32, String), Wait> = HashMap::new();
     let mut every = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return waits,
             _ = every.tick() => {}
         }
-        let rows: Result<Vec<(i32, String, f64)>, _> = sqlx::query_as(
+        let rows: Result<Vec<(i32, String, f64, String)>, _> = sqlx::query_as(
             "SELECT l.pid, l.waitstart::text,
-                    EXTRACT(EPOCH FROM clock_timestamp() - l.waitstart)::float8 * 1000
+                    EXTRACT(EPOCH FROM clock_timestamp() - l.waitstart)::float8 * 1000,
+                    left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 72)
                FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
               WHERE NOT l.granted AND l.waitstart IS NOT NULL AND a.datname = $1",
         )
         .bind(&database)
         .fetch_all(&pool)
         .await;
-        for (pid, since, ms) in rows.unwrap_or_default() {
-            let w = waits.entry((pid, since)).or_insert(0.0);
-            *w = w.max(ms);
+        for (pid, since, ms, statement) in rows.unwrap_or_default() {
+            let w = waits.entry((pid, since)).or_insert(Wait { ms, statement });
+            w.ms = w.ms.max(ms);
         }
     }
 }
@@ -147,11 +156,18 @@ pub async fn run_with(
     let waits = sampler.await?;
     admin_pool.close().await;
     let _ = crate::store::drop_database(admin, &db).await;
+    let mut by_statement: HashMap<String, u64> = HashMap::new();
+    for w in waits.values().filter(|w| w.ms > 100.0) {
+        *by_statement.entry(w.statement.clone()).or_default() += 1;
+    }
+    let mut long_waits_by_statement: Vec<(String, u64)> = by_statement.into_iter().collect();
+    long_waits_by_statement.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(ScaleRun {
         instances,
         records_per_sec: (total as f64 / elapsed.as_secs_f64().max(1e-3)).round(),
         lock_waits: waits.len() as u64,
-        lock_waits_over_100ms: waits.values().filter(|ms| **ms > 100.0).count() as u64,
-        longest_lock_wait_ms: waits.values().fold(0.0f64, |a, b| a.max(*b)) as u64,
+        lock_waits_over_100ms: waits.values().filter(|w| w.ms > 100.0).count() as u64,
+        longest_lock_wait_ms: waits.values().fold(0.0f64, |a, w| a.max(w.ms)) as u64,
+        long_waits_by_statement,
     })
 }

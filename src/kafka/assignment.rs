@@ -7,7 +7,7 @@
 //! thread inside `recv()`, so it uses `block_in_place` (the service requires the multi-thread
 //! runtime) and retries until the database answers or shutdown is requested.
 //!
-//! Both rebalance protocols are handled. **Eager** (the default, `roundrobin`): every
+//! Both rebalance protocols are handled. **Eager** (the default, `range,roundrobin`): every
 //! rebalance revokes everything and assigns the new set, each at its stored offset; the
 //! assignment generation is bumped and the batch being collected is dropped whole (its
 //! records are read again by whoever owns them now). **Cooperative**
@@ -63,6 +63,8 @@ pub struct RebalanceContext {
     pub(super) throttle: super::logs::Throttle,
     pub(super) shutdown: CancellationToken,
     pub(super) retry_backoff: Duration,
+    /// The input topics keyed by payment reference ([`not_co_partitioned`]).
+    pub(super) keyed_topics: Vec<String>,
 }
 
 /// librdkafka's logs and errors, rate limited (a broker outage repeats them many times a
@@ -126,6 +128,10 @@ impl ConsumerContext for RebalanceContext {
                 if position_error.is_some() {
                     self.progress.positioning(position_error);
                 }
+                let owned = self.assignment.lock().expect("assignment lock");
+                if let Some(why) = not_co_partitioned(&self.keyed_topics, owned.partitions.keys()) {
+                    tracing::warn!(%why, "this instance does not own the same partition numbers of every input topic: a payment's events and lines are then applied by different instances, which wait on each other's reconciliation items (still exact); use the default assignor (range) and the same partition count for every input topic");
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(
@@ -150,6 +156,32 @@ impl ConsumerContext for RebalanceContext {
             }
         }
     }
+}
+
+/// Why an assignment is not co-partitioned, or `None`: the partition numbers owned of each
+/// of `keyed` (the topics keyed by payment reference: payments and settlement lines) must be
+/// the same. One payment's records share a key, so they are on the same partition number of
+/// those topics when the topics have the same partition count; an instance that owns a
+/// partition number of one and not of the other applies half of those payments while another
+/// instance applies the other half. (Payouts are keyed by batch, whose lines come from many
+/// partitions anyway.)
+pub fn not_co_partitioned<'a>(
+    keyed: &[String],
+    owned: impl Iterator<Item = &'a TopicPartition>,
+) -> Option<String> {
+    let mut by_topic: std::collections::BTreeMap<&str, std::collections::BTreeSet<i32>> = keyed
+        .iter()
+        .map(|t| (t.as_str(), Default::default()))
+        .collect();
+    for (topic, partition) in owned {
+        if let Some(numbers) = by_topic.get_mut(topic.as_str()) {
+            numbers.insert(*partition);
+        }
+    }
+    let mut topics = by_topic.iter();
+    let (first, numbers) = topics.next()?;
+    let (other, theirs) = topics.find(|(_, p)| *p != numbers)?;
+    Some(format!("{first} {numbers:?} but {other} {theirs:?}"))
 }
 
 impl RebalanceContext {
@@ -279,5 +311,40 @@ impl RebalanceContext {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_co_partitioned;
+
+    fn tp(t: &str, p: i32) -> (String, i32) {
+        (t.to_owned(), p)
+    }
+
+    #[test]
+    fn an_assignment_is_co_partitioned_when_every_keyed_topic_has_the_same_numbers() {
+        let keyed = ["pay".to_owned(), "set".to_owned()];
+        let range = [
+            tp("pay", 0),
+            tp("pay", 1),
+            tp("set", 1),
+            tp("set", 0),
+            tp("out", 3),
+        ];
+        assert_eq!(not_co_partitioned(&keyed, range.iter()), None);
+        assert_eq!(not_co_partitioned(&keyed, [].iter()), None);
+        // Round-robin over 3 members: payments-0 here, settlements-1.
+        let rr = [tp("pay", 0), tp("pay", 3), tp("set", 1), tp("out", 2)];
+        assert_eq!(
+            not_co_partitioned(&keyed, rr.iter()).as_deref(),
+            Some("pay {0, 3} but set {1}")
+        );
+        // Settlements only: payments of those numbers are another member's.
+        let lines_only = [tp("set", 2)];
+        assert_eq!(
+            not_co_partitioned(&keyed, lines_only.iter()).as_deref(),
+            Some("pay {} but set {2}")
+        );
     }
 }

@@ -165,6 +165,10 @@ impl ConsumerLoop {
             throttle: Default::default(),
             shutdown,
             retry_backoff: settings.pipeline.retry_initial_backoff,
+            keyed_topics: (settings.kafka.input_topics().into_iter())
+                .filter(|(s, _)| matches!(s, Stream::Payments | Stream::Settlements))
+                .map(|(_, t)| t)
+                .collect(),
         };
         let consumer: StreamConsumer<RebalanceContext> = settings
             .kafka

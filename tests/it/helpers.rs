@@ -736,6 +736,18 @@ pub fn metric_value(body: &str, name: &str, labels: &[&str]) -> f64 {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: its output shows what the service was doing last.
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "---- last {} log lines of {} ----\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
         if let Ok(None) = self.child.try_wait() {
             self.signal(Signal::SIGCONT);
             self.signal(Signal::SIGKILL);

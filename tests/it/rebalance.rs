@@ -37,6 +37,40 @@ async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
         },
     )
     .await;
+    // The default assignor co-partitions: each member owns the same partition numbers of
+    // every input topic, where one payment's records are (keyed by its reference), so no two
+    // members create or update the same reconciliation item. (Round-robin over the 12
+    // topic-partitions gives the first member payments-0 and settlements-1: this times out.)
+    wait_for(
+        Duration::from_secs(20),
+        "every member to own the same partition numbers of every input topic",
+        || async {
+            let mut co_partitioned = 0;
+            for s in [&a, &b, &c] {
+                let body = s.metrics().await.unwrap_or_default();
+                let owned = |topic: &str| -> Vec<i32> {
+                    (0..4)
+                        .filter(|p| {
+                            crate::helpers::metric_value(
+                                &body,
+                                payrecon::metrics::PARTITION_ASSIGNED,
+                                &[&format!("topic=\"{topic}\""), &format!("partition=\"{p}\"")],
+                            ) == 1.0
+                        })
+                        .collect()
+                };
+                let payments = owned(&fx.kafka.payments_topic);
+                if !payments.is_empty()
+                    && owned(&fx.kafka.settlements_topic) == payments
+                    && owned(&fx.kafka.payouts_topic) == payments
+                {
+                    co_partitioned += 1;
+                }
+            }
+            co_partitioned == 3
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // One leaves (graceful stop), another joins.
     assert_eq!(a.terminate(Duration::from_secs(20)).await, Some(0));
