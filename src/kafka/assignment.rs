@@ -130,7 +130,7 @@ impl ConsumerContext for RebalanceContext {
                 }
                 let owned = self.assignment.lock().expect("assignment lock");
                 if let Some(why) = not_co_partitioned(&self.keyed_topics, owned.partitions.keys()) {
-                    tracing::warn!(%why, "this instance does not own the same partition numbers of every input topic: a payment's events and lines are then applied by different instances, which wait on each other's reconciliation items (still exact); use the default assignor (range) and the same partition count for every input topic");
+                    tracing::warn!(%why, "this instance does not own the same partition numbers of the payments and settlements topics: a payment's events and lines are then applied by different instances, which wait on each other's reconciliation items (still exact); use the default assignor (range) and the same partition count for both topics");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {

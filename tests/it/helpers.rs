@@ -734,6 +734,25 @@ pub fn metric_value(body: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Whether a `/metrics` body says its instance owns partition `partition` of `topic`.
+pub fn owns_partition(body: &str, topic: &str, partition: i32) -> bool {
+    metric_value(
+        body,
+        payrecon::metrics::PARTITION_ASSIGNED,
+        &[
+            &format!("topic=\"{topic}\""),
+            &format!("partition=\"{partition}\""),
+        ],
+    ) == 1.0
+}
+
+/// Which of partitions `0..partitions` of `topic` a `/metrics` body says its instance owns.
+pub fn owned_partitions(body: &str, topic: &str, partitions: i32) -> Vec<i32> {
+    (0..partitions)
+        .filter(|p| owns_partition(body, topic, *p))
+        .collect()
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         if std::thread::panicking() {

@@ -399,18 +399,8 @@ async fn a_partition_behind_holds_deadlines_back_while_the_others_are_live() {
             let (Some(ma), Some(mb)) = (a.metrics().await, b.metrics().await) else {
                 return false;
             };
-            let owns = |body: &str, p: i32| {
-                crate::helpers::metric_value(
-                    body,
-                    payrecon::metrics::PARTITION_ASSIGNED,
-                    &[
-                        &format!("topic=\"{settlements}\""),
-                        &format!("partition=\"{p}\""),
-                    ],
-                ) == 1.0
-            };
-            let a_owns: Vec<i32> = (0..4).filter(|p| owns(&ma, *p)).collect();
-            let b_owns: Vec<i32> = (0..4).filter(|p| owns(&mb, *p)).collect();
+            let a_owns = crate::helpers::owned_partitions(&ma, &settlements, 4);
+            let b_owns = crate::helpers::owned_partitions(&mb, &settlements, 4);
             *owned_by_a.lock().unwrap() = a_owns.first().copied();
             !a_owns.is_empty() && !b_owns.is_empty() && a_owns.len() + b_owns.len() == 4
         },
@@ -456,11 +446,7 @@ async fn a_partition_behind_holds_deadlines_back_while_the_others_are_live() {
             let offsets = f.db.offsets(&f.group).await;
             let ms = b.metrics().await.unwrap_or_default();
             b_partitions.iter().all(|((t, p), (_, high))| {
-                let mine = crate::helpers::metric_value(
-                    &ms,
-                    payrecon::metrics::PARTITION_ASSIGNED,
-                    &[&format!("topic=\"{t}\""), &format!("partition=\"{p}\"")],
-                ) == 1.0;
+                let mine = crate::helpers::owns_partition(&ms, t, *p);
                 !mine || *high == 0 || offsets.get(&(t.clone(), *p)) == Some(high)
             })
         },

@@ -48,17 +48,7 @@ async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
             let mut co_partitioned = 0;
             for s in [&a, &b, &c] {
                 let body = s.metrics().await.unwrap_or_default();
-                let owned = |topic: &str| -> Vec<i32> {
-                    (0..4)
-                        .filter(|p| {
-                            crate::helpers::metric_value(
-                                &body,
-                                payrecon::metrics::PARTITION_ASSIGNED,
-                                &[&format!("topic=\"{topic}\""), &format!("partition=\"{p}\"")],
-                            ) == 1.0
-                        })
-                        .collect()
-                };
+                let owned = |topic: &str| crate::helpers::owned_partitions(&body, topic, 4);
                 let payments = owned(&fx.kafka.payments_topic);
                 if !payments.is_empty()
                     && owned(&fx.kafka.settlements_topic) == payments
