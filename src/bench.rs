@@ -20,6 +20,9 @@
 //!    (`--ingestion false` skips it).
 //! 7. Scale-out: the backlog consumed by 1, 2 and 3 instances of one group on the same
 //!    PostgreSQL (`--instances`), total records/s and the row-lock waits seen in `pg_locks`.
+//! 8. Service process: `payrecon run` as a process of its own on the backlog: records/s
+//!    and its peak resident memory (`--process false` skips it). The peak RSS of the bench
+//!    process itself also holds the embedded broker's log and the generated records.
 //!
 //! `--reference-versions N` measures only the reference-data cache instead: the process's
 //! memory with N merchant versions loaded, the load time and the lookup rate.
@@ -42,6 +45,7 @@ use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{Batch, PartitionProgress, Source, Store};
 
 mod pgstats;
+mod process;
 mod rolling;
 mod scale;
 
@@ -77,6 +81,10 @@ pub struct BenchOptions {
     /// same PostgreSQL, each count in turn (total records/s and row-lock waits); empty skips.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub instances: Vec<usize>,
+    /// The service-process stage: `payrecon run` as a process of its own on the backlog
+    /// (records/s and its peak resident memory).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub process: bool,
     /// Measure only the reference-data cache with this many merchant versions (N/4
     /// merchants with 4 versions each): process memory before and after loading, load time,
     /// lookups/s.
@@ -105,6 +113,8 @@ pub struct BenchReport {
     pub latency_p50_ms: u64,
     pub latency_p99_ms: u64,
     pub latency_max_ms: u64,
+    /// Peak resident memory of the bench process after the end-to-end and latency runs: the
+    /// service, the embedded broker with everything produced, and the generated records.
     pub peak_rss_mib: f64,
     /// `payrecon replay` of everything the service applied in this run (backlog + latency
     /// run): records read, decoded, reconciled and committed into a shadow schema, per second.
@@ -123,6 +133,8 @@ pub struct BenchReport {
     pub ingestion_records_per_sec: f64,
     /// The scale-out stage, one entry per instance count.
     pub scale_out: Vec<scale::ScaleRun>,
+    /// The service-process stage (`None` when skipped).
+    pub service_process: Option<process::ProcessRun>,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -163,7 +175,13 @@ async fn fresh_store(
 }
 
 /// Runs all three measurements (or only the reference-cache one) and prints them.
-pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<BenchOutcome> {
+/// `config` is the file the settings were layered from (`--config`), handed on to the
+/// service-process stage's `payrecon run`.
+pub async fn run(
+    mut settings: Settings,
+    config: Option<&std::path::Path>,
+    o: BenchOptions,
+) -> anyhow::Result<BenchOutcome> {
     let admin: PgConnectOptions = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
         .parse()?;
@@ -328,8 +346,8 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
     producing.await??;
     shutdown.cancel();
     service.await??;
-    // 4. Audit replay of the same database, before it is dropped. The peak RSS reported is
-    // the service's, taken before the replay runs in this process.
+    // 4. Audit replay of the same database, before it is dropped. The peak RSS of this
+    // process (service + embedded broker + records) is taken before the replay runs in it.
     let service_peak_rss_mib = peak_rss_mib();
     let replay = replay_stage(&settings).await?;
     let _ = crate::store::drop_database(&admin, &db2).await;
@@ -384,6 +402,29 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         }
         scale_out.push(run);
     }
+    let service_process = if o.process {
+        let run = process::run_with(
+            settings.clone(),
+            config,
+            &admin,
+            &cluster,
+            &backlog_sim,
+            &records,
+            o.partitions,
+        )
+        .await?;
+        println!(
+            "service process:      {:>10.0} records/s  (`payrecon run` as its own process; peak RSS {:.1} MiB; idle {:.1} MiB; after the backlog {:.1} MiB, {:.1} MiB of it anonymous)",
+            run.records_per_sec,
+            run.peak_rss_mib,
+            run.idle_rss_mib,
+            run.rss_after_mib,
+            run.anon_after_mib
+        );
+        Some(run)
+    } else {
+        None
+    };
     let report = BenchReport {
         records: records.len(),
         store_only_records_per_sec: store_rate.round(),
@@ -403,6 +444,7 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
         table_writes: writes,
         ingestion_records_per_sec: ingestion_rate.round(),
         scale_out,
+        service_process,
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
@@ -431,7 +473,10 @@ pub async fn run(mut settings: Settings, o: BenchOptions) -> anyhow::Result<Benc
             "ingestion only:       {ingestion_rate:>10.0} records/s  (decode, validate, insert-or-ignore, running totals, offsets; no reconciliation)"
         );
     }
-    println!("peak RSS:             {:>10.1} MiB", report.peak_rss_mib);
+    println!(
+        "peak RSS (bench):     {:>10.1} MiB  (this process: the service, the embedded broker's log, the generated records)",
+        report.peak_rss_mib
+    );
     println!("{}", serde_json::to_string(&report)?);
     Ok(BenchOutcome::Pipeline(report))
 }

@@ -250,7 +250,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(options) => {
-            crate::bench::run(settings, options).await?;
+            crate::bench::run(settings, cli.config.as_deref(), options).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
