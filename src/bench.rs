@@ -1052,14 +1052,15 @@ pub fn peak_rss_mib() -> f64 {
     status_mib("VmHWM:")
 }
 
-/// A kB field of /proc/self/status (`VmRSS:`, `VmHWM:`), in MiB; 0 where /proc is unavailable.
+/// A kB field of this process's /proc status (`VmRSS:`, `VmHWM:`), in MiB; 0 where /proc is
+/// unavailable.
 fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    proc_status_mib("self", field).unwrap_or(0.0)
+}
+
+/// A kB field (`VmRSS:`, `VmHWM:`, `RssAnon:`) of `/proc/<process>/status`, in MiB.
+fn proc_status_mib(process: &str, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }

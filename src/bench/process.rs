@@ -31,11 +31,9 @@ pub struct ProcessRun {
     pub idle_rss_mib: f64,
 }
 
-/// A kB field (`VmRSS:`, `VmHWM:`) of a process's `/proc/<pid>/status`, in MiB.
-fn status_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+/// A kB field of a child's `/proc/<pid>/status`, in MiB; 0 where /proc is unavailable.
+fn status_mib(pid: u32, field: &str) -> f64 {
+    super::proc_status_mib(&pid.to_string(), field).unwrap_or(0.0)
 }
 
 /// Produces `records` into topics of its own, runs `payrecon run` (this executable, with
@@ -65,7 +63,7 @@ pub async fn run_with(
     let mut idle = Service::start(&settings, config)?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     idle.alive()?;
-    let idle_rss_mib = status_mib(idle.pid, "VmRSS:").unwrap_or(0.0);
+    let idle_rss_mib = status_mib(idle.pid, "VmRSS:");
     idle.stop().await?;
     crate::simulate::produce(
         &producer,
@@ -112,9 +110,9 @@ pub async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let rss_after_mib = status_mib(service.pid, "VmRSS:").unwrap_or(0.0);
-    let peak_rss_mib = status_mib(service.pid, "VmHWM:").unwrap_or(0.0);
-    let anon_after_mib = status_mib(service.pid, "RssAnon:").unwrap_or(0.0);
+    let rss_after_mib = status_mib(service.pid, "VmRSS:");
+    let peak_rss_mib = status_mib(service.pid, "VmHWM:");
+    let anon_after_mib = status_mib(service.pid, "RssAnon:");
     service.stop().await?;
     watch.close().await;
     let _ = crate::store::drop_database(admin, &db).await;
