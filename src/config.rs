@@ -1001,7 +1001,7 @@ impl KafkaSettings {
             // one payment's events and lines are (keys are the payment reference); roundrobin
             // second so a group still on it upgrades in one rolling restart.
             .set_default("partition.assignment.strategy", "range,roundrobin")
-            .set_default("queued.max.messages.kbytes", "8192")
+            .set_default("queued.max.messages.kbytes", "32768")
             .set_default("fetch.wait.max.ms", "10");
         if let (true, Some(id)) = (self.static_membership, &self.group_instance_id) {
             c.set("group.instance.id", id);

@@ -3,7 +3,7 @@
 /// jemalloc instead of glibc's malloc, returning freed memory to the system within a second
 /// (`malloc_conf` below). With glibc's arena per thread (tokio's workers, librdkafka's broker
 /// threads) and jemalloc's default 10 s decay, the pages of batches already committed stayed
-/// resident: 164-189 MiB peak for one instance under a backlog, 137 MiB with this
+/// resident: 164-189 MiB peak for one instance under a backlog, 140.6-143.5 MiB with this
 /// (`payrecon bench`, service-process stage; README *Speed*).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
