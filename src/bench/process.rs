@@ -27,7 +27,7 @@ pub struct ProcessRun {
     /// other anonymous memory (the rest is the executable's and libraries' pages).
     pub rss_after_mib: f64,
     pub anon_after_mib: f64,
-    /// Its resident set idle: joined to the group on empty topics, before the backlog.
+    /// Its resident set idle: 4 s after it started on the empty topics, before the backlog.
     pub idle_rss_mib: f64,
 }
 
