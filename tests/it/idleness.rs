@@ -392,9 +392,8 @@ async fn a_partition_behind_holds_deadlines_back_while_the_others_are_live() {
     // Which settlements partition does `a` own once both share the group?
     let settlements = f.kafka.settlements_topic.clone();
     let owned_by_a = std::sync::Mutex::new(None);
-    // 120 s, two of this test's 45 s sessions and more: in a loaded CI run (2026-12-02) the
-    // mock coordinator finished `b`'s first join only when a session expired, 45 s after `b`
-    // started, and the next round began at 48 s; the assertions below are unchanged.
+    // 120 s, more than two of this test's 45 s sessions, so one join round that ends only
+    // when a session expires does not fail the test on a loaded machine.
     crate::helpers::wait_for(
         Duration::from_secs(120),
         "both instances to own partitions",
