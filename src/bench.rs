@@ -858,6 +858,28 @@ struct Backlog {
 }
 
 impl Stage {
+    /// Produces `records` to the stage's topics as fast as they go; returns the producer.
+    async fn produce(
+        &self,
+        settings: &Settings,
+        encoder: &crate::codec::Encoder,
+        records: &[Generated],
+    ) -> anyhow::Result<rdkafka::producer::FutureProducer> {
+        let producer: rdkafka::producer::FutureProducer =
+            settings.kafka.producer_config().create()?;
+        let (payments, settlements) = self.topics;
+        crate::simulate::produce(
+            &producer,
+            encoder,
+            &[payments, settlements],
+            records,
+            0,
+            |_| {},
+        )
+        .await?;
+        Ok(producer)
+    }
+
     /// Produces `records` to the stage's topics, starts the service on `settings` and
     /// measures how fast it applies them.
     async fn consume_backlog(
@@ -866,18 +888,7 @@ impl Stage {
         encoder: &crate::codec::Encoder,
         records: &[Generated],
     ) -> anyhow::Result<Backlog> {
-        let (payments_topic, settlements_topic) = self.topics;
-        let producer: rdkafka::producer::FutureProducer =
-            settings.kafka.producer_config().create()?;
-        crate::simulate::produce(
-            &producer,
-            encoder,
-            &[payments_topic, settlements_topic],
-            records,
-            0,
-            |_| {},
-        )
-        .await?;
+        let producer = self.produce(settings, encoder, records).await?;
         let shutdown = CancellationToken::new();
         let (tx, mut events) = mpsc::unbounded_channel();
         let service = tokio::spawn(crate::app::run(

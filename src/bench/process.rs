@@ -57,7 +57,6 @@ pub async fn run_with(
     let (db, encoder) = stage
         .prepare(&mut settings, admin, cluster, sim, partitions)
         .await?;
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
     let (payments_topic, settlements_topic) = stage.topics;
     // Idle first, on the empty topics: what the process holds before any record arrives.
     let mut idle = Service::start(&settings, config)?;
@@ -65,15 +64,7 @@ pub async fn run_with(
     idle.alive()?;
     let idle_rss_mib = status_mib(idle.pid, "VmRSS:");
     idle.stop().await?;
-    crate::simulate::produce(
-        &producer,
-        &encoder,
-        &[payments_topic, settlements_topic],
-        records,
-        0,
-        |_| {},
-    )
-    .await?;
+    let _producer = stage.produce(&settings, &encoder, records).await?;
     let mut service = Service::start(&settings, config)?;
     let watch = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
