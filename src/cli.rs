@@ -126,6 +126,8 @@ pub enum DeadLetterAction {
 
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
+    // Before the runtime starts a thread: an arena cap only binds arenas not yet created.
+    let malloc = crate::malloc::tune();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,7 +139,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, malloc)) {
         Ok(code) => code,
         Err(e) => {
             // The last stop before a person reads it: whatever error got here unscrubbed (a
@@ -154,7 +156,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn dispatch(cli: Cli, malloc: Vec<String>) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
     // The demo and the benchmark print their own progress; service logs would drown it.
     if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
@@ -163,6 +165,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         settings.log.filter = "warn".into();
     }
     crate::telemetry::init(&settings.log);
+    tracing::debug!(set = ?malloc, "glibc malloc parameters (the others as the environment sets them)");
     match cli.command {
         Command::Run => {
             let shutdown = CancellationToken::new();

@@ -28,7 +28,7 @@
 //!   the reporting views.
 //! - [`replay`]: audit replay of a topic range into a shadow schema, compared with the live
 //!   tables (`payrecon replay`).
-//! - [`config`], [`app`], [`http`], [`metrics`], [`telemetry`], [`cli`]: plumbing.
+//! - [`config`], [`app`], [`http`], [`metrics`], [`telemetry`], [`malloc`], [`cli`]: plumbing.
 
 pub mod app;
 pub mod bench;
@@ -40,6 +40,7 @@ pub mod demo;
 pub mod domain;
 pub mod http;
 pub mod kafka;
+pub mod malloc;
 pub mod metrics;
 pub mod outbox;
 pub mod reconcile;
