@@ -14,9 +14,10 @@
 //! left as they are.
 //!
 //! Measured with `payrecon bench`'s service-process stage on 2 cores (README, *The service's
-//! own memory*): peak resident set 155-185 MiB with glibc's defaults, 134-151 MiB with two
-//! arenas, 127 MiB with two arenas and the fixed threshold, at the same throughput (one
-//! arena: 120-128 MiB, about a tenth less throughput).
+//! own memory*): peak resident set 155-189 MiB with glibc's defaults, 134-151 MiB with two
+//! arenas, 127-143 MiB with two arenas and the fixed threshold (interleaved with the defaults,
+//! the service ran up to a few per cent slower, not settled by those runs); one arena:
+//! 120-128 MiB, about a tenth less store-only throughput.
 
 /// The arena cap set when the environment sets none.
 pub const ARENA_MAX: i32 = 2;
