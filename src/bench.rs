@@ -20,9 +20,12 @@
 //!    (`--ingestion false` skips it).
 //! 7. Scale-out: the backlog consumed by 1, 2 and 3 instances of one group on the same
 //!    PostgreSQL (`--instances`), total records/s and the row-lock waits seen in `pg_locks`.
-//! 8. Service process: `payrecon run` as a process of its own on the backlog: records/s
-//!    and its peak resident memory (`--process false` skips it). The peak RSS of the bench
-//!    process itself also holds the embedded broker's log and the generated records.
+//! 8. Service process: `payrecon run` as a process of its own on the backlog: records/s,
+//!    its peak resident memory, and the CPU a record costs it and the PostgreSQL server
+//!    (`/proc`; with the cores, the most records/s the machine could give at that cost);
+//!    then again with `reconciliation.enabled = false` unless `--ingestion false`
+//!    (`--process false` skips both). The peak RSS of the bench process itself also holds
+//!    the embedded broker's log and the generated records.
 //!
 //! `--reference-versions N` measures only the reference-data cache instead: the process's
 //! memory with N merchant versions loaded, the load time and the lookup rate.
@@ -44,6 +47,7 @@ use crate::kafka::LoopEvent;
 use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{Batch, PartitionProgress, Source, Store};
 
+mod cpu;
 mod pgstats;
 mod process;
 mod rolling;
@@ -135,6 +139,8 @@ pub struct BenchReport {
     pub scale_out: Vec<scale::ScaleRun>,
     /// The service-process stage (`None` when skipped).
     pub service_process: Option<process::ProcessRun>,
+    /// The same with `reconciliation.enabled = false`.
+    pub service_process_ingestion: Option<process::ProcessRun>,
 }
 
 /// Loads the simulation's reference data and returns a reconciler with a loaded cache.
@@ -402,6 +408,7 @@ pub async fn run(
         }
         scale_out.push(run);
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let service_process = if o.process {
         let run = process::run_with(
             settings.clone(),
@@ -411,6 +418,7 @@ pub async fn run(
             &backlog_sim,
             &records,
             o.partitions,
+            true,
         )
         .await?;
         println!(
@@ -421,6 +429,28 @@ pub async fn run(
             run.rss_after_mib,
             run.anon_after_mib
         );
+        print_cpu(&run, cores);
+        Some(run)
+    } else {
+        None
+    };
+    let service_process_ingestion = if o.process && o.ingestion {
+        let run = process::run_with(
+            settings.clone(),
+            config,
+            &admin,
+            &cluster,
+            &backlog_sim,
+            &records,
+            o.partitions,
+            false,
+        )
+        .await?;
+        println!(
+            "service process, ingestion only: {:>10.0} records/s  (`reconciliation.enabled = false`; peak RSS {:.1} MiB)",
+            run.records_per_sec, run.peak_rss_mib
+        );
+        print_cpu(&run, cores);
         Some(run)
     } else {
         None
@@ -445,6 +475,7 @@ pub async fn run(
         ingestion_records_per_sec: ingestion_rate.round(),
         scale_out,
         service_process,
+        service_process_ingestion,
     };
     println!(
         "latency @ {} records/s: p50 {} ms, p99 {} ms, max {} ms over {} records (broker timestamp -> commit)",
@@ -704,6 +735,27 @@ async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::replay::Repl
         );
     }
     Ok(outcome)
+}
+
+/// The CPU line under a service-process figure: what a record costs the service and the
+/// PostgreSQL server, and what the machine's cores could give at that cost.
+fn print_cpu(run: &process::ProcessRun, cores: usize) {
+    let Some(cpu) = run.cpu else {
+        println!("    CPU per record: not measured (no /proc)");
+        return;
+    };
+    match (cpu.postgres_us, cpu.bound(cores)) {
+        (Some(pg), Some(bound)) => println!(
+            "    CPU per record: service {:.1} µs + PostgreSQL {pg:.1} µs = {:.1} µs; at most {bound:.0} records/s on {cores} cores at that cost, the broker costing nothing ({:.0} % of it reached)",
+            cpu.service_us,
+            cpu.service_us + pg,
+            100.0 * run.records_per_sec / bound
+        ),
+        _ => println!(
+            "    CPU per record: service {:.1} µs; PostgreSQL not measured (the server is not a process on this machine)",
+            cpu.service_us
+        ),
+    }
 }
 
 /// Waits for `total` records to be committed; their rate from the first commit on (group join

@@ -14,6 +14,7 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 
 use super::Stage;
+use super::cpu;
 use crate::config::Settings;
 use crate::simulate::{Generated, SimulationOptions};
 
@@ -28,7 +29,11 @@ pub struct ProcessRun {
     pub rss_after_mib: f64,
     pub anon_after_mib: f64,
     /// Its resident set idle: 4 s after it started on the empty topics, before the backlog.
+    /// 0 for the ingestion-only run, which skips the idle phase.
     pub idle_rss_mib: f64,
+    /// CPU per record over the measured window, the service's and the PostgreSQL server's
+    /// (`None` without `/proc`).
+    pub cpu: Option<cpu::PerRecord>,
 }
 
 /// A kB field of a child's `/proc/<pid>/status`, in MiB; 0 where /proc is unavailable.
@@ -38,7 +43,10 @@ fn status_mib(pid: u32, field: &str) -> f64 {
 
 /// Produces `records` into topics of its own, runs `payrecon run` (this executable, with
 /// `config` and the bench's environment, pointed at the stage's broker, registry and
-/// database) until every record is committed, then stops it with SIGTERM.
+/// database) until every record is committed, then stops it with SIGTERM. With `reconcile`
+/// false the service runs with `reconciliation.enabled = false` (the ingestion path alone)
+/// and the idle phase is skipped.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_with(
     mut settings: Settings,
     config: Option<&Path>,
@@ -47,33 +55,56 @@ pub async fn run_with(
     sim: &SimulationOptions,
     records: &[Generated],
     partitions: i32,
+    reconcile: bool,
 ) -> anyhow::Result<ProcessRun> {
-    let stage = Stage {
-        tag: "process",
-        group: "bench-process",
-        topics: ("bench.process.payments", "bench.process.settlements"),
-        refuse_psp: false,
+    let stage = if reconcile {
+        Stage {
+            tag: "process",
+            group: "bench-process",
+            topics: ("bench.process.payments", "bench.process.settlements"),
+            refuse_psp: false,
+        }
+    } else {
+        Stage {
+            tag: "process-ingest",
+            group: "bench-process-ingest",
+            topics: (
+                "bench.process-ingest.payments",
+                "bench.process-ingest.settlements",
+            ),
+            refuse_psp: false,
+        }
     };
+    settings.reconciliation.enabled = reconcile;
     let (db, encoder) = stage
         .prepare(&mut settings, admin, cluster, sim, partitions)
         .await?;
     let (payments_topic, settlements_topic) = stage.topics;
     // Idle first, on the empty topics: what the process holds before any record arrives.
-    let mut idle = Service::start(&settings, config)?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    idle.alive()?;
-    let idle_rss_mib = status_mib(idle.pid, "VmRSS:");
-    idle.stop().await?;
+    let idle_rss_mib = if reconcile {
+        let mut idle = Service::start(&settings, config)?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        idle.alive()?;
+        let rss = status_mib(idle.pid, "VmRSS:");
+        idle.stop().await?;
+        rss
+    } else {
+        0.0
+    };
     let _producer = stage.produce(&settings, &encoder, records).await?;
     let mut service = Service::start(&settings, config)?;
     let watch = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&crate::store::database_url(admin, &db))
         .await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&watch)
+        .await?;
+    let server = cpu::Server::of_backend(backend);
     let total = records.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(600);
-    let mut first: Option<(Instant, i64)> = None;
-    let rate = loop {
+    let mut first: Option<(Instant, i64, cpu::Mark)> = None;
+    let (rate, applied_in_window, mark) = loop {
         service.alive()?;
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -89,18 +120,23 @@ pub async fn run_with(
         .await?;
         let now = Instant::now();
         match first {
-            None if applied > 0 => first = Some((now, applied)),
-            Some((t0, n0)) if applied >= total => {
+            None if applied > 0 => first = Some((now, applied, cpu::mark(service.pid, server))),
+            Some((t0, n0, mark)) if applied >= total => {
                 anyhow::ensure!(
                     applied > n0,
                     "the backlog was applied before it could be measured (use more --payments)"
                 );
-                break (applied - n0) as f64 / (now - t0).as_secs_f64();
+                break (
+                    (applied - n0) as f64 / (now - t0).as_secs_f64(),
+                    applied - n0,
+                    mark,
+                );
             }
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let cpu = mark.per_record(service.pid, server, applied_in_window);
     let rss_after_mib = status_mib(service.pid, "VmRSS:");
     let peak_rss_mib = status_mib(service.pid, "VmHWM:");
     let anon_after_mib = status_mib(service.pid, "RssAnon:");
@@ -113,6 +149,7 @@ pub async fn run_with(
         rss_after_mib,
         anon_after_mib,
         idle_rss_mib,
+        cpu,
     })
 }
 
@@ -145,6 +182,10 @@ impl Service {
             .env("PAYRECON_KAFKA__PAYMENTS_TOPIC", &k.payments_topic)
             .env("PAYRECON_KAFKA__SETTLEMENTS_TOPIC", &k.settlements_topic)
             .env("PAYRECON_KAFKA__PAYOUTS_TOPIC", &k.payouts_topic)
+            .env(
+                "PAYRECON_RECONCILIATION__ENABLED",
+                settings.reconciliation.enabled.to_string(),
+            )
             .env("PAYRECON_REGISTRY__URL", &settings.registry.url)
             .env("PAYRECON_HTTP__LISTEN", "127.0.0.1:0")
             .env("PAYRECON_LOG__FILTER", "warn")
