@@ -306,7 +306,16 @@ impl RebalanceContext {
                 Err(e) => {
                     crate::metrics::transient_error("database");
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot read stored offsets during rebalance; retrying");
-                    std::thread::sleep(backoff);
+                    // Waited like the read: the worker thread is handed over for the wait
+                    // (its other tasks move), and a shutdown ends the wait at once.
+                    tokio::task::block_in_place(|| {
+                        handle.block_on(async {
+                            tokio::select! {
+                                () = tokio::time::sleep(backoff) => {}
+                                () = self.shutdown.cancelled() => {}
+                            }
+                        })
+                    });
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
