@@ -19,7 +19,9 @@
 //! 6. Ingestion only: the end-to-end run again with `reconciliation.enabled = false`
 //!    (`--ingestion false` skips it).
 //! 7. Scale-out: the backlog consumed by 1, 2 and 3 instances of one group on the same
-//!    PostgreSQL (`--instances`), total records/s and the row-lock waits seen in `pg_locks`.
+//!    PostgreSQL (`--instances`), the group formed on the empty topics before the backlog is
+//!    produced: total records/s, each instance's records and the row-lock waits seen in
+//!    `pg_locks`.
 //! 8. Service process: `payrecon run` as a process of its own on the backlog: records/s,
 //!    its peak resident memory, and the CPU a record costs it and the PostgreSQL server
 //!    (`/proc`; with the cores, the most records/s the machine could give at that cost);
@@ -392,7 +394,7 @@ pub async fn run(
         )
         .await?;
         println!(
-            "scale-out, {n} instance{}: {:>8.0} records/s  ({:.2}x one instance; {} row-lock waits, {} over 100 ms, longest {} ms)",
+            "scale-out, {n} instance{}: {:>8.0} records/s  ({:.2}x one instance; {} row-lock waits, {} over 100 ms, longest {} ms; records per instance {})",
             if n == 1 { " " } else { "s" },
             run.records_per_sec,
             run.records_per_sec
@@ -401,7 +403,12 @@ pub async fn run(
                     .map_or(run.records_per_sec, |f: &scale::ScaleRun| f.records_per_sec),
             run.lock_waits,
             run.lock_waits_over_100ms,
-            run.longest_lock_wait_ms
+            run.longest_lock_wait_ms,
+            run.records_per_instance
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" / ")
         );
         for (statement, n) in &run.long_waits_by_statement {
             println!("    {n:>4} waits over 100 ms in: {statement}");
