@@ -103,7 +103,52 @@ pub enum RegistryProblem {
 /// credentials and TLS, so a wrong credential, a missing permission or a refused certificate
 /// ends start-up at once (while a registry that is down is waited for). The subject need not
 /// exist: a 404 is an answer from a registry that accepted the request.
+///
+/// Over TLS a reset connection is asked again (up to [`RESET_REASKS`] times, 100 ms apart)
+/// before it counts as unavailable: a TLS 1.3 server checks the client's certificate only
+/// after the client has finished its side of the handshake and sent its request, so a refused
+/// certificate reaches the client either as the server's alert or, when the server's close
+/// overtakes the alert, as a connection reset by the peer.
 pub async fn probe_registry(settings: &Settings) -> Result<(), RegistryProblem> {
+    let tls = settings
+        .registry
+        .url
+        .trim_start()
+        .get(..6)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https:"));
+    let mut reasked = 0;
+    loop {
+        let result = probe_registry_once(settings).await;
+        match &result {
+            Err(RegistryProblem::Unavailable(why))
+                if tls && reasked < RESET_REASKS && reset_by_peer(why) =>
+            {
+                reasked += 1;
+                tracing::debug!(error = %why, reasked, "the schema registry reset a TLS connection; asking again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => return result,
+        }
+    }
+}
+
+/// How often [`probe_registry`] asks again after a reset TLS connection.
+const RESET_REASKS: u32 = 3;
+
+/// Whether a registry error says the peer dropped the connection mid-request.
+fn reset_by_peer(detail: &str) -> bool {
+    let lower = detail.to_lowercase();
+    [
+        "connection reset",
+        "broken pipe",
+        "connection closed before message completed",
+        "unexpected eof",
+    ]
+    .iter()
+    .any(|s| lower.contains(s))
+}
+
+async fn probe_registry_once(settings: &Settings) -> Result<(), RegistryProblem> {
     let url = redact_url(&settings.registry.url);
     let sr = settings
         .registry
@@ -458,5 +503,25 @@ pub async fn termination_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_by_peer;
+
+    #[test]
+    fn a_dropped_connection_is_told_from_other_registry_errors() {
+        // What the CI run of 2026-12-03 got for a refused client certificate (TLS 1.3).
+        assert!(reset_by_peer(
+            "client error (SendRequest): error writing a body to connection: Connection reset by peer (os error 104)"
+        ));
+        assert!(reset_by_peer("Broken pipe (os error 32)"));
+        assert!(reset_by_peer("connection closed before message completed"));
+        assert!(!reset_by_peer(
+            "error:0A00045C:SSL routines::tlsv13 alert certificate required"
+        ));
+        assert!(!reset_by_peer("Connection refused (os error 111)"));
+        assert!(!reset_by_peer("operation timed out"));
     }
 }
