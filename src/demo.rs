@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::domain::Totals;
 use crate::kafka::LoopEvent;
+use crate::store::Store;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
@@ -348,13 +349,26 @@ async fn summarize(
         crate::app::Patience::Bounded,
     )
     .await?;
+    let result = summarize_with(&store, settings, expected, elapsed, fenced).await;
+    // Closed, not dropped at exit: the server logs a dropped session as a connection reset.
+    store.pool().close().await;
+    result
+}
+
+async fn summarize_with(
+    store: &Store,
+    settings: &Settings,
+    expected: &Totals,
+    elapsed: Duration,
+    fenced: u32,
+) -> anyhow::Result<ExitCode> {
     // Everything is consumed; wait for the last due items to be judged and the last
     // exceptions to be published.
     // Due as the service judges it: idle partitions (from the broker's log ends) do not hold
     // the watermark back, so deadlines on a topic with empty partitions pass too.
     let waited = Instant::now();
     let watermark = loop {
-        let wm = crate::report::judged_watermark(settings, &store).await?;
+        let wm = crate::report::judged_watermark(settings, store).await?;
         let backlog = store.reconciliation_backlog_at(wm.watermark).await?;
         if backlog.due == 0 && backlog.unpublished == 0 {
             break wm;

@@ -169,11 +169,25 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     let mut conn = PgConnection::connect_with(&settings.database.connect_options()?)
         .await
         .context("connecting the relay session")?;
+    let result = relay_on(&mut conn, settings, stop).await;
+    // Said goodbye (Terminate), not dropped: a dropped socket is a "connection reset" in the
+    // server's log at every stop. Bounded: after a failure the server may be gone.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+    result
+}
+
+/// The session's work on its connection: standby until the relay lock is ours, reconcile
+/// with the topic's tail, relay rounds until `stop`.
+async fn relay_on(
+    conn: &mut PgConnection,
+    settings: &Settings,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     // Standby until the lock is ours.
     loop {
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(RELAY_LOCK)
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await?;
         if locked {
             break;
@@ -220,7 +234,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
            FROM exceptions_relay WHERE round_started_at IS NOT NULL",
     )
     .bind(message_timeout + ROUND_MARGIN)
-    .fetch_optional(&mut conn)
+    .fetch_optional(&mut *conn)
     .await?;
     // With transactions the broker fenced the predecessor above: nothing of it can land.
     let unfinished = unfinished.filter(|(_, wait)| *wait > 0.0 && transactional_id.is_none());
@@ -241,7 +255,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
     let already = published_in_tail(settings, round as usize + 1).await?;
     if !already.is_empty() {
         let seqs: Vec<i64> = already.into_iter().collect();
-        let marked = mark_published(&mut conn, &seqs).await?;
+        let marked = mark_published(&mut *conn, &seqs).await?;
         tracing::info!(
             found = seqs.len(),
             marked,
@@ -249,7 +263,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
         );
     }
     // Whatever the previous relay had in flight has landed or never will, and is marked.
-    round_settled(&mut conn).await?;
+    round_settled(&mut *conn).await?;
     loop {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
@@ -258,7 +272,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
                FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
         )
         .bind(round)
-        .fetch_all(&mut conn)
+        .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
             crate::metrics::exceptions_published(0, 0);
@@ -275,7 +289,7 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
                 SET instance = EXCLUDED.instance, round_started_at = EXCLUDED.round_started_at",
         )
         .bind(&instance)
-        .execute(&mut conn)
+        .execute(&mut *conn)
         .await?;
         if transactional_id.is_some() {
             producer
@@ -311,11 +325,11 @@ async fn relay_session(settings: &Settings, stop: &CancellationToken) -> anyhow:
                 .context("committing a relay transaction")?;
         }
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        mark_published(&mut conn, &seqs).await?;
-        round_settled(&mut conn).await?;
+        mark_published(&mut *conn, &seqs).await?;
+        round_settled(&mut *conn).await?;
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL")
-                .fetch_one(&mut conn)
+                .fetch_one(&mut *conn)
                 .await?;
         crate::metrics::exceptions_published(rows.len() as u64, pending);
         if stop.is_cancelled() {
