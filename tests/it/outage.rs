@@ -50,6 +50,24 @@ async fn terminated_database_connections_and_a_broker_outage_are_survived_exactl
 
     producing.await.unwrap();
     fx.wait_drained(Duration::from_secs(90)).await;
+    // The embedded broker deduplicates only transactional producers' retries
+    // (rd_kafka_mock_validate_records): a produce request whose answer the outage cut off is
+    // appended again when the producer retries it, so the log may hold a record twice. Each
+    // copy is applied (offsets, records_applied) and inserts nothing the second time; every
+    // other figure stays the generated one. Seen once in CI: 26,894 records for 26,893.
+    let in_log: i64 = fx
+        .kafka
+        .watermarks()
+        .values()
+        .map(|(low, high)| high - low)
+        .sum();
+    assert!(
+        in_log >= expected.records && in_log <= expected.records + 50,
+        "the log holds {in_log} records for {} produced",
+        expected.records
+    );
+    let mut expected = expected;
+    expected.records = in_log;
     fx.assert_exact(&expected).await;
     // The service kept working on new sessions: none of the terminated ones is left.
     let alive: i64 =
