@@ -416,8 +416,9 @@ pub async fn run(
         scale_out.push(run);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let service_process = if o.process {
-        let run = process::run_with(
+    // The service-process stage, with reconciliation (`true`) or the ingestion path alone.
+    let service_process_run = |reconcile: bool| {
+        process::run_with(
             settings.clone(),
             config,
             &admin,
@@ -425,9 +426,11 @@ pub async fn run(
             &backlog_sim,
             &records,
             o.partitions,
-            true,
+            reconcile,
         )
-        .await?;
+    };
+    let service_process = if o.process {
+        let run = service_process_run(true).await?;
         println!(
             "service process:      {:>10.0} records/s  (`payrecon run` as its own process; peak RSS {:.1} MiB; idle {:.1} MiB; after the backlog {:.1} MiB, {:.1} MiB of it anonymous)",
             run.records_per_sec,
@@ -442,17 +445,7 @@ pub async fn run(
         None
     };
     let service_process_ingestion = if o.process && o.ingestion {
-        let run = process::run_with(
-            settings.clone(),
-            config,
-            &admin,
-            &cluster,
-            &backlog_sim,
-            &records,
-            o.partitions,
-            false,
-        )
-        .await?;
+        let run = service_process_run(false).await?;
         println!(
             "service process, ingestion only: {:>10.0} records/s  (`reconciliation.enabled = false`; peak RSS {:.1} MiB)",
             run.records_per_sec, run.peak_rss_mib
