@@ -179,8 +179,8 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
     let opts: PgConnectOptions = url.parse().map_err(|e| {
         anyhow::anyhow!(
             "DATABASE_URL ({}) is not a valid PostgreSQL URL: {}",
-            crate::config::redact_url(&url),
-            crate::config::redact_text(&format!("{e}"))
+            crate::redact::redact_url(&url),
+            crate::redact::redact_text(&format!("{e}"))
         )
     })?;
     match sqlx::PgConnection::connect_with(&opts).await {
@@ -191,7 +191,7 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
         Err(e) => {
             println!(
                 "no PostgreSQL at {} ({e}); starting a throwaway cluster",
-                crate::config::redact_url(&url)
+                crate::redact::redact_url(&url)
             );
             let cluster = ThrowawayCluster::start()?;
             let opts = PgConnectOptions::new()
@@ -233,7 +233,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     let url = crate::store::database_url(&admin, &o.database);
     println!(
         "PostgreSQL database:      {}",
-        crate::config::redact_url(&url)
+        crate::redact::redact_url(&url)
     );
     settings.database.url = SecretString::from(url);
     settings.kafka.bootstrap_servers = bootstrap.clone();
@@ -286,7 +286,9 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     // The simulator.
     let sim_settings = settings.clone();
     let producer =
-        tokio::spawn(async move { crate::cli::simulate(&sim_settings, &sim, None, false).await });
+        tokio::spawn(
+            async move { crate::simulate::command(&sim_settings, &sim, None, false).await },
+        );
 
     let mut expected: Option<Totals> = None;
     let mut applied: i64 = 0;

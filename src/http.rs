@@ -136,7 +136,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     if let Err(e) = db {
         problems.push(format!(
             "database: {}",
-            crate::config::redact_text(&crate::store::describe(&e))
+            crate::redact::redact_text(&crate::store::describe(&e))
         ));
     }
     if seen == 0 || silence_ms > state.broker_max_silence.as_millis() as i64 {

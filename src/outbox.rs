@@ -198,7 +198,7 @@ async fn relay_on(
         }
     }
     let topic = &settings.exceptions.topic;
-    let instance = crate::app::instance_id();
+    let instance = crate::instance::instance_id();
     let message_timeout = settings.exceptions.relay_message_timeout;
     tracing::info!(%topic, "this instance is the active exceptions relay");
     let sr = settings.registry.client()?;

@@ -21,6 +21,7 @@ use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
 use crate::codec::{Encoder, frame, payment_to_value};
+use crate::config::Settings;
 use crate::domain::{
     BankPayout, Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
 };
@@ -1207,6 +1208,86 @@ async fn drain(
         }
     }
     Ok(())
+}
+
+/// `payrecon simulate`: generate, produce, and write the expected totals.
+pub async fn command(
+    settings: &Settings,
+    options: &SimulationOptions,
+    create_topics: Option<i32>,
+    load_reference: bool,
+) -> anyhow::Result<crate::domain::Totals> {
+    let k = &settings.kafka;
+    let mut options = options.clone().with_rules(&settings.reconciliation);
+    // No payouts topic configured: the payout leg is off, so there is nowhere to send them.
+    options.payouts &= !k.payouts_topic.is_empty();
+    let options = &options;
+    if load_reference {
+        let (merchants, rates) = reference_data(options)?;
+        let store = crate::app::connect_store(
+            settings,
+            &tokio_util::sync::CancellationToken::new(),
+            crate::app::Patience::Bounded,
+        )
+        .await?;
+        store.migrate().await?;
+        let m = store.load_merchants(&merchants, None).await?;
+        let r = store.load_rates(&rates, None).await?;
+        println!(
+            "loaded reference data: {} merchant versions, {} FX rate versions ({} unchanged)",
+            m.inserted,
+            r.inserted,
+            m.unchanged + r.unchanged
+        );
+        store.pool().close().await;
+    }
+    if let Some(partitions) = create_topics {
+        let inputs = k.input_topic_names();
+        crate::kafka::ensure_topics(
+            &k.client_config(),
+            &inputs.iter().map(String::as_str).collect::<Vec<_>>(),
+            partitions,
+        )
+        .await?;
+        // The relay publishes there; a broker without auto-creation would refuse it.
+        crate::kafka::ensure_topics(&k.client_config(), &[&settings.exceptions.topic], 1).await?;
+    }
+    let sr = settings.registry.client()?;
+    let mut encoder =
+        crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+    if !k.payouts_topic.is_empty() {
+        encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
+    }
+    let (records, expected) = generate(options, encoder.payment_schema_id())?;
+    if let Some(path) = &options.expected_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&expected)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let producer: rdkafka::producer::FutureProducer = k.producer_config().create()?;
+    let total = records.len();
+    produce_stamped(
+        &producer,
+        &encoder,
+        &k.input_topic_names()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &records,
+        options.rate,
+        options.broker_time,
+        |n| {
+            tracing::info!(produced = n, total, "simulating");
+        },
+    )
+    .await?;
+    println!(
+        "produced {total} records: {} payment events, {} settlement lines, {} bank statement lines, {} malformed",
+        expected.payment_events,
+        expected.settlement_lines,
+        expected.statement_lines,
+        expected.dead_letters
+    );
+    Ok(expected)
 }
 
 #[cfg(test)]

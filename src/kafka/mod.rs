@@ -10,6 +10,7 @@
 //! (counted in `payrecon_offset_gaps_total`).
 
 mod assignment;
+pub mod client;
 mod consumer;
 pub mod lag;
 pub mod logs;

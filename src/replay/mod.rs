@@ -444,7 +444,7 @@ impl Job<'_> {
             shadow: shadow.store.clone(),
             reconciler: reconciler.clone(),
             group: group.to_owned(),
-            instance: format!("replay-{}/{}", self.run_id, crate::app::instance_id()),
+            instance: format!("replay-{}/{}", self.run_id, crate::instance::instance_id()),
             consumer_group: self.consumer_group(),
             quiet: self.options.quiet,
         };
