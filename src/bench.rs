@@ -35,10 +35,10 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
@@ -269,7 +269,7 @@ pub async fn run(
     let _ = crate::store::drop_database(&admin, &db1).await;
 
     // 2 + 3. Through Kafka and the real service loop.
-    let cluster = MockCluster::new(1)?;
+    let cluster = EmbeddedKafka::start()?;
     let bootstrap = cluster.bootstrap_servers();
     let (payments_topic, settlements_topic) = ("bench.payments", "bench.settlements");
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
@@ -519,7 +519,7 @@ async fn rolling_restart(
     admin: &PgConnectOptions,
     o: &BenchOptions,
 ) -> anyhow::Result<BenchOutcome> {
-    let cluster = MockCluster::new(1)?;
+    let cluster = EmbeddedKafka::start()?;
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
         storage: crate::registry::Storage::Memory,
     })
@@ -860,17 +860,17 @@ impl Stage {
         &self,
         settings: &mut Settings,
         admin: &PgConnectOptions,
-        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        cluster: &EmbeddedKafka,
         sim: &SimulationOptions,
         partitions: i32,
     ) -> anyhow::Result<(String, crate::codec::Encoder)> {
         let (payments_topic, settlements_topic) = self.topics;
-        cluster.create_topic(payments_topic, partitions, 1)?;
-        cluster.create_topic(settlements_topic, partitions, 1)?;
+        cluster.create_topic(payments_topic, partitions)?;
+        cluster.create_topic(settlements_topic, partitions)?;
         // The payout leg is on, as in production: its items follow the settlement batches
         // (the bench produces no statement lines, so they stay pending).
         let payouts_topic = format!("{payments_topic}.payouts");
-        cluster.create_topic(&payouts_topic, partitions, 1)?;
+        cluster.create_topic(&payouts_topic, partitions)?;
         let (db, url, store) = fresh_store(admin, self.tag).await?;
         load_reference(&store, sim, settings).await?;
         if self.refuse_psp {
@@ -901,7 +901,7 @@ impl Stage {
 /// A stage's backlog consumed by the real service, which keeps running.
 struct Backlog {
     /// The producer that wrote the backlog (the latency run goes on with it).
-    producer: rdkafka::producer::FutureProducer,
+    producer: crate::kafka::producer::FutureProducer,
     shutdown: CancellationToken,
     service: tokio::task::JoinHandle<anyhow::Result<()>>,
     events: mpsc::UnboundedReceiver<LoopEvent>,
@@ -916,9 +916,8 @@ impl Stage {
         settings: &Settings,
         encoder: &crate::codec::Encoder,
         records: &[Generated],
-    ) -> anyhow::Result<rdkafka::producer::FutureProducer> {
-        let producer: rdkafka::producer::FutureProducer =
-            settings.kafka.producer_config().create()?;
+    ) -> anyhow::Result<crate::kafka::producer::FutureProducer> {
+        let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
         let (payments, settlements) = self.topics;
         crate::simulate::produce(
             &producer,
@@ -964,7 +963,7 @@ impl Stage {
 async fn hostile_stage(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     o: &BenchOptions,
@@ -1008,7 +1007,7 @@ async fn hostile_stage(
 async fn ingestion_stage(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     o: &BenchOptions,

@@ -11,8 +11,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
-use rdkafka::mocking::MockCluster;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
@@ -208,14 +208,14 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
 pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     // Embedded Kafka.
-    let cluster = MockCluster::new(1).context("starting the embedded Kafka (mock cluster)")?;
+    let cluster = EmbeddedKafka::start()?;
     let bootstrap = cluster.bootstrap_servers();
     // Payments, settlements and (unless configured off) the bank's payouts.
     let inputs = settings.kafka.input_topic_names();
     for topic in &inputs {
-        cluster.create_topic(topic, o.partitions, 1)?;
+        cluster.create_topic(topic, o.partitions)?;
     }
-    cluster.create_topic(&settings.exceptions.topic, 1, 1)?;
+    cluster.create_topic(&settings.exceptions.topic, 1)?;
     println!(
         "embedded Kafka:           {bootstrap}  (topics {}; {} partitions each)",
         inputs.join(", "),

@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rust_decimal::Decimal;
 
 use std::collections::BTreeMap;
@@ -25,6 +22,7 @@ use crate::config::Settings;
 use crate::domain::{
     BankPayout, Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
 };
+use crate::kafka::producer::{FutureProducer, Sender};
 use crate::reconcile::Status;
 use crate::reconcile::payout::{self, PayoutKey, PayoutRules, PayoutState, PayoutStatus};
 use crate::reference::{FxRate, MerchantStatus, MerchantVersion, Snapshot};
@@ -1127,7 +1125,7 @@ pub async fn produce_stamped(
     );
     let (payments_topic, settlements_topic) = (topics[0], topics[1]);
     let payouts_topic = topics.get(2).copied();
-    let mut in_flight = FuturesUnordered::new();
+    let mut sender = Sender::new(producer);
     let mut stamp: Option<i64> = None;
     let started = tokio::time::Instant::now();
     for (n, r) in records.iter().enumerate() {
@@ -1158,55 +1156,13 @@ pub async fn produce_stamped(
             (BrokerTime::Event, Generated::Payout(b)) => Some(b.event_time.timestamp_millis()),
             (BrokerTime::Event, Generated::Malformed { .. }) => stamp,
         };
-        loop {
-            let mut record = FutureRecord::to(topic).key(&key).payload(&bytes);
-            if let Some(ms) = stamp {
-                record = record.timestamp(ms);
-            }
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push(delivery);
-                    break;
-                }
-                Err((e, _)) => {
-                    // Local queue full: wait for some acknowledgements, then retry.
-                    if in_flight.is_empty() {
-                        return Err(anyhow::Error::new(e).context("producing"));
-                    }
-                    drain(&mut in_flight, 1).await?;
-                }
-            }
-        }
-        if in_flight.len() >= 20_000 {
-            drain(&mut in_flight, 10_000).await?;
-        }
+        sender.send(topic, &key, &bytes, stamp).await?;
         if n % 10_000 == 0 {
             progress(n);
         }
     }
-    drain(&mut in_flight, usize::MAX).await?;
-    producer
-        .flush(Duration::from_secs(30))
-        .context("flushing the producer")?;
+    sender.finish().await?;
     progress(records.len());
-    Ok(())
-}
-
-async fn drain(
-    in_flight: &mut FuturesUnordered<rdkafka::producer::DeliveryFuture>,
-    count: usize,
-) -> anyhow::Result<()> {
-    let mut n = 0;
-    while n < count {
-        match in_flight.next().await {
-            None => return Ok(()),
-            Some(Ok(Ok(_))) => n += 1,
-            Some(Ok(Err((e, _)))) => {
-                return Err(anyhow::Error::new(e).context("a record was not acknowledged"));
-            }
-            Some(Err(_)) => anyhow::bail!("the producer was dropped before acknowledging"),
-        }
-    }
     Ok(())
 }
 
@@ -1263,7 +1219,7 @@ pub async fn command(
         std::fs::write(path, serde_json::to_vec_pretty(&expected)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let producer: rdkafka::producer::FutureProducer = k.producer_config().create()?;
+    let producer = crate::kafka::producer::idempotent(k)?;
     let total = records.len();
     produce_stamped(
         &producer,

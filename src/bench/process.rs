@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
-use rdkafka::mocking::MockCluster;
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 
@@ -51,7 +51,7 @@ pub async fn run_with(
     mut settings: Settings,
     config: Option<&Path>,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     partitions: i32,

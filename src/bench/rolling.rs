@@ -11,8 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use hdrhistogram::Histogram;
-use rdkafka::mocking::MockCluster;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +60,7 @@ fn start(
 pub async fn run_with(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     partitions: i32,
     rate: u64,
@@ -106,7 +106,7 @@ pub async fn run_with(
         1,
     )?;
     records.truncate(count);
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
     let (payments_topic, settlements_topic) = stage.topics;
     let producing = {
         let records = records.clone();

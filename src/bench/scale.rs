@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::mocking::MockCluster;
+use crate::kafka::embedded::EmbeddedKafka;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ async fn sample_lock_waits(
 pub async fn run_with(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     partitions: i32,
@@ -147,7 +147,7 @@ pub async fn run_with(
     }
     drop(tx);
     tokio::time::sleep(GROUP_FORMATION).await;
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
     crate::simulate::produce(
         &producer,
         &encoder,

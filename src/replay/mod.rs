@@ -35,6 +35,7 @@ pub use range::{Mode, PartitionRange, Topics};
 
 use crate::codec::Codec;
 use crate::config::Settings;
+use crate::kafka::reader::TopicProbe;
 use crate::reference::ReferenceCache;
 use crate::store::{Reconciler, Store};
 use compare::Comparison;
@@ -367,11 +368,8 @@ impl Job<'_> {
             );
         }
         let plans = {
-            let consumer: rdkafka::consumer::BaseConsumer =
-                reader::consumer_config(settings, &self.consumer_group())
-                    .create()
-                    .context("creating a Kafka client")?;
-            range::plan(&consumer, &input_topics, self.requested, &committed)?
+            let probe = TopicProbe::new(&settings.kafka, &self.consumer_group())?;
+            range::plan(&probe, &input_topics, self.requested, &committed)?
         };
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
         let sr = settings.registry.client()?;

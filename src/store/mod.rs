@@ -11,6 +11,7 @@
 
 mod batch;
 mod dead_letters;
+pub mod outbox;
 mod payouts;
 mod reconcile;
 mod reference;
