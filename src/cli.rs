@@ -39,7 +39,7 @@ pub enum Command {
     /// Produce simulated payments and settlement lines to the configured brokers.
     Simulate {
         #[command(flatten)]
-        options: crate::simulate::SimulationOptions,
+        options: crate::tools::simulate::SimulationOptions,
         /// Create the input topics with this many partitions if missing (and the exceptions
         /// topic with one).
         #[arg(long, visible_alias = "partitions")]
@@ -51,19 +51,19 @@ pub enum Command {
     },
     /// Run the whole job on embedded defaults: mock Kafka, embedded registry, PostgreSQL,
     /// simulator and service; check the result against the simulator's expected totals.
-    Demo(crate::demo::DemoOptions),
+    Demo(crate::tools::demo::DemoOptions),
     /// Measure the store-only ceiling, end-to-end throughput and latency at a fixed rate
     /// (embedded Kafka and registry; PostgreSQL from DATABASE_URL or the local server).
-    Bench(crate::bench::BenchOptions),
+    Bench(crate::tools::bench::BenchOptions),
     /// Print the reconciliation report of one business day: open exceptions and per-merchant
     /// totals, from the reporting views (read only; never migrates).
-    #[command(after_help = crate::report::EXIT_CODES)]
-    Report(crate::report::ReportOptions),
+    #[command(after_help = crate::tools::report::EXIT_CODES)]
+    Report(crate::tools::report::ReportOptions),
     /// Audit: re-read a range of the input topics through the service's own code into a
     /// shadow schema and compare with the live tables (never joins the service's group,
     /// never writes a live table except `audit_runs`).
-    #[command(after_help = crate::replay::EXIT_CODES)]
-    Replay(crate::replay::ReplayOptions),
+    #[command(after_help = crate::tools::replay::EXIT_CODES)]
+    Replay(crate::tools::replay::ReplayOptions),
     /// Manage reference data (merchants, FX rates).
     Reference {
         #[command(subcommand)]
@@ -217,18 +217,19 @@ async fn dispatch(cli: Cli, malloc: Vec<String>) -> anyhow::Result<ExitCode> {
             create_topics,
             load_reference,
         } => {
-            crate::simulate::command(&settings, &options, create_topics, load_reference).await?;
+            crate::tools::simulate::command(&settings, &options, create_topics, load_reference)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo(options) => crate::demo::run(settings, options).await,
+        Command::Demo(options) => crate::tools::demo::run(settings, options).await,
         Command::DeadLetters {
             action: DeadLetterAction::List { all, limit, json },
         } => crate::tools::dead_letters::list(&settings, all, limit, json).await,
         Command::DeadLetters {
             action: DeadLetterAction::Replay { ids },
         } => crate::tools::dead_letters::replay(&settings, &ids).await,
-        Command::Replay(options) => crate::replay::command(settings, options).await,
-        Command::Report(options) => crate::report::run(&settings, options).await,
+        Command::Replay(options) => crate::tools::replay::command(settings, options).await,
+        Command::Report(options) => crate::tools::report::run(&settings, options).await,
         Command::Reference {
             action:
                 ReferenceAction::Load {
@@ -258,7 +259,7 @@ async fn dispatch(cli: Cli, malloc: Vec<String>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(options) => {
-            crate::bench::run(settings, cli.config.as_deref(), options).await?;
+            crate::tools::bench::run(settings, cli.config.as_deref(), options).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

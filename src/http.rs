@@ -122,9 +122,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
             );
         }
     };
-    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(state.store.pool())
-        .await;
+    let db = state.store.ping().await;
     let (joined, assigned) = state
         .assignment
         .lock()

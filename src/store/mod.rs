@@ -9,12 +9,19 @@
 //!
 //! It does not decide what to retry; it classifies errors so the caller can.
 
+pub mod audit;
 mod batch;
+pub mod bench;
+pub mod compare;
 mod dead_letters;
+mod health;
 pub mod outbox;
 mod payouts;
+pub mod pgstats;
 mod reconcile;
 mod reference;
+pub mod report;
+pub mod shadow;
 mod totals;
 mod verify;
 mod verify_payouts;
@@ -334,7 +341,7 @@ pub fn database_url(admin: &PgConnectOptions, name: &str) -> String {
     }
 }
 
-fn quote_ident(name: &str) -> String {
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

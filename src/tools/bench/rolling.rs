@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Stage;
 use crate::config::Settings;
 use crate::kafka::LoopEvent;
-use crate::simulate::SimulationOptions;
+use crate::tools::simulate::SimulationOptions;
 
 /// One protocol's figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -95,7 +95,7 @@ pub async fn run_with(
         .await?;
     let total_time = WARM_UP + BETWEEN_RESTARTS * INSTANCES as u32 + Duration::from_secs(4);
     let count = (rate as f64 * total_time.as_secs_f64()) as usize;
-    let (mut records, _) = crate::simulate::generate(
+    let (mut records, _) = crate::tools::simulate::generate(
         &SimulationOptions {
             payments: count as u64 / 2 + 1,
             seed: 11,
@@ -111,7 +111,7 @@ pub async fn run_with(
     let producing = {
         let records = records.clone();
         tokio::spawn(async move {
-            crate::simulate::produce(
+            crate::tools::simulate::produce(
                 &producer,
                 &encoder,
                 &[payments_topic, settlements_topic],

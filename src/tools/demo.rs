@@ -51,10 +51,10 @@ pub struct DemoOptions {
     /// partitions are judged idle as in real traffic; try it with `--payments 300
     /// --partitions 64`).
     #[arg(long, value_enum, default_value = "now")]
-    pub broker_time: crate::simulate::BrokerTime,
+    pub broker_time: crate::tools::simulate::BrokerTime,
     /// When settlement lines come: with each payment, or one burst per simulated day.
     #[arg(long, value_enum, default_value = "with-payment")]
-    pub settlement_rhythm: crate::simulate::SettlementRhythm,
+    pub settlement_rhythm: crate::tools::simulate::SettlementRhythm,
 }
 
 /// A PostgreSQL cluster created for the demo; stopped and removed on drop.
@@ -246,7 +246,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
 
     // The simulation's reference data (merchants, FX rates), loaded before the service
     // starts so its first batch prices with it.
-    let sim = crate::simulate::SimulationOptions {
+    let sim = crate::tools::simulate::SimulationOptions {
         payments: o.payments,
         malformed: o.malformed,
         rate: o.rate,
@@ -264,7 +264,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         )
         .await?;
         store.migrate().await?;
-        let (merchants, rates) = crate::simulate::reference_data(&sim)?;
+        let (merchants, rates) = crate::tools::simulate::reference_data(&sim)?;
         store.load_merchants(&merchants, None).await?;
         store.load_rates(&rates, None).await?;
         println!(
@@ -285,10 +285,9 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     ));
     // The simulator.
     let sim_settings = settings.clone();
-    let producer =
-        tokio::spawn(
-            async move { crate::simulate::command(&sim_settings, &sim, None, false).await },
-        );
+    let producer = tokio::spawn(async move {
+        crate::tools::simulate::command(&sim_settings, &sim, None, false).await
+    });
 
     let mut expected: Option<Totals> = None;
     let mut applied: i64 = 0;
@@ -370,7 +369,7 @@ async fn summarize_with(
     // the watermark back, so deadlines on a topic with empty partitions pass too.
     let waited = Instant::now();
     let watermark = loop {
-        let wm = crate::report::judged_watermark(settings, store).await?;
+        let wm = crate::tools::report::judged_watermark(settings, store).await?;
         let backlog = store.reconciliation_backlog_at(wm.watermark).await?;
         if backlog.due == 0 && backlog.unpublished == 0 {
             break wm;
