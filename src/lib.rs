@@ -17,8 +17,13 @@
 //!
 //! ## Layout
 //! - [`domain`]: money, currencies, events, validation. Pure, no I/O.
-//! - [`codec`]: Confluent wire format + Avro via the registry; poison vs transient.
-//! - [`store`]: the only PostgreSQL code (every SQL statement); the batch transaction.
+//! - [`codec`]: Confluent wire format + Avro values via the registry; poison vs transient.
+//! - [`inputs`]: one module per input stream (payments, settlements, payouts): schema
+//!   binding, row shape, what it adds to reconciliation.
+//! - [`engine`]: the batch transaction top to bottom (offsets, apply, reconcile, totals),
+//!   the sweeps, dead-letter re-drive, verification.
+//! - [`store`]: the only PostgreSQL code (every SQL statement), typed functions by table
+//!   family.
 //! - [`kafka`]: the only librdkafka code: the consumer loop, rebalance positioning, commit
 //!   lag, client configs, producers, topic admin, the embedded cluster, readers.
 //! - [`reconcile`]: the matcher, pure; [`reference`]: temporal reference data and its cache.
@@ -35,7 +40,9 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod engine;
 pub mod http;
+pub mod inputs;
 pub mod instance;
 pub mod kafka;
 pub mod malloc;

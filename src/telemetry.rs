@@ -50,7 +50,7 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
 }
 
 /// What reconciliation changed in one committed transaction.
-pub fn reconciled(outcome: &crate::store::ReconcileOutcome) {
+pub fn reconciled(outcome: &crate::reconcile::ReconcileOutcome) {
     for (status, n) in &outcome.status_changes {
         crate::metrics::status_changed(status.as_str(), status.is_exception(), *n);
     }

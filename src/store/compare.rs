@@ -23,7 +23,8 @@ use sqlx::{Postgres, Transaction};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DAILY_COLUMNS, Store, quote_ident};
+use super::{Store, quote_ident};
+use crate::reconcile::DAILY_COLUMNS;
 
 /// Where a record is in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,10 +62,10 @@ pub async fn list(
 pub async fn replay(settings: &Settings, ids: &[i64]) -> anyhow::Result<ExitCode> {
     let store = connect(settings).await?;
     let sr = settings.registry.client()?;
-    let codec = crate::codec::Codec::new(sr).with_limits(settings.validation.limits());
+    let codec = crate::inputs::Decoder::new(sr).with_limits(settings.validation.limits());
     let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
     cache.reload(&store).await?;
-    let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None)
+    let reconciler = crate::engine::Reconciler::new(&settings.reconciliation, cache, None)
         .with_payout_leg(!settings.kafka.payouts_topic.is_empty());
     let (mut applied, mut failing) = (0, 0);
     for (id, topic, partition, offset, payload, broker_time) in store.open_dead_letters(ids).await?
@@ -75,17 +75,17 @@ pub async fn replay(settings: &Settings, ids: &[i64]) -> anyhow::Result<ExitCode
             .map_or(crate::codec::Stream::Payments, |(s, _)| s);
         match codec.decode(stream, payload.as_deref(), broker_time).await {
             Ok(record) => {
-                let result = store
-                    .apply_replayed(
-                        id,
-                        &topic,
-                        partition,
-                        offset,
-                        record,
-                        &settings.kafka.group_id,
-                        &reconciler,
-                    )
-                    .await;
+                let result = crate::engine::redrive::apply_replayed(
+                    &store,
+                    id,
+                    &topic,
+                    partition,
+                    offset,
+                    record,
+                    &settings.kafka.group_id,
+                    &reconciler,
+                )
+                .await;
                 match result {
                     Ok(_) => applied += 1,
                     // Still refused by the database for a reason in the record.

@@ -45,8 +45,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::engine::Batch;
 use crate::kafka::LoopEvent;
-use crate::store::{Batch, PartitionProgress, Source, Store};
+use crate::store::{PartitionProgress, Source, Store};
 use crate::tools::simulate::{Generated, SimulationOptions};
 
 mod cpu;
@@ -154,13 +155,13 @@ async fn load_reference(
     store: &Store,
     sim: &SimulationOptions,
     settings: &Settings,
-) -> anyhow::Result<crate::store::Reconciler> {
+) -> anyhow::Result<crate::engine::Reconciler> {
     let (merchants, rates) = crate::tools::simulate::reference_data(sim)?;
     store.load_merchants(&merchants, None).await?;
     store.load_rates(&rates, None).await?;
     let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
     cache.reload(store).await?;
-    Ok(crate::store::Reconciler::new(
+    Ok(crate::engine::Reconciler::new(
         &settings.reconciliation,
         cache,
         None,
@@ -237,8 +238,7 @@ pub async fn run(
     let (store_ref, reconciler_ref) = (&store, &reconciler);
     futures::future::try_join_all(batches.iter().map(|lane| async move {
         for b in lane {
-            store_ref
-                .commit_batch("bench", "bench", b, reconciler_ref)
+            crate::engine::commit_batch(store_ref, "bench", "bench", b, reconciler_ref)
                 .await
                 .context("store-only commit")?;
         }

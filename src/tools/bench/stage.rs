@@ -19,7 +19,7 @@ pub(super) const HOSTILE_CLASSES: [&str; 4] = [
 pub(super) fn with_hostile_records(
     records: &[Generated],
     every: u64,
-    encoder: &crate::codec::Encoder,
+    encoder: &crate::inputs::Encoder,
 ) -> anyhow::Result<(Vec<Generated>, u64)> {
     let mut out = Vec::with_capacity(records.len() + records.len() / every as usize + 1);
     let mut last_payment = None;
@@ -77,7 +77,7 @@ impl Stage {
         cluster: &EmbeddedKafka,
         sim: &SimulationOptions,
         partitions: i32,
-    ) -> anyhow::Result<(String, crate::codec::Encoder)> {
+    ) -> anyhow::Result<(String, crate::inputs::Encoder)> {
         let (payments_topic, settlements_topic) = self.topics;
         cluster.create_topic(payments_topic, partitions)?;
         cluster.create_topic(settlements_topic, partitions)?;
@@ -102,7 +102,7 @@ impl Stage {
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let encoder =
-            crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+            crate::inputs::Encoder::register(&sr, payments_topic, settlements_topic).await?;
         Ok((db, encoder))
     }
 }
@@ -123,7 +123,7 @@ impl Stage {
     pub(super) async fn produce(
         &self,
         settings: &Settings,
-        encoder: &crate::codec::Encoder,
+        encoder: &crate::inputs::Encoder,
         records: &[Generated],
     ) -> anyhow::Result<crate::kafka::producer::FutureProducer> {
         let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
@@ -145,7 +145,7 @@ impl Stage {
     pub(super) async fn consume_backlog(
         &self,
         settings: &Settings,
-        encoder: &crate::codec::Encoder,
+        encoder: &crate::inputs::Encoder,
         records: &[Generated],
     ) -> anyhow::Result<Backlog> {
         let producer = self.produce(settings, encoder, records).await?;

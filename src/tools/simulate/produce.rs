@@ -129,7 +129,7 @@ pub async fn command(
     }
     let sr = settings.registry.client()?;
     let mut encoder =
-        crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+        crate::inputs::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
     if !k.payouts_topic.is_empty() {
         encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
     }
