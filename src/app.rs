@@ -14,6 +14,7 @@ use crate::config::{Settings, redact_text, redact_url};
 use crate::engine::{LogEnds, Reconciler};
 use crate::http::Stage;
 use crate::inputs::Decoder;
+use crate::instance::instance_id;
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::Store;
@@ -216,7 +217,7 @@ pub async fn run(
     // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
     let input_topics = settings.kafka.input_topic_names();
-    crate::metrics::register_zeroes(
+    crate::telemetry::register_zeroes(
         &input_topics.iter().map(String::as_str).collect::<Vec<_>>(),
         &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
     );
@@ -410,12 +411,6 @@ async fn start_and_consume(
     result
 }
 
-/// `host/pid`: who committed a batch or evaluated an item.
-pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!("{host}/{}", std::process::id())
-}
-
 /// Re-evaluates items without waiting for new records: at start and after every
 /// reference-data reload the items that waited for reference data (an unknown merchant or FX
 /// rate that has now arrived) and those a correction queued, and every second the items the
@@ -478,7 +473,7 @@ pub async fn reevaluate_in_background(
         match result {
             Ok(outcome) => {
                 backoff = Duration::from_millis(100);
-                crate::metrics::reconciled(&outcome);
+                crate::telemetry::reconciled(&outcome);
                 if outcome.evaluated > 0 {
                     tracing::info!(
                         evaluated = outcome.evaluated,

@@ -122,9 +122,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
             );
         }
     };
-    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(state.store.pool())
-        .await;
+    let db = state.store.ping().await;
     let (joined, assigned) = state
         .assignment
         .lock()
@@ -136,7 +134,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     if let Err(e) = db {
         problems.push(format!(
             "database: {}",
-            crate::config::redact_text(&crate::store::describe(&e))
+            crate::redact::redact_text(&crate::store::describe(&e))
         ));
     }
     if seen == 0 || silence_ms > state.broker_max_silence.as_millis() as i64 {

@@ -37,56 +37,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use apache_avro::types::Value;
-use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{decimal_value, encode_datum, frame, register_schema};
 use crate::config::Settings;
+use crate::kafka::producer::{RelayMessage, RelayProducer};
 use crate::store::Store;
+use crate::store::outbox::{self as rows, OutboxRow};
 
 /// The shipped schema of exception messages.
 pub const EXCEPTION_SCHEMA: &str = include_str!("../schemas/reconciliation_exception.avsc");
 /// Header carrying the outbox sequence number of a message.
 pub const SEQ_HEADER: &str = "payrecon-outbox-seq";
-/// The advisory lock key of the relay ("payrecon" in ASCII, as a number).
-const RELAY_LOCK: i64 = 0x7061_7972_6563_6f6e;
-
-/// One outbox row.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct OutboxRow {
-    pub seq: i64,
-    pub history_id: i64,
-    pub payment_reference: String,
-    pub merchant_id: String,
-    pub from_status: Option<String>,
-    pub to_status: String,
-    pub opened: bool,
-    pub currency: String,
-    pub expected_gross: Option<Decimal>,
-    pub settled_gross: Option<Decimal>,
-    pub reason: String,
-    pub watermark: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    /// SETTLEMENT or PAYOUT.
-    pub leg: String,
-    pub account_id: Option<String>,
-}
-
 /// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
 /// produce request's own round trip after the local timeout.
 const ROUND_MARGIN: Duration = Duration::from_secs(5);
-
-/// Bound of the blocking transaction calls (init, commit).
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Avro value of a row in [`EXCEPTION_SCHEMA`]'s field order.
 pub fn to_value(r: &OutboxRow) -> Value {
@@ -134,15 +101,6 @@ pub fn to_value(r: &OutboxRow) -> Value {
     ])
 }
 
-/// The outbox sequence number in a message's headers.
-pub fn header_seq(message: &impl Message) -> Option<i64> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == SEQ_HEADER)
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-}
-
 /// Competes for the relay until `stop`: standby while another instance holds the lock,
 /// relaying while this one does; any failure ends the session and starts over.
 pub async fn run_relay(settings: Settings, store: Store, stop: CancellationToken) {
@@ -185,10 +143,7 @@ async fn relay_on(
 ) -> anyhow::Result<()> {
     // Standby until the lock is ours.
     loop {
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
+        let locked = rows::try_relay_lock(conn).await?;
         if locked {
             break;
         }
@@ -198,44 +153,24 @@ async fn relay_on(
         }
     }
     let topic = &settings.exceptions.topic;
-    let instance = crate::app::instance_id();
+    let instance = crate::instance::instance_id();
     let message_timeout = settings.exceptions.relay_message_timeout;
     tracing::info!(%topic, "this instance is the active exceptions relay");
     let sr = settings.registry.client()?;
     let (schema_id, schema) = register_schema(&sr, topic, EXCEPTION_SCHEMA).await?;
     let transactional_id = settings.exceptions.transactional_id.as_deref();
-    let mut config = settings.kafka.producer_config();
-    config.set(
-        "message.timeout.ms",
-        message_timeout.as_millis().max(1).to_string(),
-    );
+    // With a transactional id, creating the producer fences every earlier producer with it:
+    // the broker aborts its open transaction and rejects its writes, so a cut-off
+    // predecessor cannot land anything any more.
+    let producer = RelayProducer::new(&settings.kafka, message_timeout, transactional_id).await?;
     if let Some(id) = transactional_id {
-        config.set("transactional.id", id);
-    }
-    let producer: FutureProducer<crate::kafka::Quiet> = config
-        .create_with_context(crate::kafka::Quiet::default())
-        .context("creating the relay producer")?;
-    if let Some(id) = transactional_id {
-        // Fences every earlier producer with this id: the broker aborts its open transaction
-        // and rejects its writes, so a cut-off predecessor cannot land anything any more.
-        let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(TRANSACTION_TIMEOUT))
-            .await?
-            .with_context(|| format!("initialising transactions for transactional.id {id}"))?;
         tracing::info!(
             transactional_id = id,
             "the relay publishes each round in a transaction"
         );
     }
 
-    let unfinished: Option<(String, f64)> = sqlx::query_as(
-        "SELECT instance,
-                GREATEST(0, EXTRACT(EPOCH FROM round_started_at + $1::interval - clock_timestamp()))::float8
-           FROM exceptions_relay WHERE round_started_at IS NOT NULL",
-    )
-    .bind(message_timeout + ROUND_MARGIN)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let unfinished = rows::unfinished_round(conn, message_timeout + ROUND_MARGIN).await?;
     // With transactions the broker fenced the predecessor above: nothing of it can land.
     let unfinished = unfinished.filter(|(_, wait)| *wait > 0.0 && transactional_id.is_none());
     if let Some((previous, wait)) = unfinished {
@@ -255,7 +190,7 @@ async fn relay_on(
     let already = published_in_tail(settings, round as usize + 1).await?;
     if !already.is_empty() {
         let seqs: Vec<i64> = already.into_iter().collect();
-        let marked = mark_published(&mut *conn, &seqs).await?;
+        let marked = rows::mark_published(conn, &seqs).await?;
         tracing::info!(
             found = seqs.len(),
             marked,
@@ -263,18 +198,10 @@ async fn relay_on(
         );
     }
     // Whatever the previous relay had in flight has landed or never will, and is marked.
-    round_settled(&mut *conn).await?;
+    rows::round_settled(conn).await?;
     loop {
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
-                    opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
-                    reason, watermark, created_at, leg, account_id
-               FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-        )
-        .bind(round)
-        .fetch_all(&mut *conn)
-        .await?;
-        if rows.is_empty() {
+        let batch = rows::unpublished(conn, round).await?;
+        if batch.is_empty() {
             crate::metrics::exceptions_published(0, 0);
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -282,79 +209,29 @@ async fn relay_on(
             }
         }
         // Recorded before anything is sent: a successor waits for this round to settle.
-        sqlx::query(
-            "INSERT INTO exceptions_relay (instance, round_started_at)
-             VALUES ($1, clock_timestamp())
-             ON CONFLICT (singleton) DO UPDATE
-                SET instance = EXCLUDED.instance, round_started_at = EXCLUDED.round_started_at",
-        )
-        .bind(&instance)
-        .execute(&mut *conn)
-        .await?;
-        if transactional_id.is_some() {
-            producer
-                .begin_transaction()
-                .context("beginning a relay transaction")?;
-        }
-        let mut acks = FuturesOrdered::new();
-        for r in &rows {
-            let payload = frame(schema_id, &encode_datum(&schema, to_value(r))?);
-            let seq = r.seq.to_string();
-            let record = FutureRecord::to(topic)
-                .key(&r.payment_reference)
-                .payload(&payload)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: SEQ_HEADER,
-                    value: Some(seq.as_bytes()),
-                }));
-            let ack = producer
-                .send_result(record)
-                .map_err(|(e, _)| anyhow::Error::new(e).context("queueing an exception"))?;
-            acks.push_back(ack);
-        }
-        // Every message of the round must be acknowledged before the round is marked; a
-        // failure ends the session and the next one finds what landed in the tail.
-        while let Some(ack) = acks.next().await {
-            ack.context("the relay producer went away")?
-                .map_err(|(e, _)| anyhow::Error::new(e).context("publishing an exception"))?;
-        }
-        if transactional_id.is_some() {
-            let p = producer.clone();
-            tokio::task::spawn_blocking(move || p.commit_transaction(TRANSACTION_TIMEOUT))
-                .await?
-                .context("committing a relay transaction")?;
-        }
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        mark_published(&mut *conn, &seqs).await?;
-        round_settled(&mut *conn).await?;
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL")
-                .fetch_one(&mut *conn)
-                .await?;
-        crate::metrics::exceptions_published(rows.len() as u64, pending);
+        rows::round_started(conn, &instance).await?;
+        let messages = (batch.iter())
+            .map(|r| {
+                Ok(RelayMessage {
+                    key: r.payment_reference.clone(),
+                    payload: frame(schema_id, &encode_datum(&schema, to_value(r))?),
+                    seq: r.seq,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Every message of the round must be acknowledged (and the transaction committed)
+        // before the round is marked; a failure ends the session and the next one finds what
+        // landed in the tail.
+        producer.publish(topic, SEQ_HEADER, &messages).await?;
+        let seqs: Vec<i64> = batch.iter().map(|r| r.seq).collect();
+        rows::mark_published(conn, &seqs).await?;
+        rows::round_settled(conn).await?;
+        let pending = rows::pending(conn).await?;
+        crate::metrics::exceptions_published(batch.len() as u64, pending);
         if stop.is_cancelled() {
             return Ok(());
         }
     }
-}
-
-/// Records that no round is in flight any more (see `exceptions_relay`).
-async fn round_settled(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE exceptions_outbox SET published_at = now()
-          WHERE seq = ANY($1) AND published_at IS NULL",
-    )
-    .bind(seqs)
-    .execute(conn)
-    .await?
-    .rows_affected())
 }
 
 /// The outbox seqs among the last `depth` offsets of every partition of the exceptions topic.
@@ -374,60 +251,19 @@ pub async fn topic_seqs(settings: &Settings) -> anyhow::Result<Vec<i64>> {
 }
 
 /// The outbox seq header (if any) of every committed message from `depth` offsets before the
-/// end of each partition of the exceptions topic (from the log start when `None`), in topic
-/// order per partition. Reads until each partition's end (partition EOF rather than "offset
-/// of the high watermark − 1", which a transaction's commit marker occupies) with
-/// read_committed, so an aborted or still-open transaction's messages are not counted.
+/// end of each partition of the exceptions topic (from the log start when `None`).
 async fn read_exceptions_topic(
     settings: &Settings,
     reader: &str,
     depth: Option<i64>,
 ) -> anyhow::Result<Vec<Option<i64>>> {
-    let topic = settings.exceptions.topic.clone();
-    let mut config = settings.kafka.client_config();
-    config
-        .set("group.id", format!("{}-{reader}", settings.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
-    let consumer: StreamConsumer<crate::kafka::Quiet> = config
-        .create_with_context(crate::kafka::Quiet::default())
-        .context("creating the exceptions topic's reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .context("reading the exceptions topic's metadata")?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = BTreeSet::new();
-    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p.id(), timeout)
-                .context("reading the exceptions topic's watermarks")?;
-            let from = depth.map_or(low, |d| low.max(high - d));
-            if from < high {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(from))?;
-                remaining.insert(p.id());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&tpl)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() {
-        match tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .context("timed out reading the exceptions topic")?
-        {
-            Ok(m) => out.push(header_seq(&m)),
-            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                remaining.remove(&p);
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context("reading the exceptions topic")),
-        }
-    }
-    Ok(out)
+    let group = format!("{}-{reader}", settings.kafka.group_id);
+    crate::kafka::reader::header_numbers(
+        &settings.kafka,
+        &group,
+        &settings.exceptions.topic,
+        SEQ_HEADER,
+        depth,
+    )
+    .await
 }

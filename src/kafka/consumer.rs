@@ -187,7 +187,7 @@ impl ConsumerLoop {
             codec,
             reconciler,
             group: settings.kafka.group_id.clone(),
-            instance: crate::app::instance_id(),
+            instance: crate::instance::instance_id(),
             inputs,
             max_records: settings.pipeline.batch_max_records,
             linger: settings.pipeline.batch_linger,
@@ -662,7 +662,7 @@ impl ConsumerLoop {
         for c in &outcome.conflicts {
             crate::metrics::conflicting_duplicate(&batch.topics[c.topic]);
         }
-        crate::metrics::reconciled(&outcome.reconciliation);
+        crate::telemetry::reconciled(&outcome.reconciliation);
         let now_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)

@@ -10,12 +10,20 @@
 //!
 //! It does not decide what to retry; it classifies errors ([`disposition`]) so the caller can.
 
+pub mod audit;
+pub mod bench;
+pub mod compare;
 pub mod dead_letters;
+mod health;
 pub mod items;
 pub mod offsets;
+pub mod outbox;
 pub mod payout_items;
+pub mod pgstats;
 pub mod records;
 mod reference;
+pub mod report;
+pub mod shadow;
 mod totals;
 pub mod verify;
 
@@ -308,7 +316,7 @@ pub fn database_url(admin: &PgConnectOptions, name: &str) -> String {
     }
 }
 
-fn quote_ident(name: &str) -> String {
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

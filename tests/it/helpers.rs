@@ -14,8 +14,8 @@ use nix::unistd::Pid;
 use payrecon::codec::registry_settings;
 use payrecon::domain::Totals;
 use payrecon::inputs::Encoder;
-use payrecon::simulate::{Generated, SimulationOptions};
 use payrecon::store::Store;
+use payrecon::tools::simulate::{Generated, SimulationOptions};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -70,8 +70,9 @@ impl TestDb {
         let store = Store::new(pool);
         store.migrate().await.expect("migrating the test database");
         // The simulator's reference data, so simulated traffic is priced like in production.
-        let (merchants, rates) = payrecon::simulate::reference_data(&SimulationOptions::default())
-            .expect("the simulation's reference data");
+        let (merchants, rates) =
+            payrecon::tools::simulate::reference_data(&SimulationOptions::default())
+                .expect("the simulation's reference data");
         store.load_merchants(&merchants, None).await.unwrap();
         store.load_rates(&rates, None).await.unwrap();
         TestDb { name, url, store }
@@ -333,7 +334,7 @@ impl Fixture {
             Duration::from_secs(60),
             "reconciliation and the relay to catch up",
             || async {
-                let b = payrecon::engine::reconciliation_backlog(store, &self.group, lateness)
+                let b = payrecon::engine::reconciliation_backlog(&store, &self.group, lateness)
                     .await
                     .unwrap();
                 b.due == 0 && b.unpublished == 0
@@ -384,7 +385,9 @@ impl Fixture {
         );
         // The payout leg: items against their records, history chains, outbox, totals.
         let rules = payrecon::store::Rules::from_settings(&self.settings().reconciliation);
-        let verification = payrecon::report::verify(store, &rules).await.unwrap();
+        let verification = payrecon::tools::report::verify(store, &rules)
+            .await
+            .unwrap();
         let failed: Vec<String> = (verification.checks.iter())
             .filter(|c| c.name.starts_with("payout") && !c.passed())
             .map(|c| {
@@ -422,14 +425,14 @@ impl Fixture {
     pub async fn produce(&self, options: &SimulationOptions) -> Totals {
         let encoder = self.encoder().await;
         let (records, expected) =
-            payrecon::simulate::generate(options, encoder.payment_schema_id()).unwrap();
+            payrecon::tools::simulate::generate(options, encoder.payment_schema_id()).unwrap();
         self.produce_records(&encoder, &records, options.rate).await;
         expected
     }
 
     pub async fn produce_records(&self, encoder: &Encoder, records: &[Generated], rate: u64) {
         let producer = self.producer();
-        payrecon::simulate::produce(
+        payrecon::tools::simulate::produce(
             &producer,
             encoder,
             &self.kafka.topics(),
@@ -456,9 +459,16 @@ impl Fixture {
             self.kafka.payouts_topic.clone(),
         );
         tokio::spawn(async move {
-            payrecon::simulate::produce(&producer, &encoder, &[&p, &s, &b], &records, rate, |_| {})
-                .await
-                .expect("producing the simulated records");
+            payrecon::tools::simulate::produce(
+                &producer,
+                &encoder,
+                &[&p, &s, &b],
+                &records,
+                rate,
+                |_| {},
+            )
+            .await
+            .expect("producing the simulated records");
         })
     }
 

@@ -8,15 +8,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
-use rdkafka::mocking::MockCluster;
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
 
 use super::Stage;
 use super::cpu;
 use crate::config::Settings;
-use crate::simulate::{Generated, SimulationOptions};
+use crate::tools::simulate::{Generated, SimulationOptions};
 
 /// What the stage measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -51,7 +51,7 @@ pub async fn run_with(
     mut settings: Settings,
     config: Option<&Path>,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     partitions: i32,
@@ -97,9 +97,7 @@ pub async fn run_with(
         .max_connections(1)
         .connect(&crate::store::database_url(admin, &db))
         .await?;
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&watch)
-        .await?;
+    let backend = crate::store::bench::backend_pid(&watch).await?;
     let server = cpu::Server::of_backend(backend);
     let total = records.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -110,13 +108,11 @@ pub async fn run_with(
             Instant::now() < deadline,
             "the service-process stage timed out"
         );
-        let applied: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets
-              WHERE consumer_group = $1 AND topic = ANY($2)",
+        let applied = crate::store::bench::applied_records(
+            &watch,
+            stage.group,
+            &[payments_topic, settlements_topic],
         )
-        .bind(stage.group)
-        .bind([payments_topic, settlements_topic])
-        .fetch_one(&watch)
         .await?;
         let now = Instant::now();
         match first {

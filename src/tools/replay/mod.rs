@@ -15,11 +15,9 @@
 //!
 //! Exit codes: see [`EXIT_CODES`].
 
-mod compare;
 mod range;
 mod reader;
 mod report;
-mod shadow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,12 +34,14 @@ pub use range::{Mode, PartitionRange, Topics};
 use crate::config::Settings;
 use crate::engine::Reconciler;
 use crate::inputs::Decoder;
+use crate::kafka::reader::TopicProbe;
 use crate::reference::ReferenceCache;
 use crate::store::Store;
-use compare::Comparison;
+use crate::store::audit::{AuditEnd, AuditStart};
+use crate::store::compare::Comparison;
+use crate::store::shadow::Shadow;
 use range::Requested;
 use report::{ReportWriter, RunInfo, Summary};
-use shadow::Shadow;
 
 /// The exit codes, as `--help` shows them.
 pub const EXIT_CODES: &str = "Exit codes:
@@ -265,17 +265,14 @@ pub async fn run(
         .await
         .context("applying migrations to the live database")?;
     let requested_by = requested_by();
-    sqlx::query(
-        "INSERT INTO audit_runs (id, requested_by, consumer_group, started_at, range, shadow_schema)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&run_id)
-    .bind(&requested_by)
-    .bind(&k.group_id)
-    .bind(started_at)
-    .bind(sqlx::types::Json(serde_json::json!({ "requested": &requested })))
-    .bind(&schema)
-    .execute(live.pool())
+    live.audit_started(&AuditStart {
+        id: &run_id,
+        requested_by: &requested_by,
+        consumer_group: &k.group_id,
+        started_at,
+        range: serde_json::json!({ "requested": &requested }),
+        shadow_schema: &schema,
+    })
     .await
     .context("recording the audit run")?;
     if !options.quiet {
@@ -298,30 +295,17 @@ pub async fn run(
     };
     let result = job.replay(&shutdown).await;
     let record = match &result {
-        Ok(o) => sqlx::query(
-            "UPDATE audit_runs SET finished_at = now(), records_read = $2, differences = $3,
-                    result = $4, report_digest = $5,
-                    range = range || jsonb_build_object('partitions', $6::jsonb)
-              WHERE id = $1",
-        )
-        .bind(&run_id)
-        .bind(o.records_read as i64)
-        .bind((o.result != AuditResult::Interrupted).then_some(o.differences as i64))
-        .bind(o.result.as_str())
-        .bind(&o.digest)
-        .bind(sqlx::types::Json(&o.ranges))
-        .execute(live.pool())
-        .await
-        .map(|_| ()),
-        Err(e) => sqlx::query(
-            "UPDATE audit_runs SET finished_at = now(), result = 'ERROR', error_message = $2
-              WHERE id = $1",
-        )
-        .bind(&run_id)
-        .bind(format!("{e:#}"))
-        .execute(live.pool())
-        .await
-        .map(|_| ()),
+        Ok(o) => {
+            let end = AuditEnd {
+                records_read: o.records_read as i64,
+                differences: (o.result != AuditResult::Interrupted).then_some(o.differences as i64),
+                result: o.result.as_str(),
+                digest: o.digest.as_deref(),
+                partitions: serde_json::to_value(&o.ranges)?,
+            };
+            live.audit_finished(&run_id, &end).await
+        }
+        Err(e) => live.audit_failed(&run_id, &format!("{e:#}")).await,
     };
     live.pool().close().await;
     let outcome = result?;
@@ -368,11 +352,8 @@ impl Job<'_> {
             );
         }
         let plans = {
-            let consumer: rdkafka::consumer::BaseConsumer =
-                reader::consumer_config(settings, &self.consumer_group())
-                    .create()
-                    .context("creating a Kafka client")?;
-            range::plan(&consumer, &input_topics, self.requested, &committed)?
+            let probe = TopicProbe::new(&settings.kafka, &self.consumer_group())?;
+            range::plan(&probe, &input_topics, self.requested, &committed)?
         };
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
         let sr = settings.registry.client()?;
@@ -406,7 +387,7 @@ impl Job<'_> {
             .with_log_ends(Arc::new(crate::engine::LogEnds::fixed(ends)))
             .with_payout_leg(!k.payouts_topic.is_empty());
 
-        let shadow = Shadow::create(settings, self.live, self.schema).await?;
+        let shadow = Shadow::create(&settings.database, self.live, self.schema).await?;
         let result = self
             .replay_into(&shadow, &codec, reconciler, plans, shutdown)
             .await;
@@ -445,7 +426,7 @@ impl Job<'_> {
             shadow: shadow.store.clone(),
             reconciler: reconciler.clone(),
             group: group.to_owned(),
-            instance: format!("replay-{}/{}", self.run_id, crate::app::instance_id()),
+            instance: format!("replay-{}/{}", self.run_id, crate::instance::instance_id()),
             consumer_group: self.consumer_group(),
             quiet: self.options.quiet,
         };
@@ -466,7 +447,10 @@ impl Job<'_> {
         if read.interrupted || shutdown.is_cancelled() {
             return Ok(interrupted(&read));
         }
-        shadow.write_range(&read.ranges).await?;
+        let ranges: Vec<(&str, i32, i64, i64)> = (read.ranges.iter())
+            .map(|r| (r.topic.as_str(), r.partition, r.from, r.to))
+            .collect();
+        shadow.write_range(&ranges).await?;
         // A range that is not the whole log the group applied is judged at the live
         // watermark: its verdicts depend on records outside the range.
         let live_now = self.live.group_offsets(group).await?;
@@ -488,15 +472,7 @@ impl Job<'_> {
                         .any(|r| &r.topic == t && r.partition == *p)
                 });
         if !whole {
-            let times: Vec<(String, i32, Option<DateTime<Utc>>)> = sqlx::query_as(
-                "SELECT topic, partition, max_event_time FROM consumer_offsets
-                  WHERE consumer_group = $1 AND topic = ANY($2)",
-            )
-            .bind(group)
-            .bind(&input_topics[..])
-            .fetch_all(self.live.pool())
-            .await?;
-            let times = times.into_iter().map(|(t, p, m)| ((t, p), m)).collect();
+            let times = self.live.event_times(group, &input_topics).await?;
             shadow.align_watermark(group, &times).await?;
         }
         // What the service's background task does every second: judge the items the

@@ -9,13 +9,13 @@
 //! before the backlog is produced, so the figure is the steady state of N members, not the
 //! rebalances of members joining one by one (`bench --rolling-restart` measures those pauses).
 //! The embedded broker's coordinator can lose a join round (a follower's SyncGroup that
-//! arrives after the leader's is refused, README *Tests*); the per-instance counts show it
+//! arrives after the leader's is refused, docs/testing.md); the per-instance counts show it
 //! when a member took no part.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::mocking::MockCluster;
+use crate::kafka::embedded::EmbeddedKafka;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::Stage;
 use crate::config::Settings;
 use crate::kafka::LoopEvent;
-use crate::simulate::{Generated, SimulationOptions};
+use crate::tools::simulate::{Generated, SimulationOptions};
 
 /// One instance count's figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -64,16 +64,7 @@ async fn sample_lock_waits(
             _ = stop.cancelled() => return waits,
             _ = every.tick() => {}
         }
-        let rows: Result<Vec<(i32, String, f64, String)>, _> = sqlx::query_as(
-            "SELECT l.pid, l.waitstart::text,
-                    EXTRACT(EPOCH FROM clock_timestamp() - l.waitstart)::float8 * 1000,
-                    left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 72)
-               FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-              WHERE NOT l.granted AND l.waitstart IS NOT NULL AND a.datname = $1",
-        )
-        .bind(&database)
-        .fetch_all(&pool)
-        .await;
+        let rows = crate::store::bench::lock_waits(&pool, &database).await;
         for (pid, since, ms, statement) in rows.unwrap_or_default() {
             let w = waits.entry((pid, since)).or_insert(Wait { ms, statement });
             w.ms = w.ms.max(ms);
@@ -86,7 +77,7 @@ async fn sample_lock_waits(
 pub async fn run_with(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     records: &[Generated],
     partitions: i32,
@@ -115,9 +106,7 @@ pub async fn run_with(
         .connect_with(admin.clone())
         .await?;
     for setting in ["log_lock_waits = on", "deadlock_timeout = '100ms'"] {
-        sqlx::query(&format!("ALTER DATABASE {db} SET {setting}"))
-            .execute(&admin_pool)
-            .await?;
+        crate::store::bench::set_database_default(&admin_pool, &db, setting).await?;
     }
     let stop_sampling = CancellationToken::new();
     let sampler = tokio::spawn(sample_lock_waits(
@@ -147,8 +136,8 @@ pub async fn run_with(
     }
     drop(tx);
     tokio::time::sleep(GROUP_FORMATION).await;
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
-    crate::simulate::produce(
+    let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
+    crate::tools::simulate::produce(
         &producer,
         &encoder,
         &[topics.0, topics.1],

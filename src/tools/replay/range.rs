@@ -14,16 +14,12 @@
 //! a range.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rdkafka::Message;
-use rdkafka::Offset;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::TopicPartitionList;
 use serde::Serialize;
 
+use crate::kafka::reader::{PartitionBounds, TopicProbe};
 use crate::store::TopicPartition;
 
 /// Which input topics a replay reads.
@@ -133,12 +129,11 @@ pub fn parse_offsets(spec: &str, topics: &[&str]) -> anyhow::Result<BTreeMap<Str
 /// `input_topics` are the input topics in topic-index order; `selected` says
 /// which of them the replay reads; `committed` is the live group's stored offsets.
 pub fn plan(
-    consumer: &BaseConsumer,
+    probe: &TopicProbe,
     input_topics: &[&str],
     requested: &Requested,
     committed: &HashMap<TopicPartition, i64>,
 ) -> anyhow::Result<Vec<Plan>> {
-    let timeout = Duration::from_secs(10);
     let selected: Vec<usize> = match requested.topics {
         Topics::Payments => vec![0],
         Topics::Settlements => vec![1],
@@ -154,25 +149,8 @@ pub fn plan(
     let mut bounds = Vec::new();
     for &i in &selected {
         let topic = input_topics[i];
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .with_context(|| format!("reading the metadata of {topic}"))?;
-        let t = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .with_context(|| format!("topic {topic} not found"))?;
-        anyhow::ensure!(
-            t.error().is_none() && !t.partitions().is_empty(),
-            "topic {topic} does not exist on the brokers"
-        );
-        let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-        partitions.sort_unstable();
-        for p in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, timeout)
-                .with_context(|| format!("reading the watermarks of {topic}[{p}]"))?;
-            bounds.push((i, topic.to_owned(), p, low, high));
+        for b in probe.partitions(topic)? {
+            bounds.push((i, topic.to_owned(), b.partition, b.low, b.high));
         }
     }
     let stored = |topic: &str, p: i32| committed.get(&(topic.to_owned(), p)).copied();
@@ -227,7 +205,19 @@ pub fn plan(
                 anyhow::ensure!(f < t, "--from-time must be before --to-time");
             }
             let hints = match from_ms {
-                Some(ms) => start_hints(consumer, &bounds, ms),
+                Some(ms) => {
+                    let parts: Vec<(&str, PartitionBounds)> = (bounds.iter())
+                        .map(|(_, topic, partition, low, high)| {
+                            let b = PartitionBounds {
+                                partition: *partition,
+                                low: *low,
+                                high: *high,
+                            };
+                            (topic.as_str(), b)
+                        })
+                        .collect();
+                    probe.start_hints(&parts, ms)
+                }
                 None => vec![None; bounds.len()],
             };
             for ((i, topic, p, low, high), hint) in bounds.into_iter().zip(hints) {
@@ -263,84 +253,6 @@ fn fixed(topic_index: usize, topic: String, partition: i32, from: i64, to: i64) 
         scan_from_ms: None,
         scan_to_ms: None,
     }
-}
-
-type Bound = (usize, String, i32, i64, i64);
-
-/// Where to start scanning each partition for the first record at or after `from_ms`: the
-/// offset before the one the broker's `offsets_for_times` names, when the record there is
-/// indeed older than `from_ms` (the broker's answer is checked, because the mock cluster
-/// always answers "end" and some brokers answer per record batch); `None`: scan from the log
-/// start. The end of a time range is always found by reading, never by asking the broker.
-fn start_hints(consumer: &BaseConsumer, bounds: &[Bound], from_ms: i64) -> Vec<Option<i64>> {
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    for (_, topic, p, ..) in bounds {
-        if tpl
-            .add_partition_offset(topic, *p, Offset::Offset(from_ms))
-            .is_err()
-        {
-            return vec![None; bounds.len()];
-        }
-    }
-    let answer: HashMap<(String, i32), Offset> = match consumer.offsets_for_times(tpl, timeout) {
-        Ok(a) => a
-            .elements()
-            .iter()
-            .map(|e| ((e.topic().to_owned(), e.partition()), e.offset()))
-            .collect(),
-        Err(e) => {
-            tracing::info!(error = %e, "offsets_for_times failed; scanning from the log start");
-            return vec![None; bounds.len()];
-        }
-    };
-    let hints: Vec<Option<i64>> = bounds
-        .iter()
-        .map(|(_, topic, p, low, high)| {
-            let first = match answer.get(&(topic.clone(), *p)) {
-                Some(Offset::Offset(o)) => *o,
-                Some(Offset::End) => *high,
-                _ => return None,
-            };
-            if first <= *low || first > *high {
-                return None;
-            }
-            // The record before the answer must be older than the start of the range.
-            match peek(consumer, topic, *p, first - 1) {
-                Some((offset, ts)) if offset == first - 1 && ts < from_ms => Some(first - 1),
-                _ => None,
-            }
-        })
-        .collect();
-    let _ = consumer.unassign();
-    tracing::info!(
-        checked = hints.iter().filter(|h| h.is_some()).count(),
-        partitions = bounds.len(),
-        "start of the time range: broker answers confirmed (the other partitions are scanned from the log start)"
-    );
-    hints
-}
-
-/// The first record at or after `offset` (its offset and broker timestamp).
-fn peek(consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> Option<(i64, i64)> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
-        .ok()?;
-    consumer.assign(&tpl).ok()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) if m.topic() == topic && m.partition() == partition => {
-                return Some((m.offset(), m.timestamp().to_millis().unwrap_or(-1)));
-            }
-            Some(Err(e)) => {
-                tracing::info!(error = %e, topic, partition, "cannot check the broker's offset by time");
-                return None;
-            }
-            _ => {}
-        }
-    }
-    None
 }
 
 #[cfg(test)]

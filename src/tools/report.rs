@@ -26,6 +26,8 @@ use crate::domain::Currency;
 use crate::reference::SnapshotBuilder;
 use crate::store::{Check, Rules, Store};
 
+pub use crate::store::report::{MerchantDay, OpenException, OpenPayoutException, PayoutDay};
+
 /// The exit codes of `payrecon report`, shown at the end of its `--help`.
 pub const EXIT_CODES: &str = "\
 Exit codes:
@@ -115,80 +117,6 @@ pub struct PartitionWatermarkRow {
     pub contribution: Option<DateTime<Utc>>,
 }
 
-/// A row of the `open_exceptions` view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct OpenException {
-    pub payment_reference: String,
-    pub merchant_id: String,
-    pub business_date: NaiveDate,
-    /// The merchant's settlement currency: expected amounts and the difference are in it.
-    pub currency: String,
-    pub status: String,
-    /// `None` while reference data is missing (MISSING_REFERENCE).
-    pub expected_gross: Option<Decimal>,
-    pub expected_fee: Option<Decimal>,
-    pub expected_net: Option<Decimal>,
-    /// The settled amounts' currency; `None` without lines or with lines in mixed currencies.
-    pub settled_currency: Option<String>,
-    pub settled_gross: Option<Decimal>,
-    pub settled_fee: Option<Decimal>,
-    pub settled_net: Option<Decimal>,
-    /// settled_gross − expected_gross (nothing settled counts as 0); `None` when either side
-    /// is unknown or in another currency.
-    pub difference: Option<Decimal>,
-    pub reason: String,
-    /// When the item entered its current status.
-    pub since: Option<DateTime<Utc>>,
-    pub evaluations: i64,
-}
-
-/// A row of the `merchant_daily_report` view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct MerchantDay {
-    pub business_date: NaiveDate,
-    pub merchant_id: String,
-    pub currency: String,
-    pub captured_count: i64,
-    pub captured: Decimal,
-    pub refunded_count: i64,
-    pub refunded: Decimal,
-    pub charged_back_count: i64,
-    pub charged_back: Decimal,
-    /// captured − refunded − charged_back.
-    pub net_captured: Decimal,
-    /// Settlement lines dated this day.
-    pub settled_count: i64,
-    pub settled_gross: Decimal,
-    pub settled_fees: Decimal,
-    pub settled_net: Decimal,
-    pub matched_count: i64,
-    pub expected_count: i64,
-    pub exception_count: i64,
-    /// matched / (matched + exceptions), 4 decimals; `None` when there is neither.
-    pub match_rate: Option<Decimal>,
-    /// What the day's reconciliation items call for, net of fees.
-    pub items_expected_net: Option<Decimal>,
-    /// What was settled for them, net of fees.
-    pub items_settled_net: Option<Decimal>,
-    pub items_net_difference: Option<Decimal>,
-}
-
-/// A row of the `payout_status_summary` view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct PayoutDay {
-    /// Empty for credits no batch explains.
-    pub merchant_id: String,
-    /// `None` for items in mixed currencies.
-    pub currency: Option<String>,
-    pub status: String,
-    pub items: i64,
-    /// Net totals of the batches, and what was paid out for them.
-    pub expected_net: Option<Decimal>,
-    pub paid: Option<Decimal>,
-    /// paid − expected_net.
-    pub difference: Option<Decimal>,
-}
-
 impl PayoutDay {
     fn in_minor_units(mut self) -> Self {
         payout_amounts_in_minor_units(
@@ -216,23 +144,6 @@ fn payout_amounts_in_minor_units(currency: Option<&str>, amounts: [&mut Option<D
             *a = a.map(|a| money(a, c));
         }
     }
-}
-
-/// A row of the `open_payout_exceptions` view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct OpenPayoutException {
-    /// BATCH (a settlement batch) or LINE (a statement line without a batch reference).
-    pub kind: String,
-    pub batch_or_line: String,
-    pub merchant_id: Option<String>,
-    pub account_id: Option<String>,
-    pub currency: Option<String>,
-    pub status: String,
-    pub expected_net: Option<Decimal>,
-    pub paid: Option<Decimal>,
-    pub difference: Option<Decimal>,
-    pub reason: String,
-    pub since: Option<DateTime<Utc>>,
 }
 
 /// The outcome of `--verify`.
@@ -411,111 +322,38 @@ pub async fn build(
     merchant: Option<&str>,
     limit: i64,
 ) -> Result<Report, sqlx::Error> {
-    let mut tx = store.pool().begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let date = match date {
-        Some(d) => Some(d),
-        None => {
-            sqlx::query_scalar(
-                "SELECT max(business_date) FROM merchant_daily_report
-                  WHERE $1::text IS NULL OR merchant_id = $1",
-            )
-            .bind(merchant)
-            .fetch_one(&mut *tx)
-            .await?
-        }
+    let Some(rows) = store.day_report(date, merchant, limit).await? else {
+        return Ok(Report {
+            business_date: None,
+            merchant: merchant.map(str::to_owned),
+            open_exceptions_total: 0,
+            open_exceptions: Vec::new(),
+            merchants: Vec::new(),
+            payouts: Vec::new(),
+            open_payout_exceptions: Vec::new(),
+            verification: None,
+            watermark: None,
+        });
     };
-    let mut report = Report {
-        business_date: date,
+    Ok(Report {
+        business_date: Some(rows.business_date),
         merchant: merchant.map(str::to_owned),
-        open_exceptions_total: 0,
-        open_exceptions: Vec::new(),
-        merchants: Vec::new(),
-        payouts: Vec::new(),
-        open_payout_exceptions: Vec::new(),
+        open_exceptions_total: rows.open_exceptions_total,
+        open_exceptions: (rows.open_exceptions.into_iter())
+            .map(OpenException::in_minor_units)
+            .collect(),
+        merchants: (rows.merchants.into_iter())
+            .map(MerchantDay::in_minor_units)
+            .collect(),
+        payouts: (rows.payouts.into_iter())
+            .map(PayoutDay::in_minor_units)
+            .collect(),
+        open_payout_exceptions: (rows.open_payout_exceptions.into_iter())
+            .map(OpenPayoutException::in_minor_units)
+            .collect(),
         verification: None,
         watermark: None,
-    };
-    let Some(date) = date else {
-        tx.commit().await?;
-        return Ok(report);
-    };
-    report.open_exceptions_total = sqlx::query_scalar(
-        "SELECT count(*) FROM open_exceptions
-          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)",
-    )
-    .bind(date)
-    .bind(merchant)
-    .fetch_one(&mut *tx)
-    .await?;
-    report.open_exceptions = sqlx::query_as::<_, OpenException>(
-        "SELECT payment_reference, merchant_id, business_date, currency, status,
-                expected_gross, expected_fee, expected_net, settled_currency, settled_gross,
-                settled_fee, settled_net, difference, reason, since, evaluations
-           FROM open_exceptions
-          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
-          ORDER BY abs(difference) DESC NULLS LAST, payment_reference
-          LIMIT $3",
-    )
-    .bind(date)
-    .bind(merchant)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(OpenException::in_minor_units)
-    .collect();
-    report.merchants = sqlx::query_as::<_, MerchantDay>(
-        "SELECT business_date, merchant_id, currency, captured_count, captured, refunded_count,
-                refunded, charged_back_count, charged_back, net_captured, settled_count,
-                settled_gross, settled_fees, settled_net, matched_count, expected_count,
-                exception_count, match_rate, items_expected_net, items_settled_net,
-                items_net_difference
-           FROM merchant_daily_report
-          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
-          ORDER BY merchant_id, currency",
-    )
-    .bind(date)
-    .bind(merchant)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(MerchantDay::in_minor_units)
-    .collect();
-    report.payouts = sqlx::query_as::<_, PayoutDay>(
-        "SELECT merchant_id, trim(currency) AS currency, status, items, expected_net, paid,
-                difference
-           FROM payout_status_summary
-          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
-          ORDER BY merchant_id, currency, status",
-    )
-    .bind(date)
-    .bind(merchant)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(PayoutDay::in_minor_units)
-    .collect();
-    report.open_payout_exceptions = sqlx::query_as::<_, OpenPayoutException>(
-        "SELECT kind, batch_or_line, merchant_id, account_id, trim(currency) AS currency, status,
-                expected_net, paid, difference, reason, since
-           FROM open_payout_exceptions
-          WHERE business_date = $1 AND ($2::text IS NULL OR merchant_id = $2)
-          ORDER BY abs(difference) DESC NULLS LAST, kind, batch_or_line
-          LIMIT $3",
-    )
-    .bind(date)
-    .bind(merchant)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(OpenPayoutException::in_minor_units)
-    .collect();
-    tx.commit().await?;
-    Ok(report)
+    })
 }
 
 /// `--verify`: every check of [`crate::store::CHECKS`], all days, the items re-evaluated

@@ -14,8 +14,10 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+
+pub use crate::store::compare::{ComparisonSink, Difference, MerchantTotal, RowCounts, Sums};
 
 /// Kinds of differences, in the order they are compared and reported.
 pub const KINDS: [&str; 5] = [
@@ -25,68 +27,6 @@ pub const KINDS: [&str; 5] = [
     "reconciliation_item",
     "merchant_daily_total",
 ];
-
-/// Where a record is in the log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-/// One column that differs (or, for a missing or extra row, that one side has).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Value {
-    pub column: String,
-    pub live: Option<String>,
-    pub replay: Option<String>,
-}
-
-/// One difference between the live tables and what the log implies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Difference {
-    pub kind: &'static str,
-    /// The row's key: event or line id, topic:partition:offset, payment reference,
-    /// merchant/date/currency.
-    pub key: String,
-    /// `missing_in_live`, `extra_in_live` or `different`.
-    pub problem: String,
-    pub values: Vec<Value>,
-    /// The record that explains it (the first of `positions`).
-    pub source: Option<Position>,
-    /// The records behind the row, in log order (at most 20).
-    pub positions: Vec<Position>,
-}
-
-/// Sums of the records of one merchant and currency in the range.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sums {
-    pub payment_events: i64,
-    pub captured: String,
-    pub refunded: String,
-    pub charged_back: String,
-    pub settlement_lines: i64,
-    pub settled_gross: String,
-    pub settled_fees: String,
-    pub settled_net: String,
-}
-
-/// Per merchant and currency, the stored rows in the range next to the replay's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MerchantTotal {
-    pub merchant_id: String,
-    pub currency: String,
-    pub live: Option<Sums>,
-    pub replay: Option<Sums>,
-}
-
-/// Row counts of one side.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct RowCounts {
-    pub payment_events: i64,
-    pub settlement_lines: i64,
-    pub dead_letters: i64,
-}
 
 /// The end of the deterministic part.
 #[derive(Debug, Clone, Serialize)]
@@ -377,5 +317,15 @@ impl ReportWriter {
             );
         }
         Ok(digest)
+    }
+}
+
+impl ComparisonSink for ReportWriter {
+    fn merchant_total(&mut self, t: &MerchantTotal) -> anyhow::Result<()> {
+        ReportWriter::merchant_total(self, t)
+    }
+
+    fn difference(&mut self, d: &Difference) -> anyhow::Result<()> {
+        ReportWriter::difference(self, d)
     }
 }

@@ -11,8 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use hdrhistogram::Histogram;
-use rdkafka::mocking::MockCluster;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Stage;
 use crate::config::Settings;
 use crate::kafka::LoopEvent;
-use crate::simulate::SimulationOptions;
+use crate::tools::simulate::SimulationOptions;
 
 /// One protocol's figures.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,7 +60,7 @@ fn start(
 pub async fn run_with(
     mut settings: Settings,
     admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    cluster: &EmbeddedKafka,
     sim: &SimulationOptions,
     partitions: i32,
     rate: u64,
@@ -95,7 +95,7 @@ pub async fn run_with(
         .await?;
     let total_time = WARM_UP + BETWEEN_RESTARTS * INSTANCES as u32 + Duration::from_secs(4);
     let count = (rate as f64 * total_time.as_secs_f64()) as usize;
-    let (mut records, _) = crate::simulate::generate(
+    let (mut records, _) = crate::tools::simulate::generate(
         &SimulationOptions {
             payments: count as u64 / 2 + 1,
             seed: 11,
@@ -106,12 +106,12 @@ pub async fn run_with(
         1,
     )?;
     records.truncate(count);
-    let producer: rdkafka::producer::FutureProducer = settings.kafka.producer_config().create()?;
+    let producer = crate::kafka::producer::idempotent(&settings.kafka)?;
     let (payments_topic, settlements_topic) = stage.topics;
     let producing = {
         let records = records.clone();
         tokio::spawn(async move {
-            crate::simulate::produce(
+            crate::tools::simulate::produce(
                 &producer,
                 &encoder,
                 &[payments_topic, settlements_topic],

@@ -14,12 +14,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::DateTime;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +23,7 @@ use crate::config::Settings;
 use crate::domain::Record;
 use crate::engine::{Batch, Reconciler};
 use crate::inputs::Decoder;
+use crate::kafka::reader::{RangeReader, ReadRecord, Received};
 use crate::store::{CommitError, DeadLetter, PartitionProgress, RawRecord, Source, Store};
 
 /// Everything the reader needs.
@@ -175,16 +170,11 @@ impl Reader<'_> {
                 );
             }
         }
-        let consumer = self.consumer()?;
-        let mut tpl = TopicPartitionList::new();
-        for p in parts.iter().filter(|p| !p.done) {
-            tpl.add_partition_offset(&p.plan.topic, p.plan.partition, Offset::Offset(p.position))?;
-        }
-        if tpl.count() > 0 {
-            consumer
-                .assign(&tpl)
-                .context("assigning the replayed partitions")?;
-        }
+        let consumer = RangeReader::new(&self.settings.kafka, &self.consumer_group)?;
+        let starts: Vec<(&str, i32, i64)> = (parts.iter().filter(|p| !p.done))
+            .map(|p| (p.plan.topic.as_str(), p.plan.partition, p.position))
+            .collect();
+        consumer.assign(&starts)?;
 
         // Reading and committing overlap: the committer takes batches from a queue of one.
         let (tx, rx) = mpsc::channel::<Batch>(1);
@@ -217,10 +207,10 @@ impl Reader<'_> {
                 let received = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => { interrupted = true; break }
-                    r = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => r,
+                    r = consumer.recv(Duration::from_millis(500)) => r,
                 };
                 match received {
-                    Err(_idle) => {
+                    Received::Idle => {
                         // Nothing arrived: commit what is collected and notice partitions that
                         // ended in offsets no record has (transaction markers, compaction).
                         self.send(&mut builder, &tx, shutdown, &mut interrupted).await?;
@@ -229,8 +219,8 @@ impl Reader<'_> {
                         }
                         self.check_positions(&consumer, &mut parts)?;
                     }
-                    Ok(Err(e)) => {
-                        if is_fatal(&e) {
+                    Received::Error { fatal, error: e } => {
+                        if fatal {
                             return Err(anyhow::Error::new(e).context(
                                 "reading the range: records are gone (retention) or the offsets are invalid",
                             ));
@@ -243,11 +233,10 @@ impl Reader<'_> {
                         tracing::warn!(error = %e, "Kafka consumer error; continuing");
                         tokio::time::sleep(self.settings.pipeline.retry_initial_backoff).await;
                     }
-                    Ok(Ok(m)) => {
-                        let m = m.detach();
+                    Received::Record(m) => {
                         consecutive_errors = 0;
                         first.get_or_insert_with(Instant::now);
-                        let Some(&n) = index.get(&(m.topic().to_owned(), m.partition())) else {
+                        let Some(&n) = index.get(&(m.topic.clone(), m.partition)) else {
                             continue;
                         };
                         let accepted = self
@@ -265,9 +254,7 @@ impl Reader<'_> {
                                 .insert((p.plan.topic.clone(), p.plan.partition), (p.position, p.to.unwrap_or(p.plan.limit)));
                         }
                         if parts[n].done {
-                            let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition(&parts[n].plan.topic, parts[n].plan.partition);
-                            let _ = consumer.pause(&tpl);
+                            consumer.pause(&parts[n].plan.topic, parts[n].plan.partition);
                         }
                         if builder.batch.record_count() >= max_records {
                             self.send(&mut builder, &tx, shutdown, &mut interrupted).await?;
@@ -327,23 +314,17 @@ impl Reader<'_> {
         })
     }
 
-    fn consumer(&self) -> anyhow::Result<StreamConsumer> {
-        consumer_config(self.settings, &self.consumer_group)
-            .create()
-            .context("creating the replay's Kafka consumer")
-    }
-
     /// Takes one record: skips what precedes a time range, ends the partition at its limit
     /// or at the first record past `--to-time`, otherwise decodes it into the batch.
     /// Returns whether the record is in the range.
     async fn accept(
         &self,
         part: &mut Partition,
-        m: &OwnedMessage,
+        m: &ReadRecord,
         builder: &mut Builder,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<bool> {
-        let offset = m.offset();
+        let offset = m.offset;
         if part.done || offset < part.position {
             return Ok(false);
         }
@@ -351,7 +332,7 @@ impl Reader<'_> {
             part.done = true;
             return Ok(false);
         }
-        let time_ms = m.timestamp().to_millis();
+        let time_ms = m.timestamp_ms;
         let ts = time_ms.unwrap_or(-1);
         if part.from.is_none() {
             if ts < part.plan.scan_from_ms.unwrap_or(i64::MIN) {
@@ -369,7 +350,7 @@ impl Reader<'_> {
         let topic = part.plan.topic_index;
         let source = Source {
             topic,
-            partition: m.partition(),
+            partition: m.partition,
             offset,
         };
         let stream = Stream::ALL[topic];
@@ -378,7 +359,7 @@ impl Reader<'_> {
         let Some(decoded) = (self.codec)
             .decode_retrying(
                 stream,
-                m.payload(),
+                m.payload.as_deref(),
                 time_ms.and_then(DateTime::from_timestamp_millis),
                 backoff,
                 shutdown,
@@ -388,8 +369,8 @@ impl Reader<'_> {
             return Ok(false); // shutdown while the registry was unavailable
         };
         let raw = || RawRecord {
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
+            key: m.key.clone(),
+            payload: m.payload.clone(),
             broker_timestamp: time_ms.and_then(DateTime::from_timestamp_millis),
         };
         match decoded {
@@ -408,8 +389,8 @@ impl Reader<'_> {
             Err(DecodeError::Poison { kind, message }) => {
                 builder.batch.dead_letters.push(DeadLetter {
                     source,
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
+                    key: m.key.clone(),
+                    payload: m.payload.clone(),
                     error_kind: kind.as_str(),
                     error_message: message,
                     broker_timestamp: time_ms.and_then(DateTime::from_timestamp_millis),
@@ -417,7 +398,7 @@ impl Reader<'_> {
             }
             Err(DecodeError::Transient(_)) => unreachable!("retried in decode"),
         }
-        builder.progress(topic, m.partition(), offset, time_ms);
+        builder.progress(topic, m.partition, offset, time_ms);
         part.position = offset + 1;
         part.records += 1;
         part.done = part.position >= part.plan.limit;
@@ -445,17 +426,13 @@ impl Reader<'_> {
     /// Partitions whose consumer position reached their limit without a record there.
     fn check_positions(
         &self,
-        consumer: &StreamConsumer,
+        consumer: &RangeReader,
         parts: &mut [Partition],
     ) -> anyhow::Result<()> {
-        let Ok(positions) = consumer.position() else {
-            return Ok(());
-        };
-        for e in positions.elements() {
-            if let Offset::Offset(o) = e.offset()
-                && let Some(p) = parts
-                    .iter_mut()
-                    .find(|p| p.plan.topic == e.topic() && p.plan.partition == e.partition())
+        for (topic, partition, o) in consumer.positions() {
+            if let Some(p) = parts
+                .iter_mut()
+                .find(|p| p.plan.topic == topic && p.plan.partition == partition)
                 && !p.done
                 && o >= p.plan.limit
             {
@@ -465,35 +442,6 @@ impl Reader<'_> {
         }
         Ok(())
     }
-}
-
-/// The replay's consumer: a group id of its own (never the service's), no commits, no
-/// subscription (partitions are assigned), the service's isolation level.
-pub fn consumer_config(settings: &Settings, group_id: &str) -> ClientConfig {
-    let mut c = settings.kafka.client_config();
-    c.set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        // A start offset that no longer exists is an error, never a silent jump.
-        .set("auto.offset.reset", "error");
-    for (key, value) in [
-        ("queued.max.messages.kbytes", "32768"),
-        ("fetch.wait.max.ms", "10"),
-    ] {
-        if c.get(key).is_none() {
-            c.set(key, value);
-        }
-    }
-    c
-}
-
-/// Errors that retrying cannot fix: the start offset is gone or invalid.
-fn is_fatal(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
-    )
 }
 
 /// Commits the batches in order; transient errors are retried with backoff. Returns

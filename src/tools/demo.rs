@@ -11,8 +11,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
-use rdkafka::mocking::MockCluster;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
@@ -51,10 +51,10 @@ pub struct DemoOptions {
     /// partitions are judged idle as in real traffic; try it with `--payments 300
     /// --partitions 64`).
     #[arg(long, value_enum, default_value = "now")]
-    pub broker_time: crate::simulate::BrokerTime,
+    pub broker_time: crate::tools::simulate::BrokerTime,
     /// When settlement lines come: with each payment, or one burst per simulated day.
     #[arg(long, value_enum, default_value = "with-payment")]
-    pub settlement_rhythm: crate::simulate::SettlementRhythm,
+    pub settlement_rhythm: crate::tools::simulate::SettlementRhythm,
 }
 
 /// A PostgreSQL cluster created for the demo; stopped and removed on drop.
@@ -179,8 +179,8 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
     let opts: PgConnectOptions = url.parse().map_err(|e| {
         anyhow::anyhow!(
             "DATABASE_URL ({}) is not a valid PostgreSQL URL: {}",
-            crate::config::redact_url(&url),
-            crate::config::redact_text(&format!("{e}"))
+            crate::redact::redact_url(&url),
+            crate::redact::redact_text(&format!("{e}"))
         )
     })?;
     match sqlx::PgConnection::connect_with(&opts).await {
@@ -191,7 +191,7 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
         Err(e) => {
             println!(
                 "no PostgreSQL at {} ({e}); starting a throwaway cluster",
-                crate::config::redact_url(&url)
+                crate::redact::redact_url(&url)
             );
             let cluster = ThrowawayCluster::start()?;
             let opts = PgConnectOptions::new()
@@ -208,14 +208,14 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
 pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     // Embedded Kafka.
-    let cluster = MockCluster::new(1).context("starting the embedded Kafka (mock cluster)")?;
+    let cluster = EmbeddedKafka::start()?;
     let bootstrap = cluster.bootstrap_servers();
     // Payments, settlements and (unless configured off) the bank's payouts.
     let inputs = settings.kafka.input_topic_names();
     for topic in &inputs {
-        cluster.create_topic(topic, o.partitions, 1)?;
+        cluster.create_topic(topic, o.partitions)?;
     }
-    cluster.create_topic(&settings.exceptions.topic, 1, 1)?;
+    cluster.create_topic(&settings.exceptions.topic, 1)?;
     println!(
         "embedded Kafka:           {bootstrap}  (topics {}; {} partitions each)",
         inputs.join(", "),
@@ -233,7 +233,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     let url = crate::store::database_url(&admin, &o.database);
     println!(
         "PostgreSQL database:      {}",
-        crate::config::redact_url(&url)
+        crate::redact::redact_url(&url)
     );
     settings.database.url = SecretString::from(url);
     settings.kafka.bootstrap_servers = bootstrap.clone();
@@ -246,7 +246,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
 
     // The simulation's reference data (merchants, FX rates), loaded before the service
     // starts so its first batch prices with it.
-    let sim = crate::simulate::SimulationOptions {
+    let sim = crate::tools::simulate::SimulationOptions {
         payments: o.payments,
         malformed: o.malformed,
         rate: o.rate,
@@ -264,7 +264,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         )
         .await?;
         store.migrate().await?;
-        let (merchants, rates) = crate::simulate::reference_data(&sim)?;
+        let (merchants, rates) = crate::tools::simulate::reference_data(&sim)?;
         store.load_merchants(&merchants, None).await?;
         store.load_rates(&rates, None).await?;
         println!(
@@ -285,8 +285,9 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
     ));
     // The simulator.
     let sim_settings = settings.clone();
-    let producer =
-        tokio::spawn(async move { crate::cli::simulate(&sim_settings, &sim, None, false).await });
+    let producer = tokio::spawn(async move {
+        crate::tools::simulate::command(&sim_settings, &sim, None, false).await
+    });
 
     let mut expected: Option<Totals> = None;
     let mut applied: i64 = 0;
@@ -368,7 +369,7 @@ async fn summarize_with(
     // the watermark back, so deadlines on a topic with empty partitions pass too.
     let waited = Instant::now();
     let watermark = loop {
-        let wm = crate::report::judged_watermark(settings, store).await?;
+        let wm = crate::tools::report::judged_watermark(settings, store).await?;
         let backlog = store.reconciliation_backlog_at(wm.watermark).await?;
         if backlog.due == 0 && backlog.unpublished == 0 {
             break wm;

@@ -1,5 +1,5 @@
 //! The comparison: SQL between the live schema and the shadow schema, restricted to the
-//! replayed range, streamed row by row into the report.
+//! replayed range, streamed row by row into a [`ComparisonSink`] (`payrecon replay`'s report).
 //!
 //! Everything runs in ONE read-only REPEATABLE READ transaction, so a service that keeps
 //! consuming meanwhile is seen at a single instant. Rows are "in the range" by their stored
@@ -21,10 +21,80 @@ use futures::TryStreamExt;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
-use super::report::{Difference, MerchantTotal, Position, ReportWriter, RowCounts, Sums, Value};
-use super::shadow::quote_ident;
+use serde::{Deserialize, Serialize};
+
+use super::{Store, quote_ident};
 use crate::reconcile::DAILY_COLUMNS;
-use crate::store::Store;
+
+/// Where a record is in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One column that differs (or, for a missing or extra row, that one side has).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Value {
+    pub column: String,
+    pub live: Option<String>,
+    pub replay: Option<String>,
+}
+
+/// One difference between the live tables and what the log implies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub kind: &'static str,
+    /// The row's key: event or line id, topic:partition:offset, payment reference,
+    /// merchant/date/currency.
+    pub key: String,
+    /// `missing_in_live`, `extra_in_live` or `different`.
+    pub problem: String,
+    pub values: Vec<Value>,
+    /// The record that explains it (the first of `positions`).
+    pub source: Option<Position>,
+    /// The records behind the row, in log order (at most 20).
+    pub positions: Vec<Position>,
+}
+
+/// Sums of the records of one merchant and currency in the range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sums {
+    pub payment_events: i64,
+    pub captured: String,
+    pub refunded: String,
+    pub charged_back: String,
+    pub settlement_lines: i64,
+    pub settled_gross: String,
+    pub settled_fees: String,
+    pub settled_net: String,
+}
+
+/// Per merchant and currency, the stored rows in the range next to the replay's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MerchantTotal {
+    pub merchant_id: String,
+    pub currency: String,
+    pub live: Option<Sums>,
+    pub replay: Option<Sums>,
+}
+
+/// Row counts of one side.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RowCounts {
+    pub payment_events: i64,
+    pub settlement_lines: i64,
+    pub dead_letters: i64,
+}
+
+/// Where the comparison's findings go, as they are found (the replay report writes them out).
+pub trait ComparisonSink {
+    /// Per merchant and currency, the stored rows in the range next to the replay's.
+    fn merchant_total(&mut self, t: &MerchantTotal) -> anyhow::Result<()>;
+    /// One difference between the live tables and what the log implies.
+    fn difference(&mut self, d: &Difference) -> anyhow::Result<()>;
+}
 
 /// Statuses only a passed deadline gives (see [`crate::reconcile`]).
 const DEADLINE_STATUSES: &str = "('MISSING_SETTLEMENT', 'UNEXPECTED_SETTLEMENT', 'OVER_SETTLED', 'AMOUNT_MISMATCH', 'FEE_MISMATCH')";
@@ -300,7 +370,7 @@ impl<'c> Comparison<'c> {
     }
 
     /// Per merchant and currency, the live rows in the range next to the replay's.
-    pub async fn merchant_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn merchant_totals(&mut self, out: &mut impl ComparisonSink) -> anyhow::Result<()> {
         let side = |prefix: &str| {
             format!(
                 "CASE WHEN {prefix}.m IS NULL THEN NULL ELSE jsonb_build_object(
@@ -344,7 +414,7 @@ impl<'c> Comparison<'c> {
         kind: &'static str,
         sql: &str,
         complete: Option<bool>,
-        out: &mut ReportWriter,
+        out: &mut impl ComparisonSink,
     ) -> anyhow::Result<()> {
         let mut q = sqlx::query_as::<_, Row>(sql);
         if let Some(c) = complete {
@@ -365,7 +435,7 @@ impl<'c> Comparison<'c> {
     }
 
     /// Payment events and settlement lines, by id.
-    pub async fn rows(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn rows(&mut self, out: &mut impl ComparisonSink) -> anyhow::Result<()> {
         for (kind, table, key, columns) in [
             (
                 "payment_event",
@@ -410,7 +480,7 @@ impl<'c> Comparison<'c> {
     }
 
     /// Open dead letters, by position.
-    pub async fn dead_letters(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn dead_letters(&mut self, out: &mut impl ComparisonSink) -> anyhow::Result<()> {
         let side = |schema: &str| {
             format!(
                 "SELECT x.topic, x.partition, x.\"offset\", x.error_kind, x.error_message,
@@ -431,7 +501,10 @@ impl<'c> Comparison<'c> {
     }
 
     /// Conflicting duplicates, by the position of the conflicting record.
-    pub async fn conflicting_duplicates(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn conflicting_duplicates(
+        &mut self,
+        out: &mut impl ComparisonSink,
+    ) -> anyhow::Result<()> {
         let side = |schema: &str| {
             format!(
                 "SELECT x.topic, x.partition, x.\"offset\", x.record_type, x.record_id,
@@ -453,7 +526,7 @@ impl<'c> Comparison<'c> {
         side: impl Fn(&str) -> String,
         live_filter: &str,
         columns: &[&str],
-        out: &mut ReportWriter,
+        out: &mut impl ComparisonSink,
     ) -> anyhow::Result<()> {
         let (l, s) = (&self.live, &self.shadow);
         let sql = format!(
@@ -521,7 +594,10 @@ impl<'c> Comparison<'c> {
 
     /// Reconciliation items; returns (compared, not comparable, judged at different
     /// watermarks).
-    pub async fn items(&mut self, out: &mut ReportWriter) -> anyhow::Result<(i64, i64, i64)> {
+    pub async fn items(
+        &mut self,
+        out: &mut impl ComparisonSink,
+    ) -> anyhow::Result<(i64, i64, i64)> {
         let (l, s) = (&self.live, &self.shadow);
         let positions = |schema: &str| {
             format!(
@@ -566,7 +642,7 @@ impl<'c> Comparison<'c> {
 
     /// Per merchant, day and currency: `merchant_daily_totals` for a complete range, the
     /// sums of the rows in the range otherwise.
-    pub async fn daily_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn daily_totals(&mut self, out: &mut impl ComparisonSink) -> anyhow::Result<()> {
         let (l, s) = (&self.live, &self.shadow);
         let (sources, columns) = if self.complete {
             let nonzero = format!(
@@ -674,7 +750,7 @@ impl<'c> Comparison<'c> {
     /// comparable, judged at different watermarks) as for [`Comparison::items`].
     pub async fn payout_items(
         &mut self,
-        out: &mut ReportWriter,
+        out: &mut impl ComparisonSink,
     ) -> anyhow::Result<(i64, i64, i64)> {
         let (l, s) = (&self.live, &self.shadow);
         let inr = self.row_in_range("x");
@@ -755,7 +831,10 @@ impl<'c> Comparison<'c> {
 
     /// Per account, value date and currency: `payout_daily_totals` for a complete range,
     /// the sums of the statement lines in the range otherwise.
-    pub async fn payout_daily_totals(&mut self, out: &mut ReportWriter) -> anyhow::Result<()> {
+    pub async fn payout_daily_totals(
+        &mut self,
+        out: &mut impl ComparisonSink,
+    ) -> anyhow::Result<()> {
         let (l, s) = (&self.live, &self.shadow);
         let inr = self.row_in_range("x");
         let sums = |rows: &str| {

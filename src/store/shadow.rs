@@ -12,9 +12,8 @@ use chrono::{DateTime, Utc};
 use sqlx::ConnectOptions;
 use sqlx::postgres::PgPoolOptions;
 
-use super::range::PartitionRange;
-use crate::config::Settings;
-use crate::store::{MIGRATOR, Store};
+use super::{MIGRATOR, Store, quote_ident};
+use crate::config::DatabaseSettings;
 
 /// A shadow schema and a store whose sessions write into it.
 pub struct Shadow {
@@ -22,19 +21,18 @@ pub struct Shadow {
     pub store: Store,
 }
 
-/// `"name"` with embedded quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 impl Shadow {
     /// Creates `schema` (through the live pool) and migrates it; drops it again if that fails.
-    pub async fn create(settings: &Settings, live: &Store, schema: &str) -> anyhow::Result<Self> {
+    pub async fn create(
+        database: &DatabaseSettings,
+        live: &Store,
+        schema: &str,
+    ) -> anyhow::Result<Self> {
         sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(schema)))
             .execute(live.pool())
             .await
             .with_context(|| format!("creating the shadow schema {schema}"))?;
-        match Self::connect(settings, schema).await {
+        match Self::connect(database, schema).await {
             Ok(shadow) => Ok(shadow),
             Err(e) => {
                 let _ = drop_schema(live, schema).await;
@@ -43,16 +41,15 @@ impl Shadow {
         }
     }
 
-    async fn connect(settings: &Settings, schema: &str) -> anyhow::Result<Self> {
-        let options = settings
-            .database
+    async fn connect(database: &DatabaseSettings, schema: &str) -> anyhow::Result<Self> {
+        let options = database
             .connect_options()?
             .application_name("payrecon-replay")
             .options([("search_path", schema)])
             .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(3)
-            .acquire_timeout(settings.database.connect_timeout)
+            .acquire_timeout(database.connect_timeout)
             .connect_with(options)
             .await
             .context("connecting to the shadow schema")?;
@@ -73,9 +70,9 @@ impl Shadow {
         drop_schema(live, &self.schema).await
     }
 
-    /// Records the replayed range (the comparison reads it); the offsets of every
-    /// partition of the replayed topics, empty ranges included.
-    pub async fn write_range(&self, ranges: &[PartitionRange]) -> Result<(), sqlx::Error> {
+    /// Records the replayed range (the comparison reads it): (topic, partition, from, to) of
+    /// every partition of the replayed topics, empty ranges included.
+    pub async fn write_range(&self, ranges: &[(&str, i32, i64, i64)]) -> Result<(), sqlx::Error> {
         sqlx::query(
             "CREATE TABLE audit_range (
                 topic text NOT NULL, partition integer NOT NULL,
@@ -84,10 +81,10 @@ impl Shadow {
         )
         .execute(self.store.pool())
         .await?;
-        let topics: Vec<&str> = ranges.iter().map(|r| r.topic.as_str()).collect();
-        let partitions: Vec<i32> = ranges.iter().map(|r| r.partition).collect();
-        let from: Vec<i64> = ranges.iter().map(|r| r.from).collect();
-        let to: Vec<i64> = ranges.iter().map(|r| r.to).collect();
+        let topics: Vec<&str> = ranges.iter().map(|r| r.0).collect();
+        let partitions: Vec<i32> = ranges.iter().map(|r| r.1).collect();
+        let from: Vec<i64> = ranges.iter().map(|r| r.2).collect();
+        let to: Vec<i64> = ranges.iter().map(|r| r.3).collect();
         sqlx::query(
             "INSERT INTO audit_range SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])",
         )

@@ -1,4 +1,4 @@
-//! `payrecon bench`: the figures behind the README's speed claims, measured in one run so
+//! `payrecon bench`: the figures behind docs/performance.md, measured in one run so
 //! they can be compared as ratios on a shared, noisy machine.
 //!
 //! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
@@ -35,10 +35,10 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::kafka::embedded::EmbeddedKafka;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
@@ -47,14 +47,18 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::engine::Batch;
 use crate::kafka::LoopEvent;
-use crate::simulate::{Generated, SimulationOptions};
 use crate::store::{PartitionProgress, Source, Store};
+use crate::tools::simulate::{Generated, SimulationOptions};
 
 mod cpu;
 mod pgstats;
 mod process;
 mod rolling;
 mod scale;
+mod stage;
+
+pub use stage::peak_rss_mib;
+use stage::*;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
@@ -152,7 +156,7 @@ async fn load_reference(
     sim: &SimulationOptions,
     settings: &Settings,
 ) -> anyhow::Result<crate::engine::Reconciler> {
-    let (merchants, rates) = crate::simulate::reference_data(sim)?;
+    let (merchants, rates) = crate::tools::simulate::reference_data(sim)?;
     store.load_merchants(&merchants, None).await?;
     store.load_rates(&rates, None).await?;
     let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
@@ -208,7 +212,7 @@ pub async fn run(
         payouts: false,
         ..SimulationOptions::default()
     };
-    let (records, _) = crate::simulate::generate(&sim, 1)?;
+    let (records, _) = crate::tools::simulate::generate(&sim, 1)?;
     println!(
         "payrecon bench: {} records ({} payments), batch_max_records = {}, {} partitions/topic, {} commit lanes",
         records.len(),
@@ -234,7 +238,7 @@ pub async fn run(
     let (store_ref, reconciler_ref) = (&store, &reconciler);
     futures::future::try_join_all(batches.iter().map(|lane| async move {
         for b in lane {
-            crate::engine::commit_batch(store_ref, "bench", "bench", b, reconciler_ref)
+            crate::engine::commit_batch(&store_ref, "bench", "bench", b, reconciler_ref)
                 .await
                 .context("store-only commit")?;
         }
@@ -269,7 +273,7 @@ pub async fn run(
     let _ = crate::store::drop_database(&admin, &db1).await;
 
     // 2 + 3. Through Kafka and the real service loop.
-    let cluster = MockCluster::new(1)?;
+    let cluster = EmbeddedKafka::start()?;
     let bootstrap = cluster.bootstrap_servers();
     let (payments_topic, settlements_topic) = ("bench.payments", "bench.settlements");
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
@@ -318,13 +322,13 @@ pub async fn run(
         payouts: false,
         ..SimulationOptions::default()
     };
-    let (mut paced, _) = crate::simulate::generate(&sim, 1)?;
+    let (mut paced, _) = crate::tools::simulate::generate(&sim, 1)?;
     paced.truncate(count as usize);
     let producing = {
         let paced: Vec<Generated> = paced.clone();
         let rate = o.rate;
         tokio::spawn(async move {
-            crate::simulate::produce(
+            crate::tools::simulate::produce(
                 &producer,
                 &encoder,
                 &[payments_topic, settlements_topic],
@@ -519,7 +523,7 @@ async fn rolling_restart(
     admin: &PgConnectOptions,
     o: &BenchOptions,
 ) -> anyhow::Result<BenchOutcome> {
-    let cluster = MockCluster::new(1)?;
+    let cluster = EmbeddedKafka::start()?;
     let (registry_url, _registry) = crate::registry::spawn_local(crate::registry::RegistryConfig {
         storage: crate::registry::Storage::Memory,
     })
@@ -579,36 +583,6 @@ pub struct ReferenceReport {
     pub lookup_hits: u64,
 }
 
-/// N merchant versions in one statement: merchant `m` (`merchant-000123`) has versions
-/// `v` = 0..3 starting 90 days apart; one merchant in ten is renamed from its third version,
-/// one in twenty overrides the tolerances (half of those the settlement deadline too), one
-/// version in fifty is suspended.
-const INSERT_MERCHANTS: &str = "
-    INSERT INTO merchants (merchant_id, valid_from, name, settlement_currency, fee_bps, fee_fixed,
-                           status, tolerance_abs, tolerance_rel, settlement_deadline, payment_deadline)
-    SELECT 'merchant-' || lpad(m::text, greatest(6, length(m::text)), '0'),
-           timestamptz '2025-01-01 00:00:00+00' + v * interval '90 days' + (m % 86400) * interval '1 second',
-           'Merchant ' || lpad(m::text, greatest(6, length(m::text)), '0') || ' Trading'
-               || CASE WHEN v >= 2 AND m % 10 = 0 THEN ' Ltd' ELSE '' END,
-           (ARRAY['EUR', 'USD', 'GBP', 'CHF', 'SEK', 'PLN'])[1 + m % 6],
-           (5000 + (m * 7 + v * 13) % 25000) / 100.0,
-           ((m + v) % 50) / 100.0,
-           CASE WHEN (m + v) % 50 = 7 THEN 'SUSPENDED' ELSE 'ACTIVE' END,
-           CASE WHEN m % 20 = 0 THEN 0.50 END,
-           CASE WHEN m % 20 = 0 THEN 0.0005 END,
-           CASE WHEN m % 40 = 0 THEN interval '96 hours' END,
-           NULL
-      FROM generate_series(0, $1 - 1) AS i, LATERAL (SELECT i / 4 AS m, i % 4 AS v) AS k";
-
-/// Daily rates for five pairs over the same period (1,825 rows): small, but loaded too.
-const INSERT_RATES: &str = "
-    INSERT INTO fx_rates (base_currency, quote_currency, valid_from, rate)
-    SELECT q.base, 'EUR', timestamptz '2025-01-01 00:00:00+00' + d * interval '1 day',
-           round(q.rate * (1 + (d % 7 - 3) / 1000.0), 12)
-      FROM generate_series(0, 364) AS d,
-           (VALUES ('USD', 0.92), ('GBP', 1.17), ('CHF', 1.04), ('SEK', 0.088), ('PLN', 0.23))
-               AS q(base, rate)";
-
 /// `payrecon bench --reference-versions N`: loads N merchant versions into the cache in a
 /// fresh database and reports the process's memory, the load time and the lookup rate.
 async fn reference_cache(
@@ -617,12 +591,10 @@ async fn reference_cache(
 ) -> anyhow::Result<ReferenceReport> {
     let (db, _, store) = fresh_store(admin, "reference").await?;
     let started = Instant::now();
-    sqlx::query(INSERT_MERCHANTS)
-        .bind(i64::try_from(versions)?)
-        .execute(store.pool())
+    crate::store::bench::insert_merchant_versions(store.pool(), i64::try_from(versions)?)
         .await
         .context("inserting merchant versions")?;
-    sqlx::query(INSERT_RATES).execute(store.pool()).await?;
+    crate::store::bench::insert_rates(store.pool()).await?;
     let insert_secs = started.elapsed().as_secs_f64();
     println!("payrecon bench: {versions} merchant versions inserted in {insert_secs:.1} s");
 
@@ -714,18 +686,18 @@ fn round3(x: f64) -> f64 {
 
 /// `payrecon replay` over everything the bench's service applied (the default range: up to
 /// the group's stored offsets), reports in a temporary directory.
-async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::replay::ReplayOutcome> {
+async fn replay_stage(settings: &Settings) -> anyhow::Result<crate::tools::replay::ReplayOutcome> {
     let dir = tempfile::tempdir()?;
-    let options = crate::replay::ReplayOptions {
+    let options = crate::tools::replay::ReplayOptions {
         report: Some(dir.path().join("audit.json")),
         differences_csv: Some(dir.path().join("audit.csv")),
         quiet: true,
         ..Default::default()
     };
-    let outcome = crate::replay::run(settings, &options, CancellationToken::new())
+    let outcome = crate::tools::replay::run(settings, &options, CancellationToken::new())
         .await
         .context("the replay stage")?;
-    if outcome.result != crate::replay::AuditResult::Match {
+    if outcome.result != crate::tools::replay::AuditResult::Match {
         // Kept for the reader: the report and every difference, row by row.
         let kept = dir.keep();
         anyhow::bail!(
@@ -788,342 +760,4 @@ async fn backlog_rate(
          end-to-end rate with (use more --payments)"
     );
     Ok((applied - first_batch) as f64 / first.expect("committed").elapsed().as_secs_f64())
-}
-
-/// The hostile records of the hostile stage, in turn: one for each class validation catches,
-/// and one that only PostgreSQL refuses (found by bisection under savepoints).
-const HOSTILE_CLASSES: [&str; 4] = [
-    "invalid_text",
-    "field_too_long",
-    "implausible_event_time",
-    "database_refused",
-];
-
-/// `records` with one hostile payment event after every `every` of them (a spoilt copy of
-/// the payment before it; bytes as the codec would see them). Returns the log and the number
-/// of hostile records.
-fn with_hostile_records(
-    records: &[Generated],
-    every: u64,
-    encoder: &crate::inputs::Encoder,
-) -> anyhow::Result<(Vec<Generated>, u64)> {
-    let mut out = Vec::with_capacity(records.len() + records.len() / every as usize + 1);
-    let mut last_payment = None;
-    let mut n = 0u64;
-    for (i, r) in records.iter().enumerate() {
-        out.push(r.clone());
-        if let Generated::Payment(p) = r {
-            last_payment = Some(p);
-        }
-        let Some(p) = last_payment else { continue };
-        if !(i as u64 + 1).is_multiple_of(every) {
-            continue;
-        }
-        let mut h = p.clone();
-        h.event_id = format!("hostile-{n}-{}", p.event_id);
-        match HOSTILE_CLASSES[n as usize % HOSTILE_CLASSES.len()] {
-            "invalid_text" => h.merchant_id.push('\0'),
-            "field_too_long" => h.payment_reference = "r".repeat(100_000),
-            "implausible_event_time" => {
-                h.event_time = chrono::Utc::now() + chrono::Duration::days(30)
-            }
-            _ => h.psp_reference = Some(REFUSED_PSP.into()),
-        }
-        out.push(Generated::Malformed {
-            payments_topic: true,
-            key: p.payment_reference.clone(),
-            bytes: encoder.encode_payment(&h)?,
-        });
-        n += 1;
-    }
-    Ok((out, n))
-}
-
-/// The psp_reference the hostile stage's database refuses (a CHECK the service knows nothing
-/// of), so its bisection path is measured too.
-const REFUSED_PSP: &str = "bench-refused-by-the-database";
-
-/// An end-to-end stage's topics, database and consumer group.
-struct Stage {
-    tag: &'static str,
-    group: &'static str,
-    topics: (&'static str, &'static str),
-    /// Adds a CHECK that refuses [`REFUSED_PSP`] (the hostile stage).
-    refuse_psp: bool,
-}
-
-impl Stage {
-    /// Creates the topics and a database with the simulation's reference data, points
-    /// `settings` at them and registers the schemas; returns the database name and the
-    /// encoder.
-    async fn prepare(
-        &self,
-        settings: &mut Settings,
-        admin: &PgConnectOptions,
-        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-        sim: &SimulationOptions,
-        partitions: i32,
-    ) -> anyhow::Result<(String, crate::inputs::Encoder)> {
-        let (payments_topic, settlements_topic) = self.topics;
-        cluster.create_topic(payments_topic, partitions, 1)?;
-        cluster.create_topic(settlements_topic, partitions, 1)?;
-        // The payout leg is on, as in production: its items follow the settlement batches
-        // (the bench produces no statement lines, so they stay pending).
-        let payouts_topic = format!("{payments_topic}.payouts");
-        cluster.create_topic(&payouts_topic, partitions, 1)?;
-        let (db, url, store) = fresh_store(admin, self.tag).await?;
-        load_reference(&store, sim, settings).await?;
-        if self.refuse_psp {
-            sqlx::raw_sql(&format!(
-                "ALTER TABLE payment_events ADD CONSTRAINT bench_refuses_one_psp_reference
-                     CHECK (psp_reference IS DISTINCT FROM '{REFUSED_PSP}')"
-            ))
-            .execute(store.pool())
-            .await?;
-        }
-        store.pool().close().await;
-        settings.database.url = SecretString::from(url);
-        settings.kafka.payments_topic = payments_topic.into();
-        settings.kafka.settlements_topic = settlements_topic.into();
-        settings.kafka.payouts_topic = payouts_topic;
-        settings.kafka.group_id = self.group.into();
-        let sr = crate::codec::registry_settings(
-            &settings.registry.url,
-            settings.registry.request_timeout,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let encoder =
-            crate::inputs::Encoder::register(&sr, payments_topic, settlements_topic).await?;
-        Ok((db, encoder))
-    }
-}
-
-/// A stage's backlog consumed by the real service, which keeps running.
-struct Backlog {
-    /// The producer that wrote the backlog (the latency run goes on with it).
-    producer: rdkafka::producer::FutureProducer,
-    shutdown: CancellationToken,
-    service: tokio::task::JoinHandle<anyhow::Result<()>>,
-    events: mpsc::UnboundedReceiver<LoopEvent>,
-    /// Records/s from the first commit on.
-    rate: f64,
-}
-
-impl Stage {
-    /// Produces `records` to the stage's topics as fast as they go; returns the producer.
-    async fn produce(
-        &self,
-        settings: &Settings,
-        encoder: &crate::inputs::Encoder,
-        records: &[Generated],
-    ) -> anyhow::Result<rdkafka::producer::FutureProducer> {
-        let producer: rdkafka::producer::FutureProducer =
-            settings.kafka.producer_config().create()?;
-        let (payments, settlements) = self.topics;
-        crate::simulate::produce(
-            &producer,
-            encoder,
-            &[payments, settlements],
-            records,
-            0,
-            |_| {},
-        )
-        .await?;
-        Ok(producer)
-    }
-
-    /// Produces `records` to the stage's topics, starts the service on `settings` and
-    /// measures how fast it applies them.
-    async fn consume_backlog(
-        &self,
-        settings: &Settings,
-        encoder: &crate::inputs::Encoder,
-        records: &[Generated],
-    ) -> anyhow::Result<Backlog> {
-        let producer = self.produce(settings, encoder, records).await?;
-        let shutdown = CancellationToken::new();
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let service = tokio::spawn(crate::app::run(
-            settings.clone(),
-            shutdown.clone(),
-            Some(tx),
-        ));
-        let rate = backlog_rate(&mut events, records.len() as u64).await?;
-        Ok(Backlog {
-            producer,
-            shutdown,
-            service,
-            events,
-            rate,
-        })
-    }
-}
-
-/// Stage 5: end-to-end again, on the same backlog with hostile records in it, into a database
-/// of its own: records/s through the same service loop.
-async fn hostile_stage(
-    mut settings: Settings,
-    admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    sim: &SimulationOptions,
-    records: &[Generated],
-    o: &BenchOptions,
-) -> anyhow::Result<(f64, u64)> {
-    let stage = Stage {
-        tag: "hostile",
-        group: "bench-hostile",
-        topics: ("bench.hostile.payments", "bench.hostile.settlements"),
-        refuse_psp: true,
-    };
-    let (db, encoder) = stage
-        .prepare(&mut settings, admin, cluster, sim, o.partitions)
-        .await?;
-    let (log, hostile) = with_hostile_records(records, o.hostile_every, &encoder)?;
-    let Backlog {
-        shutdown,
-        service,
-        rate,
-        ..
-    } = stage.consume_backlog(&settings, &encoder, &log).await?;
-    shutdown.cancel();
-    service.await??;
-    let store = Store::new(
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&crate::store::database_url(admin, &db))
-            .await?,
-    );
-    let kept = store.list_dead_letters(false, i64::MAX).await?.len() as u64;
-    store.pool().close().await;
-    let _ = crate::store::drop_database(admin, &db).await;
-    anyhow::ensure!(
-        kept == hostile,
-        "{hostile} hostile records produced, {kept} dead-lettered"
-    );
-    Ok((rate, hostile))
-}
-
-/// The ingestion path alone: the end-to-end run on the same backlog with reconciliation
-/// switched off, into a database of its own; records/s.
-async fn ingestion_stage(
-    mut settings: Settings,
-    admin: &PgConnectOptions,
-    cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    sim: &SimulationOptions,
-    records: &[Generated],
-    o: &BenchOptions,
-) -> anyhow::Result<f64> {
-    let stage = Stage {
-        tag: "ingest",
-        group: "bench-ingest",
-        topics: ("bench.ingest.payments", "bench.ingest.settlements"),
-        refuse_psp: false,
-    };
-    settings.reconciliation.enabled = false;
-    let (db, encoder) = stage
-        .prepare(&mut settings, admin, cluster, sim, o.partitions)
-        .await?;
-    let Backlog {
-        shutdown,
-        service,
-        rate,
-        ..
-    } = stage.consume_backlog(&settings, &encoder, records).await?;
-    shutdown.cancel();
-    service.await??;
-    let _ = crate::store::drop_database(admin, &db).await;
-    Ok(rate)
-}
-
-/// The store-only stage's batches, per commit lane: each record on the partition its payment
-/// reference hashes to (the producer keys records by it, so a reference's records share a
-/// partition number), a lane holding the partitions `p` with `p mod lanes == lane`, each lane's
-/// records in log order cut into batches of at most `max`.
-fn pre_decoded_batches(
-    records: &[Generated],
-    max: usize,
-    partitions: i32,
-    lanes: usize,
-) -> Vec<Vec<Batch>> {
-    use std::hash::{Hash, Hasher};
-    let topics = vec![
-        "bench.payments".to_string(),
-        "bench.settlements".to_string(),
-    ];
-    let mut per_lane: Vec<Vec<(&Generated, usize, i32)>> = vec![Vec::new(); lanes];
-    for r in records {
-        let (topic, key) = match r {
-            Generated::Payment(e) => (0, e.payment_reference.as_str()),
-            Generated::Settlement(l) => (1, l.payment_reference.as_str()),
-            Generated::Payout(_) | Generated::Malformed { .. } => continue,
-        };
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let partition = (h.finish() % partitions as u64) as i32;
-        per_lane[partition as usize % lanes].push((r, topic, partition));
-    }
-    let mut next = vec![[0i64; 2]; partitions as usize];
-    let mut started: Vec<[bool; 2]> = vec![[false; 2]; partitions as usize];
-    let mut batch = |chunk: &[(&Generated, usize, i32)]| {
-        let mut b = Batch {
-            topics: topics.clone(),
-            ..Batch::default()
-        };
-        let mut progress: std::collections::BTreeMap<(usize, i32), PartitionProgress> =
-            Default::default();
-        for &(r, topic, partition) in chunk {
-            let offset = next[partition as usize][topic];
-            next[partition as usize][topic] += 1;
-            let expected = started[partition as usize][topic].then_some(offset);
-            let p = progress
-                .entry((topic, partition))
-                .or_insert_with(|| PartitionProgress {
-                    topic: topics[topic].clone(),
-                    partition,
-                    expected,
-                    next_offset: offset,
-                    records: 0,
-                    last_record_time: None,
-                });
-            p.next_offset = offset + 1;
-            p.records += 1;
-            let source = Source {
-                topic,
-                partition,
-                offset,
-            };
-            match r {
-                Generated::Payment(e) => b.payments.push((e.clone(), source)),
-                Generated::Settlement(l) => b.settlements.push((l.clone(), source)),
-                Generated::Payout(_) | Generated::Malformed { .. } => {}
-            }
-        }
-        for (topic, partition) in progress.keys() {
-            started[*partition as usize][*topic] = true;
-        }
-        b.progress = progress.into_values().collect();
-        b
-    };
-    per_lane
-        .iter()
-        .map(|records| records.chunks(max.max(1)).map(&mut batch).collect())
-        .collect()
-}
-
-/// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
-pub fn peak_rss_mib() -> f64 {
-    status_mib("VmHWM:")
-}
-
-/// A kB field of this process's /proc status (`VmRSS:`, `VmHWM:`), in MiB; 0 where /proc is
-/// unavailable.
-fn status_mib(field: &str) -> f64 {
-    proc_status_mib("self", field).unwrap_or(0.0)
-}
-
-/// A kB field (`VmRSS:`, `VmHWM:`, `RssAnon:`) of `/proc/<process>/status`, in MiB.
-fn proc_status_mib(process: &str, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
