@@ -14,6 +14,7 @@ mod dead_letters;
 mod payouts;
 mod reconcile;
 mod reference;
+pub mod targets;
 mod totals;
 mod verify;
 mod verify_payouts;
@@ -196,11 +197,16 @@ pub struct StoredPosition {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The watched writable server when `database.url` lists several ([`targets`]).
+    primary: Option<std::sync::Arc<targets::Primary>>,
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Store { pool }
+        Store {
+            pool,
+            primary: None,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
