@@ -6,7 +6,7 @@
 //!
 //! 1. A synchronous standby, the primary's postmaster SIGKILLed mid-run, `pg_ctl promote`:
 //!    payrecon finds the writable server in its host list and goes on; nothing is lost.
-//! 2. An asynchronous standby that fell behind (its WAL receiver stopped), the primary killed
+//! 2. An asynchronous standby that fell behind (its link to the primary cut), the primary killed
 //!    and the standby promoted: acknowledged transactions are lost, with their offsets, so
 //!    payrecon reads those records again; exceptions already published from them are
 //!    recorded as lost and superseded, never silently replaced.
@@ -234,14 +234,10 @@ async fn failover_to_an_asynchronous_standby_rereads_what_it_lost_and_supersedes
     )
     .await;
 
-    // The standby falls behind: its WAL receiver stops (as on a slow or cut link) while the
-    // primary goes on acknowledging commits and the relay publishing their exceptions.
-    let receiver: i32 = standby
-        .query_scalar("SELECT pid FROM pg_stat_wal_receiver")
-        .await
-        .expect("the standby's WAL receiver");
-    let stop = |s| nix::sys::signal::kill(nix::unistd::Pid::from_raw(receiver), s).unwrap();
-    stop(nix::sys::signal::Signal::SIGSTOP);
+    // The standby falls behind: its link to the primary is cut (primary_conninfo pointed at
+    // a closed port, so the WAL receiver stops and cannot come back) while the primary goes
+    // on acknowledging commits and the relay publishing their exceptions.
+    standby.detach_from_primary().await;
     let at_stop = progress(&fx.db.store, &fx.group).await;
     let published = |store: &Store| {
         let store = store.clone();
@@ -268,7 +264,6 @@ async fn failover_to_an_asynchronous_standby_rereads_what_it_lost_and_supersedes
 
     primary.kill_postmaster();
     let killed = Instant::now();
-    stop(nix::sys::signal::Signal::SIGCONT);
     standby.promote().await;
     fx.db.store = Store::new(standby.pool(&fx.db.name).await);
     let kept = progress(&fx.db.store, &fx.group).await;

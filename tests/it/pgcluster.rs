@@ -286,6 +286,26 @@ impl PgCluster {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// Cuts a standby off its primary: `primary_conninfo` points at a closed port, so its WAL
+    /// receiver stops and every later commit of the primary misses it. Waits until no WAL
+    /// receiver streams.
+    pub async fn detach_from_primary(&self) {
+        self.execute("ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1 user=postgres'")
+            .await;
+        self.execute("SELECT pg_reload_conf()").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self
+            .query_scalar::<i64>(
+                "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            )
+            .await
+            != Some(0)
+        {
+            assert!(Instant::now() < deadline, "{} still streams", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `pg_ctl promote`, waiting until the server accepts writes.
     pub async fn promote(&self) {
         pg("pg_ctl", &["promote", "-D", &self.data(), "-w", "-t", "60"]);
