@@ -302,7 +302,7 @@ async fn relay_on(
         settings,
         "relay-tail",
         Some(Tail {
-            depth: round as i64 + 1,
+            depth: round + 1,
             since_ms: newest_mark.map(|t| (t - MARK_MARGIN).timestamp_millis()),
         }),
     )
