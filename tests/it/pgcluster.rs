@@ -15,11 +15,27 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// Runs a PostgreSQL program as the `postgres` user; panics with its output when it fails.
+/// Whether this process runs as root (the owner of `/proc/self` is its effective user).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A command run as the `postgres` user when the tests run as root (PostgreSQL refuses to
+/// run as root), as the current user otherwise.
+fn as_postgres(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs a PostgreSQL program (see [`as_postgres`]); panics with its output when it fails.
 fn pg(program: &str, args: &[&str]) -> String {
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(Path::new(BIN).join(program))
+    let out = as_postgres(Path::new(BIN).join(program))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"));
@@ -41,12 +57,14 @@ impl PgDir {
             .prefix(&format!("payrecon-{prefix}-"))
             .tempdir()
             .unwrap();
-        let status = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
         PgDir(dir)
     }
 
@@ -230,8 +248,8 @@ impl PgCluster {
             dir: PgDir::new(name),
             killed: false,
         };
-        let status = Command::new("runuser")
-            .args(["-u", "postgres", "--", "cp", "-a"])
+        let status = as_postgres("cp")
+            .arg("-a")
             .arg(backup)
             .arg(c.data())
             .status()
@@ -244,11 +262,13 @@ impl PgCluster {
         settings.push("recovery_target_action = 'promote'".into());
         c.configure(&settings);
         let signal = Path::new(&c.data()).join("recovery.signal");
-        std::fs::write(&signal, "").unwrap();
-        let _ = Command::new("chown")
-            .arg("postgres:postgres")
-            .arg(&signal)
-            .status();
+        assert!(
+            as_postgres("touch")
+                .arg(&signal)
+                .status()
+                .unwrap()
+                .success()
+        );
         c.start();
         c.wait_writable().await;
         c
@@ -409,9 +429,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         if !self.killed {
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(Path::new(BIN).join("pg_ctl"))
+            let _ = as_postgres(Path::new(BIN).join("pg_ctl"))
                 .args([
                     "stop",
                     "-D",
