@@ -17,8 +17,12 @@
 //!
 //! ## Layout
 //! - [`domain`]: money, currencies, events, validation. Pure, no I/O.
-//! - [`codec`]: Confluent wire format + Avro via the registry; poison vs transient.
-//! - [`store`]: the only PostgreSQL code; the batch transaction; dead letters.
+//! - [`codec`]: Confluent wire format + Avro values via the registry; poison vs transient.
+//! - [`inputs`]: one module per input stream (payments, settlements, payouts): schema
+//!   binding, row shape, what it adds to reconciliation.
+//! - [`engine`]: the batch transaction top to bottom (offsets, apply, reconcile, totals),
+//!   the sweeps, dead-letter re-drive, verification.
+//! - [`store`]: the only PostgreSQL code, typed functions by table family.
 //! - [`kafka`]: the consumer loop, rebalance positioning, commit lag.
 //! - [`registry`]: a small Confluent-compatible Schema Registry for local runs and tests.
 //! - [`simulate`]: the load generator and its expected totals.
@@ -38,7 +42,9 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod engine;
 pub mod http;
+pub mod inputs;
 pub mod kafka;
 pub mod malloc;
 pub mod metrics;
