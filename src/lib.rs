@@ -17,6 +17,8 @@
 //!
 //! ## Layout
 //! - [`domain`]: money, currencies, events, validation. Pure, no I/O.
+//! - [`files`]: settlement reports and bank statements as files (CSV, camt, MT940, BAI2):
+//!   streaming parsers, integrity checks, and the import that produces their entries.
 //! - [`codec`]: Confluent wire format + Avro via the registry; poison vs transient.
 //! - [`store`]: the only PostgreSQL code; the batch transaction; dead letters.
 //! - [`kafka`]: the consumer loop, rebalance positioning, commit lag.
@@ -38,6 +40,7 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod files;
 pub mod http;
 pub mod kafka;
 pub mod malloc;

@@ -10,6 +10,7 @@ mod bad_input;
 mod cooperative;
 mod crash;
 mod fencing;
+mod files;
 mod frozen;
 mod hostile;
 mod idleness;
