@@ -17,7 +17,7 @@ use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
 use super::{
-    Emitter, LineReader, Leg, ParseOptions, Rejection, Sink, StatementInfo, check_balance,
+    Emitter, Leg, LineReader, ParseOptions, Rejection, Sink, StatementInfo, check_balance,
     start_of_day,
 };
 use crate::domain::{BankPayout, Currency};
@@ -95,21 +95,33 @@ pub fn parse(
         match code {
             "01" => {
                 if header.is_some() || rec.line != 1 {
-                    return Err(Rejection::new(&at, "the file header (01) must come first, once"));
+                    return Err(Rejection::new(
+                        &at,
+                        "the file header (01) must come first, once",
+                    ));
                 }
                 let f = fields(9);
                 if f.len() < 6 {
-                    return Err(Rejection::new(&at, "a file header with fewer than 6 fields"));
+                    return Err(Rejection::new(
+                        &at,
+                        "a file header with fewer than 6 fields",
+                    ));
                 }
                 if f.get(8).is_some_and(|v| *v != "2") {
-                    return Err(Rejection::new(&at, format!("version {:?}, expected 2", f[8])));
+                    return Err(Rejection::new(
+                        &at,
+                        format!("version {:?}, expected 2", f[8]),
+                    ));
                 }
                 date(&at, f[3], options)?;
                 header = Some((format!("{}/{}/{}", f[1], f[2], f[3]), rec.line));
                 info.sequence = Some(f[5].to_owned()).filter(|s| !s.is_empty());
             }
             _ if header.is_none() => {
-                return Err(Rejection::new(&at, "the file does not start with a file header (01)"));
+                return Err(Rejection::new(
+                    &at,
+                    "the file does not start with a file header (01)",
+                ));
             }
             "02" => {
                 if group.is_some() {
@@ -117,10 +129,16 @@ pub fn parse(
                 }
                 let f = fields(9);
                 if f.len() < 5 {
-                    return Err(Rejection::new(&at, "a group header with fewer than 5 fields"));
+                    return Err(Rejection::new(
+                        &at,
+                        "a group header with fewer than 5 fields",
+                    ));
                 }
                 if f[3] == "4" {
-                    return Err(Rejection::new(&at, "a test group (status 4) is not imported"));
+                    return Err(Rejection::new(
+                        &at,
+                        "a test group (status 4) is not imported",
+                    ));
                 }
                 let currency = match f.get(6).filter(|c| !c.is_empty()) {
                     Some(c) => Some(super::currency(&at, c)?),
@@ -140,15 +158,23 @@ pub fn parse(
                     .as_mut()
                     .ok_or_else(|| Rejection::new(&at, "an account (03) outside a group"))?;
                 if account.is_some() {
-                    return Err(Rejection::new(&at, "an account (03) before the previous one's trailer (49)"));
+                    return Err(Rejection::new(
+                        &at,
+                        "an account (03) before the previous one's trailer (49)",
+                    ));
                 }
                 let f: Vec<&str> = body.split(',').map(str::trim).collect();
                 if f.len() < 2 || f[1].is_empty() {
-                    return Err(Rejection::new(&at, "an account record without an account number"));
+                    return Err(Rejection::new(
+                        &at,
+                        "an account record without an account number",
+                    ));
                 }
                 let currency = match f.get(2).filter(|c| !c.is_empty()) {
                     Some(c) => super::currency(&at, c)?,
-                    None => g.currency.unwrap_or(Currency::from_code("USD").expect("known")),
+                    None => g
+                        .currency
+                        .unwrap_or(Currency::from_code("USD").expect("known")),
                 };
                 let mut a = Account {
                     line: rec.line,
@@ -194,7 +220,10 @@ pub fn parse(
                     .ok_or_else(|| Rejection::new(&at, "a detail (16) outside an account"))?;
                 let head: Vec<&str> = body.splitn(5, ',').collect();
                 if head.len() < 4 {
-                    return Err(Rejection::new(&at, "a detail record with fewer than 4 fields"));
+                    return Err(Rejection::new(
+                        &at,
+                        "a detail record with fewer than 4 fields",
+                    ));
                 }
                 let type_code: u32 = head[1].trim().parse().map_err(|_| {
                     Rejection::new(&at, format!("{:?} is not a type code", head[1]))
@@ -215,7 +244,10 @@ pub fn parse(
                             Rejection::new(&at, "a distributed availability (D) without a count")
                         })?;
                         if n > 100 {
-                            return Err(Rejection::new(&at, "more than 100 availability distributions"));
+                            return Err(Rejection::new(
+                                &at,
+                                "more than 100 availability distributions",
+                            ));
                         }
                         2 * n
                     }
@@ -287,13 +319,18 @@ pub fn parse(
             }
             "98" => {
                 if account.is_some() {
-                    return Err(Rejection::new(&at, "a group trailer (98) before the account trailer (49)"));
+                    return Err(Rejection::new(
+                        &at,
+                        "a group trailer (98) before the account trailer (49)",
+                    ));
                 }
                 let g = group
                     .take()
                     .ok_or_else(|| Rejection::new(&at, "a group trailer (98) without its 02"))?;
                 let f = fields(5);
-                let currency = g.currency.unwrap_or(Currency::from_code("USD").expect("known"));
+                let currency = g
+                    .currency
+                    .unwrap_or(Currency::from_code("USD").expect("known"));
                 let total = trailer_amount(&at, f.get(1), currency)?;
                 if total != g.total {
                     return Err(Rejection::new(
@@ -313,20 +350,31 @@ pub fn parse(
                     return Err(Rejection::new(&at, "the file trailer (99) inside a group"));
                 }
                 let f = fields(5);
-                let total = trailer_amount(&at, f.get(1), Currency::from_code("USD").expect("known"))?;
+                let total =
+                    trailer_amount(&at, f.get(1), Currency::from_code("USD").expect("known"))?;
                 if total != file_total {
                     return Err(Rejection::new(
                         &at,
-                        format!("file control total {total} is not the sum {file_total} of its groups"),
+                        format!(
+                            "file control total {total} is not the sum {file_total} of its groups"
+                        ),
                     ));
                 }
                 count(&at, f.get(2), file_groups, "groups in the file")?;
                 count(&at, f.get(3), file_records, "file")?;
                 ended = true;
             }
-            "88" => return Err(Rejection::new(&at, "a continuation (88) with nothing to continue")),
+            "88" => {
+                return Err(Rejection::new(
+                    &at,
+                    "a continuation (88) with nothing to continue",
+                ));
+            }
             other => {
-                return Err(Rejection::new(&at, format!("unknown record type {other:?}")));
+                return Err(Rejection::new(
+                    &at,
+                    format!("unknown record type {other:?}"),
+                ));
             }
         }
         Ok(())
@@ -342,7 +390,10 @@ pub fn parse(
             match &mut pending {
                 Some(rec) => {
                     if rec.text.len() + more.len() > options.max_line {
-                        return Err(Rejection::new(format!("line {n}"), "a record longer than the line limit"));
+                        return Err(Rejection::new(
+                            format!("line {n}"),
+                            "a record longer than the line limit",
+                        ));
                     }
                     rec.text.push(',');
                     rec.text.push_str(more);
@@ -350,7 +401,10 @@ pub fn parse(
                     continue;
                 }
                 None => {
-                    return Err(Rejection::new(format!("line {n}"), "a continuation (88) with nothing to continue"));
+                    return Err(Rejection::new(
+                        format!("line {n}"),
+                        "a continuation (88) with nothing to continue",
+                    ));
                 }
             }
         }
@@ -369,7 +423,10 @@ pub fn parse(
     }
     drop(handle);
     if !ended {
-        return Err(Rejection::new("file", "no file trailer (99): the file is truncated"));
+        return Err(Rejection::new(
+            "file",
+            "no file trailer (99): the file is truncated",
+        ));
     }
     info.statement_id = header.map(|(id, _)| id);
     accounts.dedup();
@@ -417,16 +474,20 @@ fn minor(at: &str, text: &str, currency: Currency) -> Result<Decimal, Rejection>
     Ok(d)
 }
 
-fn trailer_amount(at: &str, field: Option<&&str>, currency: Currency) -> Result<Decimal, Rejection> {
+fn trailer_amount(
+    at: &str,
+    field: Option<&&str>,
+    currency: Currency,
+) -> Result<Decimal, Rejection> {
     let text = field.copied().unwrap_or("");
     minor(at, text, currency)
 }
 
 fn count(at: &str, field: Option<&&str>, actual: u64, what: &str) -> Result<(), Rejection> {
     let text = field.copied().unwrap_or("").trim();
-    let stated: u64 = text.parse().map_err(|_| {
-        Rejection::new(at, format!("{text:?} is not a record count"))
-    })?;
+    let stated: u64 = text
+        .parse()
+        .map_err(|_| Rejection::new(at, format!("{text:?} is not a record count")))?;
     if stated != actual {
         return Err(Rejection::new(
             at,

@@ -165,9 +165,8 @@ pub fn parse(
                         }
                     }
                     ("Amt", _) => {
-                        let ccy = attribute(&e, "Ccy").map_err(|r| {
-                            Rejection::new(here!() + "/Amt", r)
-                        })?;
+                        let ccy = attribute(&e, "Ccy")
+                            .map_err(|r| Rejection::new(here!() + "/Amt", r))?;
                         stack.push(name);
                         stack.push(format!("@{ccy}"));
                         continue;
@@ -177,15 +176,14 @@ pub fn parse(
                 stack.push(name);
             }
             Event::Text(t) => {
-                let s = t.decode().map_err(|_| {
-                    Rejection::new(here!(), "text is not valid UTF-8")
-                })?;
+                let s = t
+                    .decode()
+                    .map_err(|_| Rejection::new(here!(), "text is not valid UTF-8"))?;
                 append(&mut text, &s, options.max_line, &here!())?;
             }
             Event::CData(t) => {
-                let s = std::str::from_utf8(&t).map_err(|_| {
-                    Rejection::new(here!(), "text is not valid UTF-8")
-                })?;
+                let s = std::str::from_utf8(&t)
+                    .map_err(|_| Rejection::new(here!(), "text is not valid UTF-8"))?;
                 append(&mut text, s, options.max_line, &here!())?;
             }
             Event::GeneralRef(r) => {
@@ -247,9 +245,7 @@ pub fn parse(
                         (Some("Acct"), 3, "Id") if rel[1..] == ["Id", "Othr"] => {
                             s.account = Some(value.to_owned())
                         }
-                        (Some("Acct"), 1, "Ccy") => {
-                            s.currency = Some(super::currency(&at, value)?)
-                        }
+                        (Some("Acct"), 1, "Ccy") => s.currency = Some(super::currency(&at, value)?),
                         (Some("TxsSummry"), 2, "NbOfNtries") if rel[1] == "TtlNtries" => {
                             s.summary_count = Some(value.parse().map_err(|_| {
                                 Rejection::new(&at, format!("{value:?} is not a count"))
@@ -300,8 +296,9 @@ pub fn parse(
                             "Amt" if r.is_empty() => {
                                 n.amount = Some(amount(&at, value, ccy.as_deref())?)
                             }
-                            "Amt" if r == ["NtryDtls", "TxDtls"]
-                                || r == ["NtryDtls", "TxDtls", "AmtDtls", "TxAmt"] =>
+                            "Amt"
+                                if r == ["NtryDtls", "TxDtls"]
+                                    || r == ["NtryDtls", "TxDtls", "AmtDtls", "TxAmt"] =>
                             {
                                 let (v, _) = amount(&at, value, ccy.as_deref())?;
                                 n.tx_sum = Some(n.tx_sum.unwrap_or_default() + v);
@@ -374,7 +371,10 @@ pub fn parse(
         ));
     }
     if format == Format::Camt053 && statements == 0 {
-        return Err(Rejection::new("document", "no statement (Stmt) in the file"));
+        return Err(Rejection::new(
+            "document",
+            "no statement (Stmt) in the file",
+        ));
     }
     let _ = group_created;
     if ids.iter().all(|i| !i.is_empty()) && !ids.is_empty() {
@@ -491,7 +491,9 @@ fn parse_datetime(
 ) -> Result<DateTime<Utc>, Rejection> {
     let t = DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
-        .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc()))
+        .or_else(|_| {
+            NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+        })
         .map_err(|e| Rejection::new(at, format!("{value:?} is not a valid date and time: {e}")))?;
     options.check_date(at, t.date_naive())?;
     Ok(t)
@@ -501,7 +503,9 @@ fn same_currency(at: &str, slot: &mut Option<Currency>, c: Currency) -> Result<(
     match slot {
         Some(s) if *s != c => Err(Rejection::new(
             at,
-            format!("currency {c} in a statement of account currency {s}: one currency per statement"),
+            format!(
+                "currency {c} in a statement of account currency {s}: one currency per statement"
+            ),
         )),
         Some(_) => Ok(()),
         None => {
@@ -545,9 +549,10 @@ fn finish_entry(
         return Ok(());
     }
     s.booked += signed;
-    let value_date = n.value.or(n.booking).ok_or_else(|| {
-        Rejection::new(at, "an entry without a value or booking date")
-    })?;
+    let value_date = n
+        .value
+        .or(n.booking)
+        .ok_or_else(|| Rejection::new(at, "an entry without a value or booking date"))?;
     let account_id = s
         .account
         .clone()
@@ -574,7 +579,10 @@ fn finish_entry(
 
 fn finish_statement(at: &str, s: &Statement, format: Format) -> Result<(), Rejection> {
     if s.account.is_none() {
-        return Err(Rejection::new(at, "the statement names no account (Acct/Id)"));
+        return Err(Rejection::new(
+            at,
+            "the statement names no account (Acct/Id)",
+        ));
     }
     if let Some(count) = s.summary_count
         && count != s.entries

@@ -231,19 +231,24 @@ pub fn parse(
         Format::Stripe => CsvMapping::stripe(),
         Format::Adyen => CsvMapping::adyen(),
         _ => options.csv.clone().ok_or_else(|| {
-            Rejection::new("file", "the csv format needs a mapping (--mapping FILE.toml)")
+            Rejection::new(
+                "file",
+                "the csv format needs a mapping (--mapping FILE.toml)",
+            )
         })?,
     };
     let encoding = match &mapping.encoding {
         None => None,
         Some(label) => Some(
-            encoding_rs::Encoding::for_label(label.as_bytes()).ok_or_else(|| {
-                Rejection::new("mapping", format!("unknown encoding {label:?}"))
-            })?,
+            encoding_rs::Encoding::for_label(label.as_bytes())
+                .ok_or_else(|| Rejection::new("mapping", format!("unknown encoding {label:?}")))?,
         ),
     };
     if !mapping.delimiter.is_ascii() {
-        return Err(Rejection::new("mapping", "the delimiter must be one ASCII character"));
+        return Err(Rejection::new(
+            "mapping",
+            "the delimiter must be one ASCII character",
+        ));
     }
     let guarded = Guard::new(decode_text(input, encoding), options.max_line, b"\n");
     let mut reader = ::csv::ReaderBuilder::new()
@@ -279,7 +284,12 @@ pub fn parse(
     }
     let mut columns = Columns {
         batch_id: resolve(&header, &mapping.batch_id, "the batch id", true)?,
-        payment_reference: resolve(&header, &mapping.payment_reference, "the payment reference", true)?,
+        payment_reference: resolve(
+            &header,
+            &mapping.payment_reference,
+            "the payment reference",
+            true,
+        )?,
         merchant_id: resolve(
             &header,
             &mapping.merchant_id,
@@ -287,7 +297,12 @@ pub fn parse(
             mapping.fixed_merchant_id.is_none() && options.merchant_id.is_none(),
         )?,
         currency: resolve(&header, &mapping.currency, "the currency", true)?,
-        settlement_date: resolve(&header, &mapping.settlement_date, "the settlement date", true)?,
+        settlement_date: resolve(
+            &header,
+            &mapping.settlement_date,
+            "the settlement date",
+            true,
+        )?,
         event_time: resolve(&header, &mapping.event_time, "the event time", false)?,
         gross: resolve(&header, &mapping.gross, "gross", !mapping.gross.is_empty())?,
         fee: resolve(&header, &mapping.fee, "fee", !mapping.fee.is_empty())?,
@@ -410,8 +425,8 @@ pub fn parse(
             entry.2 = at;
             continue;
         }
-        let date_cell =
-            text(&columns.settlement_date).ok_or_else(|| Rejection::new(&at, "the settlement date is empty"))?;
+        let date_cell = text(&columns.settlement_date)
+            .ok_or_else(|| Rejection::new(&at, "the settlement date is empty"))?;
         let settlement_date = options.check_date(&at, parse_date(&at, &date_cell, &mapping)?)?;
         let event_time = match text(&columns.event_time) {
             Some(cell) => {
@@ -429,7 +444,10 @@ pub fn parse(
         let slot = batches.entry(batch_id.clone()).or_default();
         slot.0 += net;
         if batches.len() > 100_000 {
-            return Err(Rejection::new(&at, "more than 100000 batches in one report"));
+            return Err(Rejection::new(
+                &at,
+                "more than 100000 batches in one report",
+            ));
         }
         let line = SettlementLine {
             line_id: String::new(),

@@ -296,7 +296,9 @@ impl Importer {
         tx.commit().await?;
         Ok(Claim {
             status: Status::Importing,
-            report: gap.map(|g| format!("sequence gap: {g}")).unwrap_or_default(),
+            report: gap
+                .map(|g| format!("sequence gap: {g}"))
+                .unwrap_or_default(),
         })
     }
 
@@ -539,11 +541,18 @@ struct Claim {
 }
 
 fn ack(
-    d: Option<Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>>,
+    d: Option<
+        Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
+    >,
 ) -> anyhow::Result<()> {
     match d {
         None | Some(Ok(Ok(_))) => Ok(()),
-        Some(Ok(Err((e, _)))) => Err(anyhow::Error::new(e).context("a record was not acknowledged")),
+        Some(Ok(Err((e, _)))) => {
+            Err(anyhow::Error::new(e).context("a record was not acknowledged"))
+        }
         Some(Err(_)) => anyhow::bail!("the producer was dropped before acknowledging"),
     }
 }

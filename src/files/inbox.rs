@@ -120,9 +120,10 @@ async fn importer(settings: &Settings, options: &ImportOptions) -> anyhow::Resul
         encoder,
         settlements_topic: k.settlements_topic.clone(),
         payouts_topic: k.payouts_topic.clone(),
-        by: options.by.clone().unwrap_or_else(|| {
-            whoami::fallible::username().unwrap_or_else(|_| "unknown".into())
-        }),
+        by: options
+            .by
+            .clone()
+            .unwrap_or_else(|| whoami::fallible::username().unwrap_or_else(|_| "unknown".into())),
         format,
         pause_after: options.pause_after,
         options: ParseOptions {
@@ -168,7 +169,9 @@ async fn watch(
     let mut outcomes = Vec::new();
     let stop = crate::app::termination_signal();
     tokio::pin!(stop);
-    let tick = settle.min(Duration::from_millis(500)).max(Duration::from_millis(50));
+    let tick = settle
+        .min(Duration::from_millis(500))
+        .max(Duration::from_millis(50));
     loop {
         let mut waiting = false;
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -232,10 +235,17 @@ async fn watch(
 /// Moves an imported file into `target` with its report beside it; an existing name gets the
 /// digest's first characters appended.
 fn file_away(path: &Path, target: &Path, outcome: &Outcome) -> anyhow::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let mut dest = target.join(&name);
     if dest.exists() {
-        dest = target.join(format!("{name}.{}", &outcome.digest[..12.min(outcome.digest.len())]));
+        dest = target.join(format!(
+            "{name}.{}",
+            &outcome.digest[..12.min(outcome.digest.len())]
+        ));
     }
     std::fs::rename(path, &dest)
         .with_context(|| format!("moving {} to {}", path.display(), dest.display()))?;

@@ -17,6 +17,8 @@
 //! - [`mt940`]: SWIFT MT940.
 //! - [`bai2`]: BAI2.
 //! - [`import`]: the import registry and the producer that puts entries on the topics.
+//! - [`inbox`]: the `payrecon import` command and the watched inbox.
+//! - [`synthetic`]: files of any size generated while read (bench, tests).
 
 pub mod bai2;
 pub mod camt;
@@ -24,6 +26,7 @@ pub mod csv;
 pub mod import;
 pub mod inbox;
 pub mod mt940;
+pub mod synthetic;
 mod text;
 
 use std::fmt;
@@ -398,10 +401,7 @@ pub fn check(
         ),
         None => format!("digest|{digest}"),
     };
-    let id_prefix = format!(
-        "file-{}",
-        &hex(&Sha256::digest(identity.as_bytes()))[..20]
-    );
+    let id_prefix = format!("file-{}", &hex(&Sha256::digest(identity.as_bytes()))[..20]);
     Ok(Checked {
         format,
         digest,
@@ -495,11 +495,13 @@ pub fn parse_amount(
         return Err(format!("{t:?} is not an amount"));
     }
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(if thousands.is_none() && (int.contains(',') || int.contains('.')) {
-            format!("{t:?}: thousands separators are not allowed here")
-        } else {
-            format!("{t:?} is not an amount")
-        });
+        return Err(
+            if thousands.is_none() && (int.contains(',') || int.contains('.')) {
+                format!("{t:?}: thousands separators are not allowed here")
+            } else {
+                format!("{t:?} is not an amount")
+            },
+        );
     }
     let frac = frac.unwrap_or("");
     if !frac.bytes().all(|b| b.is_ascii_digit()) {
@@ -544,7 +546,9 @@ pub fn currency(location: &str, code: &str) -> Result<Currency, Rejection> {
 
 /// The event time of an entry dated `date` with no time of its own: the start of that day.
 pub fn start_of_day(date: NaiveDate) -> DateTime<Utc> {
-    date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+    date.and_hms_opt(0, 0, 0)
+        .expect("midnight exists")
+        .and_utc()
 }
 
 /// Checks opening + entries = closing for a statement.

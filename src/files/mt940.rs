@@ -13,7 +13,7 @@ use chrono::NaiveDate;
 use rust_decimal::Decimal;
 
 use super::{
-    Emitter, LineReader, Leg, ParseOptions, Rejection, Sink, StatementInfo, check_balance,
+    Emitter, Leg, LineReader, ParseOptions, Rejection, Sink, StatementInfo, check_balance,
     parse_amount, start_of_day,
 };
 use crate::domain::{BankPayout, Currency};
@@ -62,7 +62,8 @@ pub fn parse(
         let at = format!("line {line} (:{name}:)");
         if name == "20" {
             if let Some(done) = stmt.take() {
-                finish(done, emitter)?.map(|s| record(s, &mut ids, &mut sequences, &mut accounts, &mut currencies));
+                finish(done, emitter)?
+                    .map(|s| record(s, &mut ids, &mut sequences, &mut accounts, &mut currencies));
             }
             *stmt = Some(Statement {
                 line,
@@ -97,9 +98,9 @@ pub fn parse(
                 if s.closing.is_some() {
                     return Err(Rejection::new(&at, "an entry after the closing balance"));
                 }
-                let currency = s
-                    .currency
-                    .ok_or_else(|| Rejection::new(&at, "an entry before the opening balance (:60F:)"))?;
+                let currency = s.currency.ok_or_else(|| {
+                    Rejection::new(&at, "an entry before the opening balance (:60F:)")
+                })?;
                 let account = s
                     .account
                     .clone()
@@ -234,7 +235,11 @@ fn flush(s: &mut Statement, emitter: &mut Emitter<'_, '_>) -> Result<(), Rejecti
 /// Ends a statement: its entries must take the opening balance to the closing one.
 fn finish(mut s: Statement, emitter: &mut Emitter<'_, '_>) -> Result<Option<Done>, Rejection> {
     flush(&mut s, emitter)?;
-    let at = format!("line {} (statement {})", s.line, s.reference.as_deref().unwrap_or(""));
+    let at = format!(
+        "line {} (statement {})",
+        s.line,
+        s.reference.as_deref().unwrap_or("")
+    );
     let account = s
         .account
         .ok_or_else(|| Rejection::new(&at, "no account (:25:)"))?;
@@ -291,10 +296,17 @@ fn date(at: &str, yymmdd: &str, options: &ParseOptions) -> Result<NaiveDate, Rej
 }
 
 /// `:60F:`/`:62F:` = `1!a6!n3!a15d`: D|C, YYMMDD, currency, amount.
-fn balance(at: &str, content: &str, options: &ParseOptions) -> Result<(Decimal, Currency), Rejection> {
+fn balance(
+    at: &str,
+    content: &str,
+    options: &ParseOptions,
+) -> Result<(Decimal, Currency), Rejection> {
     let c = content.trim();
     if c.len() < 11 || !c.is_char_boundary(1) || !c.is_char_boundary(7) || !c.is_char_boundary(10) {
-        return Err(Rejection::new(at, format!("{c:?} is not a balance (D|C YYMMDD CCY amount)")));
+        return Err(Rejection::new(
+            at,
+            format!("{c:?} is not a balance (D|C YYMMDD CCY amount)"),
+        ));
     }
     let sign = match &c[..1] {
         "C" => Decimal::ONE,
@@ -306,7 +318,10 @@ fn balance(at: &str, content: &str, options: &ParseOptions) -> Result<(Decimal, 
     let amount =
         parse_amount(&c[10..], ',', None, Some(currency)).map_err(|e| Rejection::new(at, e))?;
     if amount.is_sign_negative() {
-        return Err(Rejection::new(at, "a balance amount is unsigned (the sign is D/C)"));
+        return Err(Rejection::new(
+            at,
+            "a balance amount is unsigned (the sign is D/C)",
+        ));
     }
     Ok((sign * amount, currency))
 }
@@ -355,7 +370,10 @@ fn entry(
         i += 1; // funds code
     }
     let start = i;
-    while b.get(i).is_some_and(|c| c.is_ascii_digit() || *c == b',' || *c == b'.') {
+    while b
+        .get(i)
+        .is_some_and(|c| c.is_ascii_digit() || *c == b',' || *c == b'.')
+    {
         i += 1;
     }
     if i == start || i - start > 15 {
@@ -376,7 +394,8 @@ fn entry(
     if customer.len() > 16 || bank.is_some_and(|b| b.len() > 16) {
         return Err(bad("a reference longer than 16 characters"));
     }
-    let batch_reference = (!customer.is_empty() && customer != "NONREF").then(|| customer.to_owned());
+    let batch_reference =
+        (!customer.is_empty() && customer != "NONREF").then(|| customer.to_owned());
     Ok(BankPayout {
         statement_line_id: String::new(),
         account_id,

@@ -85,15 +85,17 @@ impl<R: BufRead> LineReader<R> {
             self.buf.pop();
         }
         let line = self.line;
-        std::str::from_utf8(&self.buf).map(|s| Some((line, s))).map_err(|e| {
-            Rejection::new(
-                format!("line {}", self.line),
-                format!(
-                    "not valid UTF-8 at byte {} (name the file's encoding)",
-                    e.valid_up_to() + 1
-                ),
-            )
-        })
+        std::str::from_utf8(&self.buf)
+            .map(|s| Some((line, s)))
+            .map_err(|e| {
+                Rejection::new(
+                    format!("line {}", self.line),
+                    format!(
+                        "not valid UTF-8 at byte {} (name the file's encoding)",
+                        e.valid_up_to() + 1
+                    ),
+                )
+            })
     }
 }
 

@@ -76,7 +76,11 @@ async fn imports(f: &Fixture) -> BTreeMap<String, (String, i64)> {
 fn big_mt940(path: &Path, n: u64) {
     use std::io::Write;
     let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    writeln!(w, ":20:BIG1\n:25:NL91ABNA0417164300\n:28C:00007/001\n:60F:C261130EUR0,").unwrap();
+    writeln!(
+        w,
+        ":20:BIG1\n:25:NL91ABNA0417164300\n:28C:00007/001\n:60F:C261130EUR0,"
+    )
+    .unwrap();
     for i in 0..n {
         writeln!(w, ":61:261201C1,00NTRFNONREF//{i}\n:86:credit {i}").unwrap();
     }
@@ -100,7 +104,11 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
 
     let first = import(&f, &args);
     let out = String::from_utf8_lossy(&first.stdout);
-    assert!(first.status.success(), "{out}\n{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     for name in files {
         assert!(out.contains(&format!("{name}: IMPORTED")), "{out}");
     }
@@ -142,10 +150,14 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
             .sum::<i64>()
     };
     let already = produced();
-    wait_for(Duration::from_secs(120), "the importer to produce 5000 entries", || {
-        let p = produced() - already;
-        async move { p >= 5_000 }
-    })
+    wait_for(
+        Duration::from_secs(120),
+        "the importer to produce 5000 entries",
+        || {
+            let p = produced() - already;
+            async move { p >= 5_000 }
+        },
+    )
     .await;
     kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
     let mut child = child;
@@ -180,7 +192,10 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
     let conflict = import(&f, &[other.as_os_str()]);
     let out = String::from_utf8_lossy(&conflict.stdout);
     assert_eq!(conflict.status.code(), Some(2), "{out}");
-    assert!(out.contains("CONFLICT") && out.contains("not merged"), "{out}");
+    assert!(
+        out.contains("CONFLICT") && out.contains("not merged"),
+        "{out}"
+    );
 
     // A broken file: rejected whole, quarantined, nothing applied.
     let broken = dir.path().join("broken.sta");
@@ -195,7 +210,10 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
     let rejected = import(&f, &[broken.as_os_str()]);
     let out = String::from_utf8_lossy(&rejected.stdout);
     assert_eq!(rejected.status.code(), Some(2), "{out}");
-    assert!(out.contains("REJECTED") && out.contains("closing balance"), "{out}");
+    assert!(
+        out.contains("REJECTED") && out.contains("closing balance"),
+        "{out}"
+    );
     let quarantined: (i64, bool) =
         sqlx::query_as("SELECT count(*), bool_and(bytes_kept) FROM rejected_files")
             .fetch_one(f.db.store.pool())
@@ -203,10 +221,32 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
             .unwrap();
     assert_eq!(quarantined, (1, true));
     f.wait_drained(Duration::from_secs(60)).await;
-    assert_eq!(snapshot(&f).await.0, rows, "nothing of the rejected or conflicting file");
+    assert_eq!(
+        snapshot(&f).await.0,
+        rows,
+        "nothing of the rejected or conflicting file"
+    );
     let statuses = imports(&f).await;
     assert_eq!(statuses["camt053-corrected.xml"].0, "CONFLICT");
     assert_eq!(statuses["broken.sta"].0, "REJECTED");
+
+    // A statement two sequence numbers on: imported, and the gap raised as an exception.
+    let next = dir.path().join("next.sta");
+    std::fs::write(
+        &next,
+        std::fs::read_to_string(fixture("mt940.sta"))
+            .unwrap()
+            .replace(":20:STMT20261201", ":20:STMT20261203")
+            .replace(":28C:00041/001", ":28C:00043/001"),
+    )
+    .unwrap();
+    let gap = import(&f, &[next.as_os_str()]);
+    let out = String::from_utf8_lossy(&gap.stdout);
+    assert!(gap.status.success(), "{out}");
+    assert!(
+        out.contains("next.sta: IMPORTED") && out.contains("42 missing before 43"),
+        "{out}"
+    );
 
     // The report lists them.
     let report = Command::new(env!("CARGO_BIN_EXE_payrecon"))
@@ -216,7 +256,10 @@ async fn files_imported_twice_or_after_a_kill_give_the_same_rows_and_statuses() 
         .unwrap();
     let text = String::from_utf8_lossy(&report.stdout);
     assert!(text.contains("File imports"), "{text}");
-    assert!(text.contains("CONFLICT") && text.contains("REJECTED"), "{text}");
+    assert!(
+        text.contains("CONFLICT") && text.contains("REJECTED"),
+        "{text}"
+    );
     service.terminate(Duration::from_secs(30)).await;
 }
 
@@ -245,6 +288,12 @@ async fn the_inbox_imports_settled_files_and_files_them_away_with_a_report() {
     assert!(report.contains("IMPORTED 2 entries"), "{report}");
     assert!(p.join("rejected/empty.csv").exists());
     let report = std::fs::read_to_string(p.join("rejected/empty.csv.report.txt")).unwrap();
-    assert!(report.contains("REJECTED") && report.contains("empty"), "{report}");
-    assert!(p.join("partial.part").exists(), "a file being written is left alone");
+    assert!(
+        report.contains("REJECTED") && report.contains("empty"),
+        "{report}"
+    );
+    assert!(
+        p.join("partial.part").exists(),
+        "a file being written is left alone"
+    );
 }
