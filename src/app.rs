@@ -10,12 +10,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec::Codec;
 use crate::config::{Settings, redact_text, redact_url};
+use crate::engine::{LogEnds, Reconciler};
 use crate::http::Stage;
+use crate::inputs::Decoder;
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
-use crate::store::{LogEnds, Reconciler, Store};
+use crate::store::Store;
 
 /// How long a start-up waits for a database that does not answer.
 #[derive(Debug, Clone, Copy)]
@@ -295,7 +296,7 @@ async fn start_and_consume(
         }
     }
     let sr = settings.registry.client()?;
-    let codec = Arc::new(Codec::new(sr).with_limits(settings.validation.limits()));
+    let codec = Arc::new(Decoder::new(sr).with_limits(settings.validation.limits()));
     // Reference data is loaded before the first batch, so no batch judges with an empty
     // cache; afterwards it refreshes in the background.
     let cache = Arc::new(ReferenceCache::default());
@@ -447,22 +448,31 @@ pub async fn reevaluate_in_background(
             _ = tick.tick() => false,
         };
         let result = if reference_changed {
-            match store
-                .reevaluate_missing_reference(&group, &instance, &reconciler, 1000)
-                .await
+            match crate::engine::sweeps::reevaluate_missing_reference(
+                &store,
+                &group,
+                &instance,
+                &reconciler,
+                1000,
+            )
+            .await
             {
-                Ok(mut outcome) => store
-                    .reevaluate_corrected(&group, &instance, &reconciler, 1000)
-                    .await
-                    .map(|corrected| {
-                        outcome.merge(corrected);
-                        outcome
-                    }),
+                Ok(mut outcome) => crate::engine::sweeps::reevaluate_corrected(
+                    &store,
+                    &group,
+                    &instance,
+                    &reconciler,
+                    1000,
+                )
+                .await
+                .map(|corrected| {
+                    outcome.merge(corrected);
+                    outcome
+                }),
                 Err(e) => Err(e),
             }
         } else {
-            store
-                .reevaluate_due(&group, &instance, &reconciler, 1000)
+            crate::engine::sweeps::reevaluate_due(&store, &group, &instance, &reconciler, 1000)
                 .await
         };
         match result {

@@ -45,9 +45,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::engine::Batch;
 use crate::kafka::LoopEvent;
 use crate::simulate::{Generated, SimulationOptions};
-use crate::store::{Batch, PartitionProgress, Source, Store};
+use crate::store::{PartitionProgress, Source, Store};
 
 mod cpu;
 mod pgstats;
@@ -156,13 +157,13 @@ async fn load_reference(
     store: &Store,
     sim: &SimulationOptions,
     settings: &Settings,
-) -> anyhow::Result<crate::store::Reconciler> {
+) -> anyhow::Result<crate::engine::Reconciler> {
     let (merchants, rates) = crate::simulate::reference_data(sim)?;
     store.load_merchants(&merchants, None).await?;
     store.load_rates(&rates, None).await?;
     let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
     cache.reload(store).await?;
-    Ok(crate::store::Reconciler::new(
+    Ok(crate::engine::Reconciler::new(
         &settings.reconciliation,
         cache,
         None,
@@ -244,8 +245,7 @@ pub async fn run(
     let (store_ref, reconciler_ref) = (&store, &reconciler);
     futures::future::try_join_all(batches.iter().map(|lane| async move {
         for b in lane {
-            store_ref
-                .commit_batch("bench", "bench", b, reconciler_ref)
+            crate::engine::commit_batch(store_ref, "bench", "bench", b, reconciler_ref)
                 .await
                 .context("store-only commit")?;
         }
@@ -816,7 +816,7 @@ const HOSTILE_CLASSES: [&str; 4] = [
 fn with_hostile_records(
     records: &[Generated],
     every: u64,
-    encoder: &crate::codec::Encoder,
+    encoder: &crate::inputs::Encoder,
 ) -> anyhow::Result<(Vec<Generated>, u64)> {
     let mut out = Vec::with_capacity(records.len() + records.len() / every as usize + 1);
     let mut last_payment = None;
@@ -874,7 +874,7 @@ impl Stage {
         cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
         sim: &SimulationOptions,
         partitions: i32,
-    ) -> anyhow::Result<(String, crate::codec::Encoder)> {
+    ) -> anyhow::Result<(String, crate::inputs::Encoder)> {
         let (payments_topic, settlements_topic) = self.topics;
         cluster.create_topic(payments_topic, partitions, 1)?;
         cluster.create_topic(settlements_topic, partitions, 1)?;
@@ -904,7 +904,7 @@ impl Stage {
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         let encoder =
-            crate::codec::Encoder::register(&sr, payments_topic, settlements_topic).await?;
+            crate::inputs::Encoder::register(&sr, payments_topic, settlements_topic).await?;
         Ok((db, encoder))
     }
 }
@@ -925,7 +925,7 @@ impl Stage {
     async fn produce(
         &self,
         settings: &Settings,
-        encoder: &crate::codec::Encoder,
+        encoder: &crate::inputs::Encoder,
         records: &[Generated],
     ) -> anyhow::Result<rdkafka::producer::FutureProducer> {
         let producer: rdkafka::producer::FutureProducer =
@@ -948,7 +948,7 @@ impl Stage {
     async fn consume_backlog(
         &self,
         settings: &Settings,
-        encoder: &crate::codec::Encoder,
+        encoder: &crate::inputs::Encoder,
         records: &[Generated],
     ) -> anyhow::Result<Backlog> {
         let producer = self.produce(settings, encoder, records).await?;

@@ -308,7 +308,7 @@ pub async fn simulate(
     }
     let sr = settings.registry.client()?;
     let mut encoder =
-        crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+        crate::inputs::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
     if !k.payouts_topic.is_empty() {
         encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
     }
@@ -467,10 +467,10 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
         }
         DeadLetterAction::Replay { ids } => {
             let sr = settings.registry.client()?;
-            let codec = crate::codec::Codec::new(sr).with_limits(settings.validation.limits());
+            let codec = crate::inputs::Decoder::new(sr).with_limits(settings.validation.limits());
             let cache = std::sync::Arc::new(crate::reference::ReferenceCache::default());
             cache.reload(&store).await?;
-            let reconciler = crate::store::Reconciler::new(&settings.reconciliation, cache, None)
+            let reconciler = crate::engine::Reconciler::new(&settings.reconciliation, cache, None)
                 .with_payout_leg(!settings.kafka.payouts_topic.is_empty());
             let (mut applied, mut failing) = (0, 0);
             for (id, topic, partition, offset, payload, broker_time) in
@@ -481,17 +481,17 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> anyhow::
                     .map_or(crate::codec::Stream::Payments, |(s, _)| s);
                 match codec.decode(stream, payload.as_deref(), broker_time).await {
                     Ok(record) => {
-                        let result = store
-                            .apply_replayed(
-                                id,
-                                &topic,
-                                partition,
-                                offset,
-                                record,
-                                &settings.kafka.group_id,
-                                &reconciler,
-                            )
-                            .await;
+                        let result = crate::engine::redrive::apply_replayed(
+                            &store,
+                            id,
+                            &topic,
+                            partition,
+                            offset,
+                            record,
+                            &settings.kafka.group_id,
+                            &reconciler,
+                        )
+                        .await;
                         match result {
                             Ok(_) => applied += 1,
                             // Still refused by the database for a reason in the record.

@@ -17,10 +17,14 @@
 //!
 //! ## Layout
 //! - [`domain`]: money, currencies, events, validation. Pure, no I/O.
+//! - [`codec`]: Confluent wire format + Avro values via the registry; poison vs transient.
+//! - [`inputs`]: one module per input stream (payments, settlements, payouts): schema
+//!   binding, row shape, what it adds to reconciliation.
+//! - [`engine`]: the batch transaction top to bottom (offsets, apply, reconcile, totals),
+//!   the sweeps, dead-letter re-drive, verification.
+//! - [`store`]: the only PostgreSQL code, typed functions by table family.
 //! - [`files`]: settlement reports and bank statements as files (CSV, camt, MT940, BAI2):
 //!   streaming parsers, integrity checks, and the import that produces their entries.
-//! - [`codec`]: Confluent wire format + Avro via the registry; poison vs transient.
-//! - [`store`]: the only PostgreSQL code; the batch transaction; dead letters.
 //! - [`kafka`]: the consumer loop, rebalance positioning, commit lag.
 //! - [`registry`]: a small Confluent-compatible Schema Registry for local runs and tests.
 //! - [`simulate`]: the load generator and its expected totals.
@@ -40,8 +44,10 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod engine;
 pub mod files;
 pub mod http;
+pub mod inputs;
 pub mod kafka;
 pub mod malloc;
 pub mod metrics;

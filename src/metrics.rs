@@ -291,7 +291,7 @@ fn exception_label(status: crate::reconcile::Status) -> &'static str {
 }
 
 /// What reconciliation changed in one committed transaction.
-pub fn reconciled(outcome: &crate::store::ReconcileOutcome) {
+pub fn reconciled(outcome: &crate::reconcile::ReconcileOutcome) {
     for (status, n) in &outcome.status_changes {
         counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(*status))
             .increment(*n);

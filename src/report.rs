@@ -351,12 +351,12 @@ pub async fn judged_watermark(
             (k, end)
         })
         .collect();
-    let reconciler = crate::store::Reconciler::new(
+    let reconciler = crate::engine::Reconciler::new(
         &settings.reconciliation,
         std::sync::Arc::new(crate::reference::ReferenceCache::default()),
         None,
     )
-    .with_log_ends(std::sync::Arc::new(crate::store::LogEnds::fixed(ends)));
+    .with_log_ends(std::sync::Arc::new(crate::engine::LogEnds::fixed(ends)));
     let mut conn = store.pool().acquire().await?;
     Ok(reconciler.group_watermark(&mut conn, &group).await?)
 }
@@ -532,7 +532,7 @@ pub async fn verify(store: &Store, rules: &Rules) -> Result<Verification, sqlx::
     let mut builder = SnapshotBuilder::new();
     store.load_reference_into(&mut builder).await?;
     let snapshot = builder.build(0);
-    let checks = store.verify(rules, &snapshot).await?;
+    let checks = crate::engine::verify::verify(store, rules, &snapshot).await?;
     Ok(Verification {
         consistent: checks.iter().all(Check::passed),
         checks,

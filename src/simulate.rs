@@ -20,10 +20,12 @@ use rust_decimal::Decimal;
 
 use std::collections::BTreeMap;
 
-use crate::codec::{Encoder, frame, payment_to_value};
+use crate::codec::frame;
 use crate::domain::{
     BankPayout, Currency, PaymentEvent, PaymentEventKind, SettlementLine, Totals as ExpectedTotals,
 };
+use crate::inputs::Encoder;
+use crate::inputs::payments::to_avro as payment_to_value;
 use crate::reconcile::Status;
 use crate::reconcile::payout::{self, PayoutKey, PayoutRules, PayoutState, PayoutStatus};
 use crate::reference::{FxRate, MerchantStatus, MerchantVersion, Snapshot};

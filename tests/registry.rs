@@ -501,7 +501,7 @@ fn the_test_basic_auth_encoding_is_rfc_7617s() {
 /// path the service takes, every request authorized.
 async fn round_trip(settings: &payrecon::config::Settings) {
     let sr = settings.registry.client().unwrap();
-    let encoder = payrecon::codec::Encoder::register(&sr, "pay", "settle")
+    let encoder = payrecon::inputs::Encoder::register(&sr, "pay", "settle")
         .await
         .unwrap();
     let (records, _) = payrecon::simulate::generate(
@@ -521,7 +521,7 @@ async fn round_trip(settings: &payrecon::config::Settings) {
         })
         .expect("a payment");
     let bytes = encoder.encode_payment(payment).unwrap();
-    let codec = payrecon::codec::Codec::new(settings.registry.client().unwrap());
+    let codec = payrecon::inputs::Decoder::new(settings.registry.client().unwrap());
     let decoded = codec
         .decode(
             payrecon::codec::Stream::Payments,

@@ -1,4 +1,5 @@
-//! Conversion between Avro values and domain records.
+//! Avro values: reading a decoded record's fields by name, writing decimals and datums.
+//! Which fields make which record is each input's own binding (`crate::inputs`).
 //!
 //! Fields are looked up by name, so a writer schema with extra fields (newer producer) or
 //! without an optional field (older producer) still converts.
@@ -10,10 +11,8 @@ use apache_avro::types::Value;
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 
-use super::{DecodeError, PoisonKind, Stream};
-use crate::domain::{
-    BankPayout, Currency, InvalidRecord, PaymentEvent, PaymentEventKind, Record, SettlementLine,
-};
+use super::{DecodeError, PoisonKind};
+use crate::domain::{Currency, InvalidRecord, PaymentEventKind};
 
 /// Scale used when *writing* decimals; matches `precision 18, scale 4` in `schemas/`.
 const WRITE_SCALE: u32 = 4;
@@ -38,87 +37,44 @@ pub fn decimal_scales(schema: &Schema) -> HashMap<String, u32> {
     out
 }
 
-/// Converts a decoded Avro value from `stream` into a domain record (not yet validated).
-pub(super) fn to_record(
-    stream: Stream,
-    value: &Value,
-    scales: &HashMap<String, u32>,
-) -> Result<Record, DecodeError> {
-    let Value::Record(fields) = value else {
-        return Err(DecodeError::Poison {
-            kind: PoisonKind::WrongRecordType,
-            message: "top-level value is not an Avro record".into(),
-        });
-    };
-    let r = Fields { fields, scales };
-    let has = |name: &str| fields.iter().any(|(n, _)| n == name);
-    let invalid = |e: InvalidRecord| DecodeError::Poison {
-        kind: PoisonKind::InvalidField,
-        message: e.to_string(),
-    };
-    match stream {
-        Stream::Payments if has("event_id") => Ok(Record::Payment(PaymentEvent {
-            event_id: r.string("event_id").map_err(invalid)?,
-            payment_reference: r.string("payment_reference").map_err(invalid)?,
-            merchant_id: r.string("merchant_id").map_err(invalid)?,
-            kind: r.kind("kind").map_err(invalid)?,
-            amount: r.decimal("amount").map_err(invalid)?,
-            currency: r.currency("currency").map_err(invalid)?,
-            event_time: r.timestamp("event_time").map_err(invalid)?,
-            psp_reference: r.optional_string("psp_reference").map_err(invalid)?,
-        })),
-        Stream::Settlements if has("line_id") => Ok(Record::Settlement(SettlementLine {
-            line_id: r.string("line_id").map_err(invalid)?,
-            batch_id: r.string("batch_id").map_err(invalid)?,
-            payment_reference: r.string("payment_reference").map_err(invalid)?,
-            merchant_id: r.string("merchant_id").map_err(invalid)?,
-            gross: r.decimal("gross").map_err(invalid)?,
-            fee: r.decimal("fee").map_err(invalid)?,
-            net: r.decimal("net").map_err(invalid)?,
-            currency: r.currency("currency").map_err(invalid)?,
-            settlement_date: r.date("settlement_date").map_err(invalid)?,
-            event_time: r.timestamp("event_time").map_err(invalid)?,
-        })),
-        Stream::Payouts if has("statement_line_id") => Ok(Record::Payout(BankPayout {
-            statement_line_id: r.string("statement_line_id").map_err(invalid)?,
-            account_id: r.string("account_id").map_err(invalid)?,
-            value_date: r.date("value_date").map_err(invalid)?,
-            amount: r.decimal("amount").map_err(invalid)?,
-            currency: r.currency("currency").map_err(invalid)?,
-            // As printed, less surrounding spaces (statements pad fixed-width fields); a
-            // field of spaces only is no reference: the credit is still money to explain
-            // (PAYOUT_UNEXPECTED), not a record to set aside.
-            batch_reference: (r.optional_string("batch_reference").map_err(invalid)?)
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty()),
-            description: r
-                .optional_string("description")
-                .map_err(invalid)?
-                .unwrap_or_default(),
-            event_time: r.timestamp("event_time").map_err(invalid)?,
-        })),
-        _ => Err(DecodeError::Poison {
-            kind: PoisonKind::WrongRecordType,
-            message: format!(
-                "record with fields [{}] is not a {} record",
-                fields
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                stream.record_name()
-            ),
-        }),
-    }
-}
-
-/// Named access to a record's fields with errors that name the field.
-struct Fields<'a> {
+/// Named access to a record's fields with errors that name the field: what an input's
+/// schema binding reads a decoded value through (`crate::inputs`).
+pub struct AvroRecord<'a> {
     fields: &'a [(String, Value)],
     scales: &'a HashMap<String, u32>,
 }
 
-impl Fields<'_> {
+impl<'a> AvroRecord<'a> {
+    /// The top-level record of a decoded value, or poison if it is not a record.
+    pub fn new(value: &'a Value, scales: &'a HashMap<String, u32>) -> Result<Self, DecodeError> {
+        let Value::Record(fields) = value else {
+            return Err(DecodeError::Poison {
+                kind: PoisonKind::WrongRecordType,
+                message: "top-level value is not an Avro record".into(),
+            });
+        };
+        Ok(AvroRecord { fields, scales })
+    }
+
+    /// Whether the record has a field `name` (tells one record type from another).
+    pub fn has(&self, name: &str) -> bool {
+        self.fields.iter().any(|(n, _)| n == name)
+    }
+
+    /// Poison for a record of another type than `expected` (names the fields it has).
+    pub fn wrong_type(&self, expected: &str) -> DecodeError {
+        DecodeError::Poison {
+            kind: PoisonKind::WrongRecordType,
+            message: format!(
+                "record with fields [{}] is not a {expected} record",
+                (self.fields.iter())
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        }
+    }
+
     fn get(&self, name: &'static str) -> Result<&Value, InvalidRecord> {
         let v = self
             .fields
@@ -133,14 +89,14 @@ impl Fields<'_> {
         })
     }
 
-    fn string(&self, name: &'static str) -> Result<String, InvalidRecord> {
+    pub fn string(&self, name: &'static str) -> Result<String, InvalidRecord> {
         match self.get(name)? {
             Value::String(s) => Ok(s.clone()),
             other => Err(missing(name, &format!("expected a string, got {other:?}"))),
         }
     }
 
-    fn optional_string(&self, name: &'static str) -> Result<Option<String>, InvalidRecord> {
+    pub fn optional_string(&self, name: &'static str) -> Result<Option<String>, InvalidRecord> {
         match self.get(name) {
             Err(_) | Ok(Value::Null) => Ok(None),
             Ok(Value::String(s)) => Ok(Some(s.clone())),
@@ -148,7 +104,7 @@ impl Fields<'_> {
         }
     }
 
-    fn kind(&self, name: &'static str) -> Result<PaymentEventKind, InvalidRecord> {
+    pub fn kind(&self, name: &'static str) -> Result<PaymentEventKind, InvalidRecord> {
         let symbol = match self.get(name)? {
             Value::Enum(_, s) | Value::String(s) => s,
             other => return Err(missing(name, &format!("expected an enum, got {other:?}"))),
@@ -159,7 +115,7 @@ impl Fields<'_> {
         })
     }
 
-    fn currency(&self, name: &'static str) -> Result<Currency, InvalidRecord> {
+    pub fn currency(&self, name: &'static str) -> Result<Currency, InvalidRecord> {
         let code = self.string(name)?;
         Currency::from_code(&code).map_err(|source| InvalidRecord::Currency {
             field: name,
@@ -167,7 +123,7 @@ impl Fields<'_> {
         })
     }
 
-    fn decimal(&self, name: &'static str) -> Result<Decimal, InvalidRecord> {
+    pub fn decimal(&self, name: &'static str) -> Result<Decimal, InvalidRecord> {
         let Value::Decimal(d) = self.get(name)? else {
             return Err(missing(name, "expected an Avro decimal"));
         };
@@ -187,7 +143,7 @@ impl Fields<'_> {
         })
     }
 
-    fn timestamp(&self, name: &'static str) -> Result<DateTime<Utc>, InvalidRecord> {
+    pub fn timestamp(&self, name: &'static str) -> Result<DateTime<Utc>, InvalidRecord> {
         let millis = match self.get(name)? {
             Value::TimestampMillis(ms) | Value::Long(ms) => *ms,
             Value::TimestampMicros(us) => us.div_euclid(1000),
@@ -204,7 +160,7 @@ impl Fields<'_> {
         })
     }
 
-    fn date(&self, name: &'static str) -> Result<NaiveDate, InvalidRecord> {
+    pub fn date(&self, name: &'static str) -> Result<NaiveDate, InvalidRecord> {
         let days = match self.get(name)? {
             Value::Date(d) | Value::Int(d) => *d,
             other => return Err(missing(name, &format!("expected a date, got {other:?}"))),
@@ -238,7 +194,7 @@ fn decimal_from_be_bytes(bytes: &[u8], scale: u32) -> Option<Decimal> {
 }
 
 /// A `Decimal` as an Avro decimal at [`WRITE_SCALE`] (minimal two's-complement bytes).
-pub(crate) fn decimal_value(d: Decimal) -> Value {
+pub fn decimal_value(d: Decimal) -> Value {
     let mut d = d;
     d.rescale(WRITE_SCALE);
     let unscaled = d.mantissa();
@@ -254,91 +210,6 @@ pub(crate) fn decimal_value(d: Decimal) -> Value {
         }
     }
     Value::Decimal(apache_avro::Decimal::from(&bytes[start..]))
-}
-
-/// The Avro value of a payment event in the shipped schema's field order.
-pub fn payment_to_value(p: &PaymentEvent) -> Value {
-    Value::Record(vec![
-        ("event_id".into(), Value::String(p.event_id.clone())),
-        (
-            "payment_reference".into(),
-            Value::String(p.payment_reference.clone()),
-        ),
-        ("merchant_id".into(), Value::String(p.merchant_id.clone())),
-        (
-            "kind".into(),
-            Value::Enum(p.kind as u32, p.kind.as_str().into()),
-        ),
-        ("amount".into(), decimal_value(p.amount)),
-        ("currency".into(), Value::String(p.currency.code().into())),
-        (
-            "event_time".into(),
-            Value::TimestampMillis(p.event_time.timestamp_millis()),
-        ),
-        (
-            "psp_reference".into(),
-            match &p.psp_reference {
-                None => Value::Union(0, Box::new(Value::Null)),
-                Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
-            },
-        ),
-    ])
-}
-
-/// The Avro value of a settlement line in the shipped schema's field order.
-pub fn settlement_to_value(s: &SettlementLine) -> Value {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid epoch");
-    Value::Record(vec![
-        ("line_id".into(), Value::String(s.line_id.clone())),
-        ("batch_id".into(), Value::String(s.batch_id.clone())),
-        (
-            "payment_reference".into(),
-            Value::String(s.payment_reference.clone()),
-        ),
-        ("merchant_id".into(), Value::String(s.merchant_id.clone())),
-        ("gross".into(), decimal_value(s.gross)),
-        ("fee".into(), decimal_value(s.fee)),
-        ("net".into(), decimal_value(s.net)),
-        ("currency".into(), Value::String(s.currency.code().into())),
-        (
-            "settlement_date".into(),
-            Value::Date((s.settlement_date - epoch).num_days() as i32),
-        ),
-        (
-            "event_time".into(),
-            Value::TimestampMillis(s.event_time.timestamp_millis()),
-        ),
-    ])
-}
-
-/// The Avro value of a bank statement line in the shipped schema's field order.
-pub fn payout_to_value(b: &BankPayout) -> Value {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid epoch");
-    Value::Record(vec![
-        (
-            "statement_line_id".into(),
-            Value::String(b.statement_line_id.clone()),
-        ),
-        ("account_id".into(), Value::String(b.account_id.clone())),
-        (
-            "value_date".into(),
-            Value::Date((b.value_date - epoch).num_days() as i32),
-        ),
-        ("amount".into(), decimal_value(b.amount)),
-        ("currency".into(), Value::String(b.currency.code().into())),
-        (
-            "batch_reference".into(),
-            match &b.batch_reference {
-                None => Value::Union(0, Box::new(Value::Null)),
-                Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
-            },
-        ),
-        ("description".into(), Value::String(b.description.clone())),
-        (
-            "event_time".into(),
-            Value::TimestampMillis(b.event_time.timestamp_millis()),
-        ),
-    ])
 }
 
 #[cfg(test)]
@@ -363,64 +234,6 @@ mod tests {
             };
             let bytes: Vec<u8> = (&avro).try_into().unwrap();
             assert_eq!(decimal_from_be_bytes(&bytes, WRITE_SCALE), Some(d), "{s}");
-        }
-    }
-
-    #[test]
-    fn payments_round_trip_through_the_shipped_schema() {
-        let schema = Schema::parse_str(super::super::PAYMENT_EVENT_SCHEMA).unwrap();
-        let p = PaymentEvent {
-            event_id: "e-1".into(),
-            payment_reference: "pay-1".into(),
-            merchant_id: "m-1".into(),
-            kind: PaymentEventKind::Refund,
-            amount: "10.25".parse().unwrap(),
-            currency: Currency::from_code("EUR").unwrap(),
-            event_time: DateTime::from_timestamp_millis(1_700_000_000_123).unwrap(),
-            psp_reference: Some("psp".into()),
-        };
-        let body = encode_datum(&schema, payment_to_value(&p)).unwrap();
-        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-            .build()
-            .unwrap()
-            .read_value(&mut &body[..])
-            .unwrap();
-        let scales = decimal_scales(&schema);
-        assert_eq!(
-            to_record(Stream::Payments, &value, &scales).unwrap(),
-            Record::Payment(p)
-        );
-    }
-
-    #[test]
-    fn a_settlement_on_the_payments_topic_is_the_wrong_record_type() {
-        let schema = Schema::parse_str(super::super::SETTLEMENT_LINE_SCHEMA).unwrap();
-        let s = SettlementLine {
-            line_id: "l".into(),
-            batch_id: "b".into(),
-            payment_reference: "p".into(),
-            merchant_id: "m".into(),
-            gross: "1".parse().unwrap(),
-            fee: "0".parse().unwrap(),
-            net: "1".parse().unwrap(),
-            currency: Currency::from_code("USD").unwrap(),
-            settlement_date: NaiveDate::from_ymd_opt(2026, 11, 26).unwrap(),
-            event_time: DateTime::from_timestamp_millis(0).unwrap(),
-        };
-        let body = encode_datum(&schema, settlement_to_value(&s)).unwrap();
-        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-            .build()
-            .unwrap()
-            .read_value(&mut &body[..])
-            .unwrap();
-        let scales = decimal_scales(&schema);
-        assert_eq!(
-            to_record(Stream::Settlements, &value, &scales).unwrap(),
-            Record::Settlement(s)
-        );
-        match to_record(Stream::Payments, &value, &scales) {
-            Err(DecodeError::Poison { kind, .. }) => assert_eq!(kind, PoisonKind::WrongRecordType),
-            other => panic!("{other:?}"),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Avro records in the Confluent Schema Registry wire format.
 //!
-//! Owns the bytes-to-domain boundary: magic byte, 4-byte big-endian schema id, Avro body
+//! Owns the bytes-to-Avro boundary: magic byte, 4-byte big-endian schema id, Avro body
 //! (decoded with the *writer* schema fetched by id through `schema_registry_converter`, so
-//! producers on older or newer compatible versions still decode), then validation into
-//! [`crate::domain::Record`]. Every failure is classified once, here: a record that can never
+//! producers on older or newer compatible versions still decode), read through
+//! [`AvroRecord`]; each input binds the fields to its record and validates it
+//! (`crate::inputs`). Every failure is classified once, here: a record that can never
 //! succeed is [`DecodeError::Poison`] (dead-letter it); a registry that cannot be reached or
 //! answers oddly is [`DecodeError::Transient`] (retry the same record, never dead-letter).
 //!
@@ -23,14 +24,9 @@ use schema_registry_converter::error::SRCError;
 use crate::config::redact_text;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
 
-use chrono::{DateTime, Utc};
+use crate::domain::InvalidRecord;
 
-use crate::domain::{BankPayout, InvalidRecord, Limits, PaymentEvent, Record, SettlementLine};
-
-pub(crate) use avro::decimal_value;
-pub use avro::{
-    decimal_scales, encode_datum, payment_to_value, payout_to_value, settlement_to_value,
-};
+pub use avro::{AvroRecord, decimal_scales, decimal_value, encode_datum};
 
 /// The Avro schema of a payment event, as shipped in `schemas/`.
 pub const PAYMENT_EVENT_SCHEMA: &str = include_str!("../../schemas/payment_event.avsc");
@@ -40,11 +36,9 @@ pub const SETTLEMENT_LINE_SCHEMA: &str = include_str!("../../schemas/settlement_
 /// The Avro schema of a bank statement line (payout), as shipped in `schemas/`.
 pub const BANK_PAYOUT_SCHEMA: &str = include_str!("../../schemas/bank_payout.avsc");
 
-/// Which input stream a record came from; decides the record type expected. Adding a stream
-/// is: a variant here (with its schema and record type), its topic in
-/// [`crate::config::KafkaSettings::input_topics`], its decoding in `avro::to_record`, and its
-/// table and matching in the store; the consumer, replay reader and lag tracking iterate
-/// over the configured input topics and need no change.
+/// Which input stream a record came from; decides the record type expected. Each has its
+/// module in `crate::inputs` (see "How to add an input" there); the consumer, replay reader
+/// and lag tracking iterate over the configured input topics and need no change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stream {
     Payments,
@@ -158,8 +152,14 @@ pub enum DecodeError {
     Transient(String),
 }
 
+/// A decoded Avro value and the decimal scales of the schema it was written with.
+pub struct Decoded {
+    pub value: apache_avro::types::Value,
+    pub scales: Arc<HashMap<String, u32>>,
+}
+
 impl DecodeError {
-    fn poison(kind: PoisonKind, message: impl Into<String>) -> Self {
+    pub fn poison(kind: PoisonKind, message: impl Into<String>) -> Self {
         DecodeError::Poison {
             kind,
             message: message.into(),
@@ -175,14 +175,13 @@ pub const MAX_AVRO_ALLOCATION: usize = 16 * 1024 * 1024;
 /// their scale in the schema, not in the value, so each writer schema is inspected once.
 type Scales = HashMap<String, u32>;
 
-/// Decodes Confluent-framed Avro records into validated domain records.
+/// Decodes Confluent-framed Avro records into Avro values with their writer schema's decimal
+/// scales.
 pub struct Codec {
     /// The crate-provided registry client and its id-keyed schema cache.
     decoder: AvroDecoder,
     /// Writer-schema decimal scales by schema id (filled on first sight of an id).
     scales: RwLock<HashMap<u32, Arc<Scales>>>,
-    /// Bounds checked after the business rules (configurable: `[validation]`).
-    limits: Limits,
 }
 
 /// Builds registry client settings for `url` with a bounded request timeout, so an
@@ -207,52 +206,12 @@ impl Codec {
         Codec {
             decoder: AvroDecoder::new(settings),
             scales: RwLock::new(HashMap::new()),
-            limits: Limits::default(),
         }
     }
 
-    /// The same codec checking records against `limits` instead of the defaults.
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// [`Codec::decode`], retrying a transient (registry) failure for the same record with
-    /// exponential backoff from `initial` up to `max`, each retry counted as a transient
-    /// registry error; `None` once `shutdown` is cancelled. Poison is returned, never retried.
-    pub async fn decode_retrying(
-        &self,
-        stream: Stream,
-        payload: Option<&[u8]>,
-        broker_time: Option<DateTime<Utc>>,
-        (initial, max): (Duration, Duration),
-        shutdown: &tokio_util::sync::CancellationToken,
-    ) -> Option<Result<Record, DecodeError>> {
-        let mut backoff = initial;
-        loop {
-            match self.decode(stream, payload, broker_time).await {
-                Err(DecodeError::Transient(e)) => {
-                    crate::metrics::transient_error("registry");
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the same record");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(max);
-                }
-                other => return Some(other),
-            }
-        }
-    }
-
-    /// Decodes and validates one record payload from `stream`; `broker_time` is the record's
-    /// Kafka timestamp, against which its event time must be plausible.
-    pub async fn decode(
-        &self,
-        stream: Stream,
-        payload: Option<&[u8]>,
-        broker_time: Option<DateTime<Utc>>,
-    ) -> Result<Record, DecodeError> {
+    /// Decodes one payload: the wire-format header, then the Avro body with the writer
+    /// schema named by its id.
+    pub async fn decode_value(&self, payload: Option<&[u8]>) -> Result<Decoded, DecodeError> {
         let bytes = payload.unwrap_or_default();
         if bytes.len() < 5 || bytes[0] != 0 {
             let detail = match bytes.first() {
@@ -274,11 +233,10 @@ impl Codec {
             Err(e) => return Err(self.classify(schema_id, e)),
         };
         let scales = self.scales_for(schema_id).await?;
-        let record = avro::to_record(stream, &decoded.value, &scales)?;
-        self.limits
-            .check(&record, broker_time)
-            .map_err(|e| DecodeError::poison(PoisonKind::of_invalid(&e), e.to_string()))?;
-        Ok(record)
+        Ok(Decoded {
+            value: decoded.value,
+            scales,
+        })
     }
 
     /// Maps a converter error to a disposition. Only an answer *from the registry* that the
@@ -335,63 +293,6 @@ pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&schema_id.to_be_bytes());
     out.extend_from_slice(body);
     out
-}
-
-/// Encodes records for producers (simulator, tests) with schemas registered under the
-/// topic-name strategy (`<topic>-value`).
-pub struct Encoder {
-    payment: (u32, Schema),
-    settlement: (u32, Schema),
-    payout: Option<(u32, Schema)>,
-}
-
-impl Encoder {
-    /// Registers (or looks up) both shipped schemas for the given topics.
-    pub async fn register(
-        settings: &SrSettings,
-        payments_topic: &str,
-        settlements_topic: &str,
-    ) -> anyhow::Result<Self> {
-        let payment = register_schema(settings, payments_topic, PAYMENT_EVENT_SCHEMA).await?;
-        let settlement =
-            register_schema(settings, settlements_topic, SETTLEMENT_LINE_SCHEMA).await?;
-        Ok(Encoder {
-            payment,
-            settlement,
-            payout: None,
-        })
-    }
-
-    /// Also registers (or looks up) the bank statement schema for `payouts_topic`.
-    pub async fn with_payouts(
-        mut self,
-        settings: &SrSettings,
-        payouts_topic: &str,
-    ) -> anyhow::Result<Self> {
-        self.payout = Some(register_schema(settings, payouts_topic, BANK_PAYOUT_SCHEMA).await?);
-        Ok(self)
-    }
-
-    pub fn encode_payout(&self, b: &BankPayout) -> anyhow::Result<Vec<u8>> {
-        let (id, schema) = (self.payout.as_ref())
-            .ok_or_else(|| anyhow::anyhow!("the payouts schema is not registered"))?;
-        let body = encode_datum(schema, payout_to_value(b))?;
-        Ok(frame(*id, &body))
-    }
-
-    pub fn payment_schema_id(&self) -> u32 {
-        self.payment.0
-    }
-
-    pub fn encode_payment(&self, p: &PaymentEvent) -> anyhow::Result<Vec<u8>> {
-        let body = encode_datum(&self.payment.1, payment_to_value(p))?;
-        Ok(frame(self.payment.0, &body))
-    }
-
-    pub fn encode_settlement(&self, s: &SettlementLine) -> anyhow::Result<Vec<u8>> {
-        let body = encode_datum(&self.settlement.1, settlement_to_value(s))?;
-        Ok(frame(self.settlement.0, &body))
-    }
 }
 
 /// Registers `schema` under `<topic>-value` and returns its id and parsed form.

@@ -32,7 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{PgPool, Row};
 
 use super::{Checked, Entry, Format, Leg, ParseOptions, Rejection};
-use crate::codec::Encoder;
+use crate::inputs::Encoder;
 
 /// The status of an import, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -109,7 +109,7 @@ async fn importer(settings: &Settings, options: &ImportOptions) -> anyhow::Resul
     let k = &settings.kafka;
     let sr = settings.registry.client()?;
     let mut encoder =
-        crate::codec::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
+        crate::inputs::Encoder::register(&sr, &k.payments_topic, &k.settlements_topic).await?;
     if !k.payouts_topic.is_empty() {
         encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
     }

@@ -27,12 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::assignment::{Assignment, RebalanceContext};
 use super::progress::Progress;
-use crate::codec::{Codec, DecodeError, Stream};
+use crate::codec::{DecodeError, Stream};
 use crate::config::Settings;
 use crate::domain::Record;
+use crate::engine::{Batch, Reconciler};
+use crate::inputs::Decoder;
 use crate::store::{
-    Batch, CommitError, DeadLetter, PartitionProgress, RawRecord, Reconciler, Source, Store,
-    describe,
+    CommitError, DeadLetter, PartitionProgress, RawRecord, Source, Store, describe,
 };
 
 /// What the loop reports to an optional observer (benchmarks, tests, demo progress).
@@ -54,7 +55,7 @@ pub enum LoopEvent {
 pub struct ConsumerLoop {
     consumer: StreamConsumer<RebalanceContext>,
     store: Store,
-    codec: Arc<Codec>,
+    codec: Arc<Decoder>,
     reconciler: Reconciler,
     group: String,
     /// `host/pid`, recorded with each commit.
@@ -150,7 +151,7 @@ impl ConsumerLoop {
     pub fn new(
         settings: &Settings,
         store: Store,
-        codec: Arc<Codec>,
+        codec: Arc<Decoder>,
         reconciler: Reconciler,
         shutdown: CancellationToken,
         observer: Option<mpsc::UnboundedSender<LoopEvent>>,
@@ -573,10 +574,14 @@ impl ConsumerLoop {
         let mut backoff = self.initial_backoff;
         loop {
             let started = Instant::now();
-            match self
-                .store
-                .commit_batch(&self.group, &self.instance, &batch, &self.reconciler)
-                .await
+            match crate::engine::commit_batch(
+                &self.store,
+                &self.group,
+                &self.instance,
+                &batch,
+                &self.reconciler,
+            )
+            .await
             {
                 Ok(outcome) => {
                     let commit_time = started.elapsed();
@@ -631,7 +636,7 @@ impl ConsumerLoop {
         &self,
         (batch, lane): (&Batch, usize),
         timestamps: &[(i64, (usize, i32))],
-        outcome: crate::store::CommitOutcome,
+        outcome: crate::engine::CommitOutcome,
         commit_time: Duration,
         decode_time: Duration,
     ) {

@@ -111,11 +111,11 @@ impl StallWatch {
 }
 
 /// What the lag reporter tells the watermark: the log ends it fetched go to `reconciler`'s
-/// [`crate::store::LogEnds`] (idleness needs them), and after each fetch the watermark is
+/// [`crate::engine::LogEnds`] (idleness needs them), and after each fetch the watermark is
 /// judged and exported per partition.
 pub struct WatermarkWatch {
-    pub reconciler: crate::store::Reconciler,
-    pub log_ends: Arc<crate::store::LogEnds>,
+    pub reconciler: crate::engine::Reconciler,
+    pub log_ends: Arc<crate::engine::LogEnds>,
 }
 
 impl WatermarkWatch {

@@ -85,15 +85,21 @@
 //! is idle once the payments run `idle_timeout` of broker time past its last burst.
 
 mod evaluate;
+mod outcome;
 pub mod payout;
 mod rules;
 pub mod state;
 mod status;
+mod targets;
+mod terms;
 pub mod watermark;
 
-pub use evaluate::{Amounts, Evaluation, MissingData, PricedEvent, Terms, Tolerance, evaluate};
+pub use evaluate::evaluate;
+pub use outcome::{PayoutOutcome, ReconcileOutcome};
 pub use payout::{PayoutKey, PayoutRules, PayoutState, PayoutStatus, PayoutVerdict};
 pub use rules::{Priced, Rules};
 pub use state::{Bucket, ItemState, ReferenceData, fold, judge, recompute};
 pub use status::{Status, Transition, transition};
+pub use targets::{Cause, DAILY_COLUMNS, DailyDeltas, DailyRow, Target, Targets};
+pub use terms::{Amounts, Evaluation, MissingData, PricedEvent, Terms, Tolerance};
 pub use watermark::{ClockRules, GroupWatermark, LogEnd, PartitionClock, TopicClock};

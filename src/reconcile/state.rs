@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::Status;
-use super::evaluate::{Amounts, Evaluation, MissingData, Terms, difference, fee_of, round};
+use super::terms::{Amounts, Evaluation, MissingData, Terms, difference, fee_of, round};
 use crate::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 
 /// What prices a reference: the merchant's terms and FX rates as of given times.

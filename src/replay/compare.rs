@@ -23,7 +23,8 @@ use sqlx::{Postgres, Transaction};
 
 use super::report::{Difference, MerchantTotal, Position, ReportWriter, RowCounts, Sums, Value};
 use super::shadow::quote_ident;
-use crate::store::{DAILY_COLUMNS, Store};
+use crate::reconcile::DAILY_COLUMNS;
+use crate::store::Store;
 
 /// Statuses only a passed deadline gives (see [`crate::reconcile`]).
 const DEADLINE_STATUSES: &str = "('MISSING_SETTLEMENT', 'UNEXPECTED_SETTLEMENT', 'OVER_SETTLED', 'AMOUNT_MISMATCH', 'FEE_MISMATCH')";

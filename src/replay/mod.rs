@@ -33,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use range::{Mode, PartitionRange, Topics};
 
-use crate::codec::Codec;
 use crate::config::Settings;
+use crate::engine::Reconciler;
+use crate::inputs::Decoder;
 use crate::reference::ReferenceCache;
-use crate::store::{Reconciler, Store};
+use crate::store::Store;
 use compare::Comparison;
 use range::Requested;
 use report::{ReportWriter, RunInfo, Summary};
@@ -375,7 +376,7 @@ impl Job<'_> {
         };
         let input_partitions = crate::kafka::partition_count(&k.client_config(), &input_topics)?;
         let sr = settings.registry.client()?;
-        let codec = Codec::new(sr).with_limits(settings.validation.limits());
+        let codec = Decoder::new(sr).with_limits(settings.validation.limits());
         // Reference data from the live database: its versions are temporal, so lookups as of
         // each event's time give what the service got.
         let cache = Arc::new(ReferenceCache::default());
@@ -402,7 +403,7 @@ impl Job<'_> {
             })
             .collect();
         let reconciler = Reconciler::new(&settings.reconciliation, cache, Some(input_partitions))
-            .with_log_ends(Arc::new(crate::store::LogEnds::fixed(ends)))
+            .with_log_ends(Arc::new(crate::engine::LogEnds::fixed(ends)))
             .with_payout_leg(!k.payouts_topic.is_empty());
 
         let shadow = Shadow::create(settings, self.live, self.schema).await?;
@@ -428,7 +429,7 @@ impl Job<'_> {
     async fn replay_into(
         &self,
         shadow: &Shadow,
-        codec: &Codec,
+        codec: &crate::inputs::Decoder,
         reconciler: Reconciler,
         plans: Vec<range::Plan>,
         shutdown: &CancellationToken,
@@ -502,10 +503,14 @@ impl Job<'_> {
         // watermark made due, until none is left.
         let instance = format!("replay-{}", self.run_id);
         loop {
-            let outcome = shadow
-                .store
-                .reevaluate_due(group, &instance, &reconciler, 1000)
-                .await?;
+            let outcome = crate::engine::sweeps::reevaluate_due(
+                &shadow.store,
+                group,
+                &instance,
+                &reconciler,
+                1000,
+            )
+            .await?;
             if outcome.evaluated == 0 {
                 break;
             }

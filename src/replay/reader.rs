@@ -1,5 +1,5 @@
 //! Reads the planned ranges and commits them into the shadow schema through the service's
-//! own path: decode with [`Codec`] (poison → dead letter, transient → retry the same record),
+//! own path: decode with [`Decoder`] (poison → dead letter, transient → retry the same record),
 //! build [`Batch`]es exactly as the consumer loop does, and [`Store::commit_batch`] them.
 //!
 //! The consumer never joins the service's group: it has a group id of its own, never
@@ -24,17 +24,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::range::{PartitionRange, Plan};
-use crate::codec::{Codec, DecodeError, Stream};
+use crate::codec::{DecodeError, Stream};
 use crate::config::Settings;
 use crate::domain::Record;
-use crate::store::{
-    Batch, CommitError, DeadLetter, PartitionProgress, RawRecord, Reconciler, Source, Store,
-};
+use crate::engine::{Batch, Reconciler};
+use crate::inputs::Decoder;
+use crate::store::{CommitError, DeadLetter, PartitionProgress, RawRecord, Source, Store};
 
 /// Everything the reader needs.
 pub struct Reader<'a> {
     pub settings: &'a Settings,
-    pub codec: &'a Codec,
+    pub codec: &'a Decoder,
     /// The shadow store: every batch is committed there, nowhere else.
     pub shadow: Store,
     pub reconciler: Reconciler,
@@ -513,9 +513,7 @@ async fn commit_all(
     while let Some(batch) = rx.recv().await {
         let mut backoff = initial_backoff;
         loop {
-            match shadow
-                .commit_batch(&group, &instance, &batch, &reconciler)
-                .await
+            match crate::engine::commit_batch(&shadow, &group, &instance, &batch, &reconciler).await
             {
                 Ok(_) => {
                     progress

@@ -3,12 +3,21 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use std::collections::HashMap;
+use sqlx::{Postgres, Transaction};
 
-use super::batch::{Apply, Records, Source};
-use super::reconcile::{ReconcileOutcome, Reconciler};
-use super::{CommitError, Store};
-use crate::domain::Record;
+use super::Store;
+use super::records::Source;
+
+/// A record that can never succeed, with its bytes and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub source: Source,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub error_kind: &'static str,
+    pub error_message: String,
+    pub broker_timestamp: Option<DateTime<Utc>>,
+}
 
 /// A dead letter as an operator sees it (payload shown as length; bytes stay in the table).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -76,64 +85,6 @@ impl Store {
         .await
     }
 
-    /// Applies a re-decoded record (and reconciles its payment reference, as consuming it
-    /// would have) and marks dead letter `id` replayed, in one transaction.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn apply_replayed(
-        &self,
-        id: i64,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        record: Record,
-        group: &str,
-        reconciler: &Reconciler,
-    ) -> Result<ReconcileOutcome, CommitError> {
-        let mut tx = self.pool.begin().await?;
-        let source = Source {
-            topic: 0,
-            partition,
-            offset,
-        };
-        let topics = [topic.to_owned()];
-        let instance = format!("dead-letters-replay/{}", std::process::id());
-        let apply = Apply {
-            group,
-            instance: &instance,
-            reconciler,
-            topics: &topics,
-            raw: &HashMap::new(),
-            shard: "dead-letters",
-        };
-        // Through the same path as the consumer: a conflicting duplicate is kept, not applied.
-        let (mut pv, mut sv, mut bv) = (Vec::new(), Vec::new(), Vec::new());
-        match record {
-            Record::Payment(x) => pv.push((x, source)),
-            Record::Settlement(x) => sv.push((x, source)),
-            Record::Payout(x) => bv.push((x, source)),
-        }
-        let (pr, sr, br): (Vec<_>, Vec<_>, Vec<_>) = (
-            pv.iter().collect(),
-            sv.iter().collect(),
-            bv.iter().collect(),
-        );
-        let records = Records {
-            payments: &pr,
-            settlements: &sr,
-            payouts: &br,
-        };
-        let outcome = apply.apply(&mut tx, records).await?.reconciliation;
-        sqlx::query(
-            "UPDATE dead_letters SET replayed_at = now(), replay_attempts = replay_attempts + 1,
-                    last_replay_error = NULL WHERE id = $1",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
     /// Records a failed re-drive attempt.
     pub async fn record_replay_failure(&self, id: i64, reason: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -146,4 +97,61 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Inserts dead letters; their messages are made printable and bounded first (a message may
+/// quote record content, and text cannot hold every byte a record can).
+pub async fn insert_dead_letters<'d>(
+    tx: &mut Transaction<'_, Postgres>,
+    topics: &[String],
+    letters: impl Iterator<Item = &'d DeadLetter>,
+) -> Result<u64, sqlx::Error> {
+    let letters: Vec<&DeadLetter> = letters.collect();
+    if letters.is_empty() {
+        return Ok(0);
+    }
+    let src_topics: Vec<&str> = letters
+        .iter()
+        .map(|d| topics[d.source.topic].as_str())
+        .collect();
+    let parts: Vec<i32> = letters.iter().map(|d| d.source.partition).collect();
+    let offsets: Vec<i64> = letters.iter().map(|d| d.source.offset).collect();
+    let keys: Vec<Option<&[u8]>> = letters.iter().map(|d| d.key.as_deref()).collect();
+    let payloads: Vec<Option<&[u8]>> = letters.iter().map(|d| d.payload.as_deref()).collect();
+    let kinds: Vec<&str> = letters.iter().map(|d| d.error_kind).collect();
+    let messages: Vec<String> = letters
+        .iter()
+        .map(|d| super::printable(&d.error_message, 2000))
+        .collect();
+    let times: Vec<Option<DateTime<Utc>>> = letters.iter().map(|d| d.broker_timestamp).collect();
+    let r = sqlx::query(
+        r#"INSERT INTO dead_letters (topic, partition, "offset", key, payload, error_kind,
+                  error_message, broker_timestamp)
+           SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[],
+                  $6::text[], $7::text[], $8::timestamptz[])
+           ON CONFLICT ON CONSTRAINT dead_letters_position_key DO NOTHING"#,
+    )
+    .bind(&src_topics)
+    .bind(&parts)
+    .bind(&offsets)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&kinds)
+    .bind(&messages)
+    .bind(&times)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Marks dead letter `id` replayed (inside the transaction that applied it again).
+pub async fn mark_replayed(tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE dead_letters SET replayed_at = now(), replay_attempts = replay_attempts + 1,
+                last_replay_error = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

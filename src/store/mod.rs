@@ -1,22 +1,23 @@
-//! The only code that talks to PostgreSQL.
+//! The only code that talks to PostgreSQL: typed functions by table family, SQL text
+//! nowhere else. What to write, and in which order inside the batch transaction, is the
+//! engine's ([`crate::engine`]).
+//! - [`offsets`]: `consumer_offsets`, advanced by compare-and-set (the fence);
+//! - [`records`]: the input records' rows and their running totals, conflicting duplicates,
+//!   the savepoint records are applied under;
+//! - [`items`], [`payout_items`]: the reconciliation items of both legs, their history, the
+//!   exceptions outbox rows and daily totals they write;
+//! - [`dead_letters`], [`reference`], [`totals`], [`verify`]: what their names say.
 //!
-//! [`Store::commit_batch`] is the heart of exactly-once: in ONE transaction it
-//! (1) advances `consumer_offsets.next_offset` of every partition the batch read, by
-//! compare-and-set against the offset the batch started from, (2) inserts the batch's events
-//! and settlement lines with insert-or-ignore on their ids, (3) adds to the running totals only
-//! what was actually inserted, and (4) keeps the batch's poison records in `dead_letters`.
-//! If any compare-and-set fails the whole transaction rolls back ([`CommitError::Fenced`]).
-//!
-//! It does not decide what to retry; it classifies errors so the caller can.
+//! It does not decide what to retry; it classifies errors ([`disposition`]) so the caller can.
 
-mod batch;
-mod dead_letters;
-mod payouts;
-mod reconcile;
+pub mod dead_letters;
+pub mod items;
+pub mod offsets;
+pub mod payout_items;
+pub mod records;
 mod reference;
 mod totals;
-mod verify;
-mod verify_payouts;
+pub mod verify;
 
 use std::collections::HashMap;
 
@@ -25,10 +26,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
 pub use crate::reconcile::Rules;
-pub use batch::{Batch, CommitOutcome, DeadLetter, PartitionProgress, RawRecord, Source};
-pub use dead_letters::{DeadLetterRow, OpenDeadLetter, ReplayResult};
-pub use payouts::PayoutOutcome;
-pub use reconcile::{Backlog, Cause, DAILY_COLUMNS, LogEnds, ReconcileOutcome, Reconciler};
+pub use dead_letters::{DeadLetter, DeadLetterRow, OpenDeadLetter, ReplayResult};
+pub use items::{Backlog, SWEEP_SHARD};
+pub use offsets::{PartitionProgress, TopicPartition, stored_offsets};
+pub use records::{LogPosition, RawRecord, Source};
 pub use reference::{Conflict, Correction, LoadError, LoadSummary};
 pub use verify::{CHECKS, Check, Difference};
 
@@ -156,32 +157,6 @@ pub fn printable(s: &str, max: usize) -> String {
         }
     }
     out
-}
-
-/// A (topic, partition) pair.
-pub type TopicPartition = (String, i32);
-
-/// Stored `next_offset` of each requested partition, on the pool or inside a transaction
-/// (the batch commit names the partition that lost its compare-and-set).
-pub(crate) async fn stored_offsets<'e>(
-    executor: impl sqlx::PgExecutor<'e>,
-    group: &str,
-    partitions: &[TopicPartition],
-) -> Result<HashMap<TopicPartition, i64>, sqlx::Error> {
-    let (topics, parts): (Vec<String>, Vec<i32>) = partitions.iter().cloned().unzip();
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT o.topic, o.partition, o.next_offset
-           FROM consumer_offsets o
-           JOIN UNNEST($2::text[], $3::int[]) AS p(topic, partition)
-             ON o.topic = p.topic AND o.partition = p.partition
-          WHERE o.consumer_group = $1",
-    )
-    .bind(group)
-    .bind(&topics)
-    .bind(&parts)
-    .fetch_all(executor)
-    .await?;
-    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
 }
 
 /// Where a partition stands in PostgreSQL.

@@ -1,5 +1,6 @@
-//! `payrecon report --verify`: every table the service derives, compared with what it derives
-//! from, in one REPEATABLE READ READ ONLY snapshot. It only reads.
+//! `payrecon report --verify`, the SQL: every table the service derives, compared with what
+//! it derives from, in one REPEATABLE READ READ ONLY snapshot. It only reads. The checks that
+//! run the matcher again are in [`crate::engine::verify`].
 //!
 //! Each [`Check`] is one set-based query (the re-evaluation of the items is the exception: it
 //! runs the matcher in Rust, over the items in key order, in chunks) and reports what it
@@ -17,20 +18,10 @@ use serde::Serialize;
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use super::Store;
-use super::reconcile::{Evaluator, judge_records, records_of};
-use super::verify_payouts::{
-    payout_history_sql, payout_outbox_sql, payout_totals_sql, payout_verdicts,
-};
-use crate::reconcile::Rules;
-use crate::reconcile::Status;
-use crate::reference::Snapshot;
 
 /// Differences listed per check (the count is always complete): a broken table should not
 /// print millions of lines.
 pub const MAX_SHOWN: i64 = 100;
-
-/// Items re-evaluated per round trip.
-const REEVALUATION_CHUNK: i64 = 1000;
 
 /// The checks, in the order they run and are printed: (name, table, what it proves).
 pub const CHECKS: [(&str, &str, &str); 14] = [
@@ -166,7 +157,7 @@ impl Check {
         self.differing == 0
     }
 
-    pub(super) fn new(name: &'static str) -> Check {
+    pub fn new(name: &'static str) -> Check {
         let (_, table, proves) = CHECKS
             .iter()
             .find(|(n, _, _)| *n == name)
@@ -186,7 +177,7 @@ impl Check {
 
 /// SQL that compares `columns` of rows `a` and `b`: (the differing columns of `a`, the same of
 /// `b`, whether any differ). A side whose `key` column is NULL is `missing`.
-pub(super) fn compare_columns(columns: &[&str], key: &str) -> (String, String, String) {
+fn compare_columns(columns: &[&str], key: &str) -> (String, String, String) {
     let side = |t: &str| {
         let parts: Vec<String> = columns
             .iter()
@@ -291,7 +282,7 @@ fn settlement_totals_sql() -> String {
 }
 
 fn daily_totals_sql() -> String {
-    let columns = super::DAILY_COLUMNS;
+    let columns = crate::reconcile::DAILY_COLUMNS;
     let (stored, recomputed, differs) = compare_columns(&columns, "merchant_id");
     let zeros = vec!["0"; columns.len()].join(", ");
     format!(
@@ -521,216 +512,182 @@ async fn offsets_note(conn: &mut PgConnection) -> Result<Option<String>, sqlx::E
     })
 }
 
-/// What an item stores that depends on pricing, and when and at which watermark it was last
-/// evaluated.
-#[derive(sqlx::FromRow)]
-struct StoredVerdict {
-    payment_reference: String,
-    status: String,
-    currency: String,
-    expected_gross: Option<Decimal>,
-    expected_fee: Option<Decimal>,
-    expected_net: Option<Decimal>,
-    deadline: Option<DateTime<Utc>>,
-    reason: String,
-    /// The watermark of the item's last evaluation: the re-evaluation uses it, so an
-    /// EXPECTED item is judged as it was, not against today's watermark.
-    watermark: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    /// The running state as text (NULL: judged before items kept their state).
-    state: Option<String>,
+/// The checks that are one query each, by name (the others re-run the matcher).
+pub async fn sql_check(conn: &mut PgConnection, name: &'static str) -> Result<Check, sqlx::Error> {
+    let sql = match name {
+        "payment_totals" => payment_totals_sql(),
+        "settlement_totals" => settlement_totals_sql(),
+        "daily_totals" => daily_totals_sql(),
+        "item_records" => item_records_sql(),
+        "item_history" => item_history_sql().to_owned(),
+        "history_chains" => history_chains_sql().to_owned(),
+        "exceptions_outbox" => exceptions_outbox_sql().to_owned(),
+        "payout_totals" => payout_totals_sql(),
+        "payout_history" => payout_history_sql().to_owned(),
+        "payout_outbox" => payout_outbox_sql().to_owned(),
+        "offsets_records_applied" => offsets_records_applied_sql(),
+        "offsets_cover_rows" => offsets_cover_rows_sql().to_owned(),
+        other => unreachable!("{other} is not a SQL check"),
+    };
+    let mut check = run_sql_check(conn, name, &sql).await?;
+    if name == "offsets_records_applied" {
+        check.note = offsets_note(conn).await?;
+    }
+    Ok(check)
 }
 
-/// Re-evaluates every item that has records with the service's own code path (`records_of`,
-/// `judge`), at the watermark stored with the item, and compares what the matcher decides.
-async fn item_verdicts(
+impl Store {
+    /// A REPEATABLE READ READ ONLY transaction: every check of one verification reads the
+    /// same snapshot.
+    pub async fn read_only_snapshot(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+}
+
+/// When reference data was last loaded (merchants or FX rates).
+pub async fn reference_loaded_at(
     conn: &mut PgConnection,
-    rules: &Rules,
-    snapshot: &Snapshot,
-) -> Result<Check, sqlx::Error> {
-    // Reference data loaded after an item's last evaluation explains a difference (the
-    // service re-evaluates only MISSING_REFERENCE items when reference data changes).
-    let reference_loaded: Option<DateTime<Utc>> = sqlx::query_scalar(
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
         "SELECT greatest((SELECT max(loaded_at) FROM merchants),
                          (SELECT max(loaded_at) FROM fx_rates))",
     )
     .fetch_one(&mut *conn)
-    .await?;
-    let mut check = Check::new("item_verdicts");
-    let mut after = String::new();
-    loop {
-        let items: Vec<StoredVerdict> = sqlx::query_as(
-            "SELECT payment_reference, status, currency, expected_gross, expected_fee,
-                    expected_net, deadline, reason, watermark, updated_at, state::text AS state
-               FROM reconciliation_items
-              WHERE payment_reference > $1 ORDER BY payment_reference LIMIT $2",
-        )
-        .bind(&after)
-        .bind(REEVALUATION_CHUNK)
-        .fetch_all(&mut *conn)
-        .await?;
-        let Some(last) = items.last() else {
-            return Ok(check);
-        };
-        after = last.payment_reference.clone();
-        let refs: Vec<&str> = items.iter().map(|i| i.payment_reference.as_str()).collect();
-        let mut records = records_of(conn, &refs).await?;
-        for item in &items {
-            // An item without records is item_records' finding; nothing to judge here.
-            let Some((events, lines)) = records.remove(&item.payment_reference) else {
-                continue;
-            };
-            let who = Evaluator {
-                group: "",
-                instance: "",
-                rules,
-                snapshot,
-                watermark: item.watermark,
-            };
-            let (state, evaluation, bucket) = judge_records(&who, &events, &lines);
-            check.checked += 1;
-            let differs = verdict_difference(item, &evaluation, bucket.currency.code());
-            if let Some(mut d) = differs.or_else(|| state_difference(item, &state)) {
-                check.differing += 1;
-                if reference_loaded.is_some_and(|t| t > item.updated_at) {
-                    d.recomputed
-                        .push_str(" (reference data loaded since the item's last evaluation)");
-                }
-                if check.differences.len() < MAX_SHOWN as usize {
-                    check.differences.push(d);
-                }
-            }
-        }
-    }
+    .await
 }
 
-/// The stored running state against the one folded from the item's records, if it differs
-/// (a state that does not parse differs; a NULL one is rebuilt at the next evaluation).
-fn state_difference(
-    item: &StoredVerdict,
-    state: &crate::reconcile::ItemState,
-) -> Option<Difference> {
-    let stored = item.state.as_deref()?;
-    let parsed = serde_json::from_str::<crate::reconcile::ItemState>(stored).ok();
-    (parsed.as_ref() != Some(state)).then(|| Difference {
-        key: item.payment_reference.clone(),
-        stored: format!("state={stored}"),
-        recomputed: format!("state={}", serde_json::to_string(state).unwrap_or_default()),
-    })
+/// What an item stores that depends on pricing, and when and at which watermark it was last
+/// evaluated.
+#[derive(sqlx::FromRow)]
+pub struct StoredVerdict {
+    pub payment_reference: String,
+    pub status: String,
+    pub currency: String,
+    pub expected_gross: Option<Decimal>,
+    pub expected_fee: Option<Decimal>,
+    pub expected_net: Option<Decimal>,
+    pub deadline: Option<DateTime<Utc>>,
+    pub reason: String,
+    /// The watermark of the item's last evaluation: the re-evaluation uses it, so an
+    /// EXPECTED item is judged as it was, not against today's watermark.
+    pub watermark: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The running state as text (NULL: judged before items kept their state).
+    pub state: Option<String>,
 }
 
-/// The differing fields of a stored verdict and a re-evaluation, if any.
-fn verdict_difference(
-    item: &StoredVerdict,
-    e: &crate::reconcile::Evaluation,
-    currency: &str,
-) -> Option<Difference> {
-    let StoredVerdict {
-        payment_reference: reference,
-        status,
-        currency: stored_currency,
-        expected_gross: gross,
-        expected_fee: fee,
-        expected_net: net,
-        deadline,
-        reason,
-        ..
-    } = item;
-    let amount =
-        |a: Option<Decimal>| a.map_or_else(|| "NULL".to_owned(), |a| a.normalize().to_string());
-    let time = |t: Option<DateTime<Utc>>| t.map_or_else(|| "NULL".to_owned(), |t| t.to_rfc3339());
-    let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
-    let mut stored = Vec::new();
-    let mut recomputed = Vec::new();
-    let mut field = |name: &str, differs: bool, s: String, r: String| {
-        if differs {
-            stored.push(format!("{name}={s}"));
-            recomputed.push(format!("{name}={r}"));
-        }
-    };
-    let recomputed_status = e.status.as_str();
-    field(
-        "status",
-        Status::parse(status) != Some(e.status),
-        status.clone(),
-        recomputed_status.to_owned(),
-    );
-    field(
-        "currency",
-        stored_currency.trim() != currency,
-        stored_currency.trim().to_owned(),
-        currency.to_owned(),
-    );
-    let expected = [
-        e.expected.map(|a| a.gross),
-        e.expected.map(|a| a.fee),
-        e.expected.map(|a| a.net),
-    ];
-    for ((name, s), r) in ["expected_gross", "expected_fee", "expected_net"]
-        .into_iter()
-        .zip([*gross, *fee, *net])
-        .zip(expected)
-    {
-        field(name, s != r, amount(s), amount(r));
-    }
-    field(
-        "deadline",
-        micros(*deadline) != micros(e.deadline),
-        time(*deadline),
-        time(e.deadline),
-    );
-    field(
-        "reason",
-        *reason != e.reason,
-        format!("{reason:?}"),
-        format!("{:?}", e.reason),
-    );
-    (!stored.is_empty()).then(|| Difference {
-        key: reference.clone(),
-        stored: stored.join(" "),
-        recomputed: recomputed.join(" "),
-    })
+/// Up to `limit` items after `after` in key order, as stored.
+pub async fn stored_verdicts(
+    conn: &mut PgConnection,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<StoredVerdict>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT payment_reference, status, currency, expected_gross, expected_fee,
+                expected_net, deadline, reason, watermark, updated_at, state::text AS state
+           FROM reconciliation_items
+          WHERE payment_reference > $1 ORDER BY payment_reference LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await
 }
 
-impl Store {
-    /// Runs every check of [`CHECKS`] in one read-only snapshot, the items re-evaluated with
-    /// `rules` and `snapshot` (the reference data: load it just before, so it is as current
-    /// as the snapshot of the tables).
-    pub async fn verify(
-        &self,
-        rules: &Rules,
-        snapshot: &Snapshot,
-    ) -> Result<Vec<Check>, sqlx::Error> {
-        let mut tx: Transaction<'_, Postgres> = self.pool.begin().await?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await?;
-        let conn: &mut PgConnection = &mut tx;
-        let mut checks = Vec::with_capacity(CHECKS.len());
-        checks.push(run_sql_check(conn, "payment_totals", &payment_totals_sql()).await?);
-        checks.push(run_sql_check(conn, "settlement_totals", &settlement_totals_sql()).await?);
-        checks.push(run_sql_check(conn, "daily_totals", &daily_totals_sql()).await?);
-        checks.push(run_sql_check(conn, "item_records", &item_records_sql()).await?);
-        checks.push(item_verdicts(conn, rules, snapshot).await?);
-        checks.push(run_sql_check(conn, "item_history", item_history_sql()).await?);
-        checks.push(run_sql_check(conn, "history_chains", history_chains_sql()).await?);
-        checks.push(run_sql_check(conn, "exceptions_outbox", exceptions_outbox_sql()).await?);
-        checks.push(run_sql_check(conn, "payout_totals", &payout_totals_sql()).await?);
-        checks.push(payout_verdicts(conn, &rules.payout).await?);
-        checks.push(run_sql_check(conn, "payout_history", payout_history_sql()).await?);
-        checks.push(run_sql_check(conn, "payout_outbox", payout_outbox_sql()).await?);
-        let mut offsets = run_sql_check(
-            conn,
-            "offsets_records_applied",
-            &offsets_records_applied_sql(),
-        )
-        .await?;
-        offsets.note = offsets_note(conn).await?;
-        checks.push(offsets);
-        checks.push(run_sql_check(conn, "offsets_cover_rows", offsets_cover_rows_sql()).await?);
-        tx.commit().await?;
-        Ok(checks)
-    }
+/// A payout item as stored: kind, key, status, deadline, reason, watermark, state.
+pub type StoredPayoutItem = (
+    String,
+    String,
+    String,
+    Option<DateTime<Utc>>,
+    String,
+    DateTime<Utc>,
+    String,
+);
+
+/// Every payout item as stored, in key order.
+pub async fn stored_payout_items(
+    conn: &mut PgConnection,
+) -> Result<Vec<StoredPayoutItem>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT kind, key, status, deadline, reason, watermark, state::text
+           FROM payout_items ORDER BY kind, key",
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+fn payout_totals_sql() -> String {
+    let (stored, recomputed, differs) =
+        compare_columns(&["payout_count", "credited", "debited"], "account_id");
+    format!(
+        "SELECT concat_ws('/', coalesce(a.account_id, b.account_id),
+                          coalesce(a.value_date, b.value_date)::text,
+                          trim(coalesce(a.currency, b.currency))) AS key,
+                {stored} AS stored, {recomputed} AS recomputed, {differs} AS differs
+           FROM payout_daily_totals a
+           FULL JOIN payout_daily_totals_recomputed b
+             ON a.account_id = b.account_id AND a.value_date = b.value_date
+            AND a.currency = b.currency"
+    )
+}
+
+fn payout_history_sql() -> &'static str {
+    "SELECT format('%s/%s', coalesce(a.kind, b.kind), coalesce(a.key, b.key)) AS key,
+            CASE WHEN a.key IS NULL THEN 'no item' ELSE 'status=' || a.status END AS stored,
+            CASE WHEN b.key IS NULL THEN 'no history'
+                 ELSE format('latest history #%s to_status=%s', b.id, b.to_status) END
+                AS recomputed,
+            a.status IS DISTINCT FROM b.to_status AS differs
+       FROM payout_items a
+       FULL JOIN (SELECT DISTINCT ON (kind, key) kind, key, id, to_status
+                    FROM payout_history ORDER BY kind, key, id DESC) b
+         ON a.kind = b.kind AND a.key = b.key
+     UNION ALL
+     SELECT format('%s/%s #%s', kind, key, id),
+            'from_status=' || coalesce(from_status, 'NULL'),
+            CASE WHEN previous IS NULL THEN 'from_status=NULL (first row of the item)'
+                 ELSE format('from_status=%s (to_status of #%s)', previous, previous_id) END,
+            from_status IS DISTINCT FROM previous
+       FROM (SELECT id, kind, key, from_status,
+                    lag(to_status) OVER w AS previous, lag(id) OVER w AS previous_id
+               FROM payout_history WINDOW w AS (PARTITION BY kind, key ORDER BY id)) h"
+}
+
+/// The payout outbox rows are exactly the payout history rows into or out of an exception.
+fn payout_outbox_sql() -> &'static str {
+    "WITH h AS (
+        SELECT id, key, from_status, to_status,
+               to_status NOT IN ('PAYOUT_MATCHED', 'PAYOUT_PENDING') AS opens,
+               (to_status NOT IN ('PAYOUT_MATCHED', 'PAYOUT_PENDING'))
+                   <> coalesce(from_status NOT IN ('PAYOUT_MATCHED', 'PAYOUT_PENDING'), false)
+                   AS publishes
+          FROM payout_history
+     ), o AS (SELECT * FROM exceptions_outbox WHERE leg = 'PAYOUT')
+     SELECT coalesce('outbox seq ' || o.seq, 'payout history #' || h.id) AS key,
+            CASE WHEN o.seq IS NULL THEN 'missing'
+                 ELSE format('history_id=%s %s %s->%s opened=%s', o.history_id,
+                             o.payment_reference, coalesce(o.from_status, 'NULL'), o.to_status,
+                             o.opened) END AS stored,
+            CASE WHEN h.id IS NULL THEN 'no such payout history row'
+                 WHEN NOT h.publishes THEN format('history #%s %s->%s is not published', h.id,
+                      coalesce(h.from_status, 'NULL'), h.to_status)
+                 WHEN o.seq IS NOT NULL AND count(*) OVER (PARTITION BY h.id) > 1
+                      THEN format('one outbox row per history row, not %s',
+                                  count(*) OVER (PARTITION BY h.id))
+                 ELSE format('history_id=%s %s %s->%s opened=%s', h.id, h.key,
+                             coalesce(h.from_status, 'NULL'), h.to_status, h.opens) END
+                AS recomputed,
+            o.seq IS NULL OR h.id IS NULL OR NOT h.publishes
+                OR (o.payment_reference, o.from_status, o.to_status, o.opened)
+                   IS DISTINCT FROM (h.key, h.from_status, h.to_status, h.opens)
+                OR count(*) OVER (PARTITION BY h.id) > 1 AS differs
+       FROM o FULL JOIN h ON h.id = o.history_id
+      WHERE o.seq IS NOT NULL OR h.publishes"
 }
 
 #[cfg(test)]

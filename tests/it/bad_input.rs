@@ -131,7 +131,7 @@ async fn a_registry_outage_is_retried_at_the_same_offset_and_never_dead_lettered
     };
     let (token, task) = start_registry(storage.clone()).await;
     let sr = registry_settings(&url, Duration::from_secs(2)).unwrap();
-    let encoder = payrecon::codec::Encoder::register(
+    let encoder = payrecon::inputs::Encoder::register(
         &sr,
         &fx.kafka.payments_topic,
         &fx.kafka.settlements_topic,
@@ -209,7 +209,7 @@ async fn a_dead_letter_is_re_driven_once_its_cause_is_fixed() {
         unreachable!()
     };
     p.event_id = "evt-v2-1".into();
-    let apache_avro::types::Value::Record(mut fields) = payrecon::codec::payment_to_value(&p)
+    let apache_avro::types::Value::Record(mut fields) = payrecon::inputs::payments::to_avro(&p)
     else {
         unreachable!()
     };

@@ -2,7 +2,8 @@
 
 use chrono::Utc;
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind};
-use payrecon::store::{Batch, CommitError, PartitionProgress, Source};
+use payrecon::engine::Batch;
+use payrecon::store::{CommitError, PartitionProgress, Source};
 
 use crate::helpers::TestDb;
 
@@ -55,34 +56,37 @@ async fn a_stale_batch_is_rejected_and_rolls_back_entirely() {
     let store = &db.store;
     let r = db.reconciler().await;
     // Instance A commits offsets 0..2.
-    store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]), &r)
+    payrecon::engine::commit_batch(store, "g", "a", &batch(None, 0, &["e0", "e1"]), &r)
         .await
         .unwrap();
     // Instance B took over from offset 2 and committed 2..4.
-    store
-        .commit_batch("g", "b", &batch(Some(2), 2, &["e2", "e3"]), &r)
+    payrecon::engine::commit_batch(store, "g", "b", &batch(Some(2), 2, &["e2", "e3"]), &r)
         .await
         .unwrap();
     // A zombie that also started from 2 (with a different event) must be rejected whole.
-    let err = store
-        .commit_batch(
-            "g",
-            "zombie",
-            &batch(Some(2), 2, &["e2", "zombie-only"]),
-            &r,
-        )
-        .await
-        .unwrap_err();
+    let err = payrecon::engine::commit_batch(
+        store,
+        "g",
+        "zombie",
+        &batch(Some(2), 2, &["e2", "zombie-only"]),
+        &r,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, CommitError::Fenced { partition: 0, .. }),
         "{err:?}"
     );
     // A second first-time commit of the partition is rejected too.
-    let err = store
-        .commit_batch("g", "zombie", &batch(None, 0, &["zombie-first"]), &r)
-        .await
-        .unwrap_err();
+    let err = payrecon::engine::commit_batch(
+        store,
+        "g",
+        "zombie",
+        &batch(None, 0, &["zombie-first"]),
+        &r,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, CommitError::Fenced { .. }), "{err:?}");
 
     let ids: Vec<String> =
@@ -111,15 +115,19 @@ async fn a_redelivered_event_changes_nothing_and_is_not_double_counted() {
     let db = TestDb::new().await;
     let store = &db.store;
     let r = db.reconciler().await;
-    store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1"]), &r)
+    payrecon::engine::commit_batch(store, "g", "a", &batch(None, 0, &["e0", "e1"]), &r)
         .await
         .unwrap();
     // The same event ids arrive again at later offsets (a producer retry without idempotence).
-    let outcome = store
-        .commit_batch("g", "a", &batch(Some(2), 2, &["e0", "e1", "e2"]), &r)
-        .await
-        .unwrap();
+    let outcome = payrecon::engine::commit_batch(
+        store,
+        "g",
+        "a",
+        &batch(Some(2), 2, &["e0", "e1", "e2"]),
+        &r,
+    )
+    .await
+    .unwrap();
     assert_eq!(outcome.payments_inserted, 1);
     let totals = store.running_totals("g").await.unwrap();
     assert_eq!(totals.payments["m-1/EUR/CAPTURE"].count, 3);
@@ -135,15 +143,14 @@ async fn an_offset_never_moves_backwards() {
     let db = TestDb::new().await;
     let store = &db.store;
     let r = db.reconciler().await;
-    store
-        .commit_batch("g", "a", &batch(None, 0, &["e0", "e1", "e2"]), &r)
+    payrecon::engine::commit_batch(store, "g", "a", &batch(None, 0, &["e0", "e1", "e2"]), &r)
         .await
         .unwrap();
     // A batch claiming to start at 3 but ending at 2 is refused.
     let mut b = batch(Some(3), 3, &["x"]);
     b.progress[0].next_offset = 2;
     assert!(matches!(
-        store.commit_batch("g", "a", &b, &r).await,
+        payrecon::engine::commit_batch(store, "g", "a", &b, &r).await,
         Err(CommitError::Fenced { .. })
     ));
     assert_eq!(db.offsets("g").await[&("payments".to_string(), 0)], 3);

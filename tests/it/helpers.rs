@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use payrecon::codec::{Encoder, registry_settings};
+use payrecon::codec::registry_settings;
 use payrecon::domain::Totals;
+use payrecon::inputs::Encoder;
 use payrecon::simulate::{Generated, SimulationOptions};
 use payrecon::store::Store;
 use rdkafka::ClientConfig;
@@ -78,11 +79,11 @@ impl TestDb {
 
     /// A reconciler on the default rules with the reference cache loaded from this database
     /// (store-level tests; the watermark counts the partitions committed so far).
-    pub async fn reconciler(&self) -> payrecon::store::Reconciler {
+    pub async fn reconciler(&self) -> payrecon::engine::Reconciler {
         let cache = std::sync::Arc::new(payrecon::reference::ReferenceCache::default());
         cache.reload(&self.store).await.unwrap();
         let settings = payrecon::config::Settings::load(None).unwrap();
-        payrecon::store::Reconciler::new(&settings.reconciliation, cache, None)
+        payrecon::engine::Reconciler::new(&settings.reconciliation, cache, None)
     }
 
     /// Stored next_offset per (topic, partition) for `group`.
@@ -332,8 +333,7 @@ impl Fixture {
             Duration::from_secs(60),
             "reconciliation and the relay to catch up",
             || async {
-                let b = store
-                    .reconciliation_backlog(&self.group, lateness)
+                let b = payrecon::engine::reconciliation_backlog(store, &self.group, lateness)
                     .await
                     .unwrap();
                 b.due == 0 && b.unpublished == 0

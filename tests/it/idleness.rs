@@ -136,12 +136,12 @@ async fn judged(
         })
         .collect();
     let cache = std::sync::Arc::new(payrecon::reference::ReferenceCache::default());
-    let reconciler = payrecon::store::Reconciler::new(
+    let reconciler = payrecon::engine::Reconciler::new(
         &s.reconciliation,
         cache,
         Some(3 * i64::from(f.kafka.partitions)),
     )
-    .with_log_ends(std::sync::Arc::new(payrecon::store::LogEnds::fixed(ends)));
+    .with_log_ends(std::sync::Arc::new(payrecon::engine::LogEnds::fixed(ends)));
     let mut conn = f.db.store.pool().acquire().await.unwrap();
     reconciler
         .group_watermark(&mut conn, &f.group)

@@ -9,9 +9,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
-use payrecon::codec::{Codec, DecodeError, Encoder, Stream, registry_settings};
+use payrecon::codec::{DecodeError, Stream, registry_settings};
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind, Record, SettlementLine};
-use payrecon::store::{Batch, DeadLetter, PartitionProgress, RawRecord, Source};
+use payrecon::engine::Batch;
+use payrecon::inputs::{Decoder, Encoder};
+use payrecon::store::{DeadLetter, PartitionProgress, RawRecord, Source};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rust_decimal::Decimal;
@@ -171,7 +173,7 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
     let encoder = Encoder::register(&sr, payments_topic, settlements_topic)
         .await
         .unwrap();
-    let codec = Codec::new(sr);
+    let codec = Decoder::new(sr);
     let reconciler = db.reconciler().await;
     let handle = tokio::runtime::Handle::current();
     let topics = vec![payments_topic.to_owned(), settlements_topic.to_owned()];
@@ -262,10 +264,14 @@ async fn every_arbitrary_record_is_applied_or_kept_and_no_batch_fails() {
                 if batch.progress.is_empty() {
                     return Ok(());
                 }
-                let outcome = db
-                    .store
-                    .commit_batch("prop", "prop/1", &batch, &reconciler)
-                    .await;
+                let outcome = payrecon::engine::commit_batch(
+                    &db.store,
+                    "prop",
+                    "prop/1",
+                    &batch,
+                    &reconciler,
+                )
+                .await;
                 prop_assert!(outcome.is_ok(), "the batch failed: {outcome:?}");
                 let outcome = outcome.unwrap();
                 let mut duplicates = 0;

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
+use payrecon::engine::Batch;
 use payrecon::report::Report;
 use payrecon::simulate::SimulationOptions;
-use payrecon::store::{Batch, PartitionProgress, Source};
+use payrecon::store::{PartitionProgress, Source};
 use rust_decimal::Decimal;
 
 use crate::helpers::{Fixture, TestDb};
@@ -131,8 +132,7 @@ async fn reconciled_day(db: &TestDb) {
             line("pay-short", "merchant-000", ("45.00", "1.00"), "EUR", 3),
         ],
     );
-    store
-        .commit_batch("g", "a", &first, &reconciler)
+    payrecon::engine::commit_batch(store, "g", "a", &first, &reconciler)
         .await
         .unwrap();
     assert_eq!(
@@ -152,8 +152,7 @@ async fn reconciled_day(db: &TestDb) {
             80,
         )],
     );
-    let outcome = store
-        .commit_batch("g", "a", &later, &reconciler)
+    let outcome = payrecon::engine::commit_batch(store, "g", "a", &later, &reconciler)
         .await
         .unwrap();
     assert_eq!(outcome.reconciliation.exceptions_opened, 1);
@@ -918,8 +917,7 @@ async fn a_resolved_exception_leaves_the_open_exceptions_and_counts_as_resolved(
     );
     // Only the settlements partition moves.
     top_up.progress.retain(|p| p.topic == SETTLEMENTS);
-    db.store
-        .commit_batch("g", "a", &top_up, &reconciler)
+    payrecon::engine::commit_batch(&db.store, "g", "a", &top_up, &reconciler)
         .await
         .unwrap();
     assert_eq!(status(&db, "pay-short").await, "MATCHED");
