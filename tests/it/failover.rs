@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use payrecon::simulate::SimulationOptions;
+use payrecon::tools::simulate::SimulationOptions;
 use payrecon::store::Store;
 
 use crate::helpers::{
@@ -34,7 +34,7 @@ async fn database_on(cluster: &PgCluster, url: impl Fn(&str) -> String) -> TestD
     cluster.execute(&format!("CREATE DATABASE {name}")).await;
     let store = Store::new(cluster.pool(&name).await);
     store.migrate().await.expect("migrating the drill database");
-    let (merchants, rates) = payrecon::simulate::reference_data(&SimulationOptions::default())
+    let (merchants, rates) = payrecon::tools::simulate::reference_data(&SimulationOptions::default())
         .expect("the simulation's reference data");
     store.load_merchants(&merchants, None).await.unwrap();
     store.load_rates(&rates, None).await.unwrap();
@@ -179,7 +179,7 @@ async fn failover_to_a_synchronous_standby_loses_nothing_and_doubles_nothing() {
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::simulate::simulate(&simulation(4_000, 281), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 281), encoder.payment_schema_id()).unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("sync-1", &[]);
@@ -222,7 +222,7 @@ async fn failover_to_an_asynchronous_standby_rereads_what_it_lost_and_supersedes
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::simulate::simulate(&simulation(4_000, 282), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 282), encoder.payment_schema_id()).unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("async-1", &[]);
@@ -312,7 +312,7 @@ async fn a_point_in_time_restore_resumes_from_the_restored_offsets_and_agrees_wi
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::simulate::simulate(&simulation(4_000, 283), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 283), encoder.payment_schema_id()).unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("pitr-1", &[]);
@@ -369,7 +369,7 @@ async fn a_point_in_time_restore_resumes_from_the_restored_offsets_and_agrees_wi
 
     // report --verify's checks and an audit replay of the whole topics agree.
     let rules = payrecon::store::Rules::from_settings(&fx.settings().reconciliation);
-    let verification = payrecon::report::verify(&fx.db.store, &rules)
+    let verification = payrecon::tools::report::verify(&fx.db.store, &rules)
         .await
         .unwrap();
     let failed: Vec<String> = (verification.checks.iter())
@@ -388,13 +388,13 @@ async fn a_point_in_time_restore_resumes_from_the_restored_offsets_and_agrees_wi
         failed.join("\n")
     );
     let dir = tempfile::tempdir().unwrap();
-    let options = payrecon::replay::ReplayOptions {
+    let options = payrecon::tools::replay::ReplayOptions {
         report: Some(dir.path().join("audit.json")),
         differences_csv: Some(dir.path().join("audit.csv")),
         quiet: true,
-        ..payrecon::replay::ReplayOptions::default()
+        ..payrecon::tools::replay::ReplayOptions::default()
     };
-    let audit = payrecon::replay::run(
+    let audit = payrecon::tools::replay::run(
         &fx.settings(),
         &options,
         tokio_util::sync::CancellationToken::new(),

@@ -11,6 +11,7 @@ mod cooperative;
 mod crash;
 mod failover;
 mod fencing;
+mod files;
 mod frozen;
 mod hostile;
 mod idleness;
