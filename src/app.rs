@@ -14,6 +14,7 @@ use crate::config::{Settings, redact_text, redact_url};
 use crate::engine::{LogEnds, Reconciler};
 use crate::http::Stage;
 use crate::inputs::Decoder;
+use crate::instance::instance_id;
 use crate::kafka::{ConsumerLoop, LoopEvent};
 use crate::reference::ReferenceCache;
 use crate::store::Store;
@@ -51,13 +52,9 @@ async fn connect_store_reporting(
     let started = std::time::Instant::now();
     let database = settings.database.redacted_url();
     loop {
-        match settings
-            .database
-            .pool_options()
-            .connect_with(options.clone())
-            .await
-        {
-            Ok(pool) => return Ok(Store::new(pool)),
+        // One server, or the writable one of a list (store::targets).
+        match crate::store::targets::connect(&settings.database, options.clone()).await {
+            Ok(store) => return Ok(store),
             Err(e) => {
                 let cause = redact_text(&crate::store::describe(&e));
                 if let Some(why) = crate::store::refused_connection(&e) {
@@ -216,7 +213,7 @@ pub async fn run(
     // Install the recorder first: series registered before it exists would go nowhere.
     crate::metrics::handle();
     let input_topics = settings.kafka.input_topic_names();
-    crate::metrics::register_zeroes(
+    crate::telemetry::register_zeroes(
         &input_topics.iter().map(String::as_str).collect::<Vec<_>>(),
         &crate::codec::PoisonKind::ALL.map(|k| k.as_str()),
     );
@@ -356,6 +353,8 @@ async fn start_and_consume(
         settings.pipeline.retry_max_backoff,
         stop.clone(),
     ));
+    // Follows the primary when database.url lists several servers.
+    tracker.spawn(crate::store::targets::watch(store.clone(), stop.clone()));
     if settings.exceptions.relay_enabled {
         tracker.spawn(crate::outbox::run_relay(
             settings.clone(),
@@ -408,12 +407,6 @@ async fn start_and_consume(
     }
     store.pool().close().await;
     result
-}
-
-/// `host/pid`: who committed a batch or evaluated an item.
-pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!("{host}/{}", std::process::id())
 }
 
 /// Re-evaluates items without waiting for new records: at start and after every
@@ -478,7 +471,7 @@ pub async fn reevaluate_in_background(
         match result {
             Ok(outcome) => {
                 backoff = Duration::from_millis(100);
-                crate::metrics::reconciled(&outcome);
+                crate::telemetry::reconciled(&outcome);
                 if outcome.evaluated > 0 {
                     tracing::info!(
                         evaluated = outcome.evaluated,

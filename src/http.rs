@@ -122,9 +122,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
             );
         }
     };
-    let db = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(state.store.pool())
-        .await;
+    let db = state.store.ping().await;
     let (joined, assigned) = state
         .assignment
         .lock()
@@ -136,7 +134,7 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     if let Err(e) = db {
         problems.push(format!(
             "database: {}",
-            crate::config::redact_text(&crate::store::describe(&e))
+            crate::redact::redact_text(&crate::store::describe(&e))
         ));
     }
     if seen == 0 || silence_ms > state.broker_max_silence.as_millis() as i64 {
@@ -148,15 +146,24 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     if let Some(reason) = state.progress.stalled() {
         problems.push(format!("consumer stalled: {reason}"));
     }
+    // Which server (host:port) and when it last switched, when database.url lists several.
+    let server = state.store.primary().map_or(String::new(), |p| {
+        let s = p.status();
+        let last = s.last_switch.map_or("never".into(), |t| t.to_rfc3339());
+        format!(
+            " (server {}, switches {}, last switch {last})",
+            s.server, s.switches
+        )
+    });
     if problems.is_empty() {
         (
             StatusCode::OK,
-            format!("ready: database ok, broker ok, {assigned} partitions assigned\n"),
+            format!("ready: database ok{server}, broker ok, {assigned} partitions assigned\n"),
         )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
+            format!("not ready: {}{server}\n", problems.join("; ")),
         )
     }
 }

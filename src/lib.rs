@@ -22,41 +22,39 @@
 //!   binding, row shape, what it adds to reconciliation.
 //! - [`engine`]: the batch transaction top to bottom (offsets, apply, reconcile, totals),
 //!   the sweeps, dead-letter re-drive, verification.
-//! - [`store`]: the only PostgreSQL code, typed functions by table family.
+//! - [`store`]: the only PostgreSQL code (every SQL statement), typed functions by table
+//!   family.
 //! - [`files`]: settlement reports and bank statements as files (CSV, camt, MT940, BAI2):
 //!   streaming parsers, integrity checks, and the import that produces their entries.
-//! - [`kafka`]: the consumer loop, rebalance positioning, commit lag.
+//! - [`kafka`]: the only librdkafka code: the consumer loop, rebalance positioning, commit
+//!   lag, client configs, producers, topic admin, the embedded cluster, readers.
+//! - [`reconcile`]: the matcher, pure; [`reference`]: temporal reference data and its cache.
+//! - [`outbox`]: the exceptions relay.
 //! - [`registry`]: a small Confluent-compatible Schema Registry for local runs and tests.
-//! - [`simulate`]: the load generator and its expected totals.
-//! - [`demo`]: the whole job on embedded defaults (mock Kafka, embedded registry).
-//! - [`bench`]: throughput and latency figures.
-//! - [`report`]: the reconciliation report of a business day (`payrecon report`), read from
-//!   the reporting views.
-//! - [`replay`]: audit replay of a topic range into a shadow schema, compared with the live
-//!   tables (`payrecon replay`).
-//! - [`config`], [`app`], [`http`], [`metrics`], [`telemetry`], [`malloc`], [`cli`]: plumbing.
+//! - [`tools`]: the commands built on the library (simulate, demo, bench, report, replay,
+//!   dead letters, reference load); nothing in the library imports them.
+//! - [`config`] (one file per section), [`redact`], [`instance`], [`app`], [`http`],
+//!   [`metrics`] (a leaf), [`telemetry`], [`malloc`], [`cli`] (parses and dispatches): plumbing.
 
 pub mod app;
-pub mod bench;
 
 pub mod cli;
 pub mod codec;
 pub mod config;
-pub mod demo;
 pub mod domain;
 pub mod engine;
 pub mod files;
 pub mod http;
 pub mod inputs;
+pub mod instance;
 pub mod kafka;
 pub mod malloc;
 pub mod metrics;
 pub mod outbox;
 pub mod reconcile;
+pub mod redact;
 pub mod reference;
 pub mod registry;
-pub mod replay;
-pub mod report;
-pub mod simulate;
 pub mod store;
 pub mod telemetry;
+pub mod tools;

@@ -13,7 +13,7 @@
 //! `GLIBC_TUNABLES`, which glibc applies itself). Other C libraries (musl) and systems are
 //! left as they are.
 //!
-//! Measured with `payrecon bench`'s service-process stage on 2 cores (README, *The service's
+//! Measured with `payrecon bench`'s service-process stage on 2 cores (docs/performance.md, *The service's
 //! own memory*): peak resident set 155-189 MiB with glibc's defaults, 134-151 MiB with two
 //! arenas, 127-143 MiB with two arenas and the fixed threshold (interleaved with the defaults,
 //! the service ran up to a few per cent slower, not settled by those runs); one arena:

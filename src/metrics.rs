@@ -44,6 +44,11 @@ pub const CONSUMER_STALLED: &str = "payrecon_consumer_stalled";
 pub const LAST_COMMIT: &str = "payrecon_last_commit_timestamp_seconds";
 pub const POSITIONING_ERRORS: &str = "payrecon_positioning_errors_total";
 pub const RECORDS_REREAD: &str = "payrecon_reconciliation_reread_items_total";
+pub const EXCEPTIONS_LOST: &str = "payrecon_exceptions_lost_total";
+pub const DATABASE_SWITCHES: &str = "payrecon_database_switches_total";
+pub const DATABASE_SERVER: &str = "payrecon_database_server_info";
+pub const DATABASE_LAST_SWITCH: &str = "payrecon_database_last_switch_timestamp_seconds";
+pub const DATABASE_FAILOVER_SECONDS: &str = "payrecon_database_failover_duration_seconds";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -215,6 +220,28 @@ fn describe() {
         POSITIONING_ERRORS,
         "Failures to position a partition at its stored offset (assign or seek), by operation; each is retried and makes the instance not ready until it succeeds."
     );
+    describe_counter!(
+        EXCEPTIONS_LOST,
+        "Exceptions found on the exceptions topic that the database lost (failover to an asynchronous standby, restore): each is superseded by the next exception of its payment reference (header payrecon-supersedes)."
+    );
+    describe_counter!(
+        DATABASE_SWITCHES,
+        "Times the pool moved to another PostgreSQL server of database.url's list because the current one died or turned read-only (a failover)."
+    );
+    describe_gauge!(
+        DATABASE_SERVER,
+        "1 for the PostgreSQL server (host:port of database.url, label server) payrecon writes to, 0 for the others it used before."
+    );
+    describe_gauge!(
+        DATABASE_LAST_SWITCH,
+        metrics::Unit::Seconds,
+        "Unix time of the last switch to another PostgreSQL server."
+    );
+    describe_gauge!(
+        DATABASE_FAILOVER_SECONDS,
+        metrics::Unit::Seconds,
+        "Of the last switch: seconds from finding the old server gone (or read-only) to connecting to the new primary."
+    );
     describe_gauge!(
         COMMIT_LAG,
         "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
@@ -227,7 +254,11 @@ fn describe() {
 
 /// Registers every counter with a known label set at zero, so rates and `increase()` see
 /// the first event and dashboards show 0 instead of "no data". `topics` are the input topics.
-pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
+pub fn register_zeroes(
+    topics: &[&str],
+    dead_letter_reasons: &[&'static str],
+    statuses: &[(&'static str, bool)],
+) {
     for outcome in ["committed", "fenced", "retried", "isolated"] {
         counter!(BATCHES, "outcome" => outcome).absolute(0);
     }
@@ -239,18 +270,9 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
     }
     counter!(LAG_REFRESH_ERRORS).absolute(0);
     counter!(RECORDS_REREAD).absolute(0);
-    for status in crate::reconcile::Status::ALL {
-        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(status))
+    for (status, exception) in statuses {
+        counter!(STATUS_CHANGES, "status" => *status, "exception" => exception_label(*exception))
             .absolute(0);
-    }
-    // The payout leg's statuses (PAYOUT_*) count in the same series.
-    for status in crate::reconcile::PayoutStatus::ALL {
-        let exception = if status.is_exception() {
-            "true"
-        } else {
-            "false"
-        };
-        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception).absolute(0);
     }
     for event in ["opened", "resolved"] {
         counter!(EXCEPTIONS, "event" => event).absolute(0);
@@ -280,64 +302,96 @@ pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
         counter!(POSITIONING_ERRORS, "operation" => operation).absolute(0);
     }
     gauge!(CONSUMER_STALLED).set(0.0);
+    counter!(DATABASE_SWITCHES).absolute(0);
+    counter!(EXCEPTIONS_LOST).absolute(0);
 }
 
-fn exception_label(status: crate::reconcile::Status) -> &'static str {
-    if status.is_exception() {
-        "true"
-    } else {
-        "false"
+/// The relay found `n` exceptions on the topic that the database lost.
+pub fn exceptions_lost(n: u64) {
+    counter!(EXCEPTIONS_LOST).increment(n);
+}
+
+/// payrecon writes to PostgreSQL server `server` (host:port).
+pub fn database_server(server: &str) {
+    gauge!(DATABASE_SERVER, "server" => server.to_owned()).set(1.0);
+}
+
+/// The pool moved from server `from` to `to`, `lost_for` after the old one was found gone.
+pub fn database_switched(from: &str, to: &str, lost_for: Option<Duration>) {
+    counter!(DATABASE_SWITCHES).increment(1);
+    gauge!(DATABASE_SERVER, "server" => from.to_owned()).set(0.0);
+    database_server(to);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    gauge!(DATABASE_LAST_SWITCH).set(now);
+    if let Some(d) = lost_for {
+        gauge!(DATABASE_FAILOVER_SECONDS).set(d.as_secs_f64());
     }
 }
 
-/// What reconciliation changed in one committed transaction.
-pub fn reconciled(outcome: &crate::reconcile::ReconcileOutcome) {
-    for (status, n) in &outcome.status_changes {
-        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception_label(*status))
-            .increment(*n);
-    }
-    let p = &outcome.payouts;
-    for (status, n) in &p.status_changes {
-        let exception = if status.is_exception() {
-            "true"
-        } else {
-            "false"
-        };
-        counter!(STATUS_CHANGES, "status" => status.as_str(), "exception" => exception)
-            .increment(*n);
-    }
-    counter!(EXCEPTIONS, "event" => "opened")
-        .increment(outcome.exceptions_opened + p.exceptions_opened);
-    counter!(EXCEPTIONS, "event" => "resolved")
-        .increment(outcome.exceptions_resolved + p.exceptions_resolved);
-    if let Some(w) = outcome
-        .watermark
-        .filter(|w| *w > chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
-    {
+fn exception_label(exception: bool) -> &'static str {
+    if exception { "true" } else { "false" }
+}
+
+/// `n` items entered `status` (an exception status or not) in one committed transaction.
+pub fn status_changed(status: &'static str, exception: bool, n: u64) {
+    counter!(STATUS_CHANGES, "status" => status, "exception" => exception_label(exception))
+        .increment(n);
+}
+
+/// Exceptions opened and resolved in one committed transaction (outbox rows written).
+pub fn exceptions(opened: u64, resolved: u64) {
+    counter!(EXCEPTIONS, "event" => "opened").increment(opened);
+    counter!(EXCEPTIONS, "event" => "resolved").increment(resolved);
+}
+
+/// The watermark a transaction's evaluations used.
+pub fn watermark(w: chrono::DateTime<chrono::Utc>) {
+    if w > chrono::DateTime::<chrono::Utc>::UNIX_EPOCH {
         gauge!(WATERMARK).set(w.timestamp_millis() as f64 / 1000.0);
     }
 }
 
-/// The watermark was judged (after a lag refresh): the group's, and every partition's part.
-pub fn group_watermark(w: &crate::reconcile::GroupWatermark) {
+/// One partition's part in the group's watermark.
+pub struct PartitionClock<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    /// Highest event time minus the allowed lateness; `None`: nothing with an event time.
+    pub contribution: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its standing's label (one of `standings`).
+    pub standing: &'static str,
+    /// Whether the standing leaves it out of the watermark.
+    pub idle: bool,
+}
+
+/// The watermark was judged (after a lag refresh): the group's, and every partition's part;
+/// `standings` is every label a partition's standing can take.
+pub fn group_watermark<'a>(
+    watermark: chrono::DateTime<chrono::Utc>,
+    stream_time: Option<chrono::DateTime<chrono::Utc>>,
+    partitions: impl IntoIterator<Item = PartitionClock<'a>>,
+    standings: &[&str],
+) {
     let seconds = |t: chrono::DateTime<chrono::Utc>| t.timestamp_millis() as f64 / 1000.0;
-    gauge!(WATERMARK_GROUP).set(seconds(w.watermark).max(0.0));
-    gauge!(WATERMARK_STREAM_TIME).set(w.stream_time.map_or(0.0, seconds));
+    gauge!(WATERMARK_GROUP).set(seconds(watermark).max(0.0));
+    gauge!(WATERMARK_STREAM_TIME).set(stream_time.map_or(0.0, seconds));
     let mut holding = 0;
-    for p in &w.partitions {
+    for p in partitions {
         let labels = [
-            ("topic", p.topic.clone()),
+            ("topic", p.topic.to_owned()),
             ("partition", p.partition.to_string()),
         ];
         gauge!(WATERMARK_PARTITION, &labels).set(p.contribution.map_or(0.0, seconds).max(0.0));
-        gauge!(WATERMARK_PARTITION_IDLE, &labels).set(if p.standing.is_idle() { 1.0 } else { 0.0 });
-        for standing in crate::reconcile::watermark::STANDINGS {
+        gauge!(WATERMARK_PARTITION_IDLE, &labels).set(if p.idle { 1.0 } else { 0.0 });
+        for standing in standings {
             let mut labels = labels.to_vec();
-            labels.push(("standing", standing.to_owned()));
-            let on = p.standing.as_str() == standing;
+            labels.push(("standing", (*standing).to_owned()));
+            let on = p.standing == *standing;
             gauge!(WATERMARK_PARTITION_STANDING, &labels).set(if on { 1.0 } else { 0.0 });
         }
-        if !p.standing.is_idle() && p.contribution.is_none() {
+        if !p.idle && p.contribution.is_none() {
             holding += 1;
         }
     }

@@ -1,5 +1,8 @@
-//! Structured logging via `tracing`: text or JSON, filter in RUST_LOG syntax.
-//! Logs never carry secrets (URLs are redacted by `config`) or record payloads.
+//! How the service reports itself: structured logging via `tracing` (text or JSON, filter
+//! in RUST_LOG syntax), and the metric events of reconciliation outcomes and the watermark
+//! (read from the engine's types, emitted through the primitive functions of `metrics`,
+//! which imports nothing of the crate). Logs never carry secrets (URLs are redacted, see
+//! `redact`) or record payloads.
 
 use tracing_subscriber::EnvFilter;
 
@@ -33,4 +36,50 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Every series starts at zero, so a rate over a fresh process is defined: per input topic,
+/// per dead-letter reason, per status of both reconciliation legs.
+pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {
+    let statuses: Vec<(&'static str, bool)> = (crate::reconcile::Status::ALL.iter())
+        .map(|s| (s.as_str(), s.is_exception()))
+        // The payout leg's statuses (PAYOUT_*) count in the same series.
+        .chain((crate::reconcile::PayoutStatus::ALL.iter()).map(|s| (s.as_str(), s.is_exception())))
+        .collect();
+    crate::metrics::register_zeroes(topics, dead_letter_reasons, &statuses);
+}
+
+/// What reconciliation changed in one committed transaction.
+pub fn reconciled(outcome: &crate::reconcile::ReconcileOutcome) {
+    for (status, n) in &outcome.status_changes {
+        crate::metrics::status_changed(status.as_str(), status.is_exception(), *n);
+    }
+    let p = &outcome.payouts;
+    for (status, n) in &p.status_changes {
+        crate::metrics::status_changed(status.as_str(), status.is_exception(), *n);
+    }
+    crate::metrics::exceptions(
+        outcome.exceptions_opened + p.exceptions_opened,
+        outcome.exceptions_resolved + p.exceptions_resolved,
+    );
+    if let Some(w) = outcome.watermark {
+        crate::metrics::watermark(w);
+    }
+}
+
+/// The watermark was judged (after a lag refresh): the group's, and every partition's part.
+pub fn group_watermark(w: &crate::reconcile::GroupWatermark) {
+    let partitions = w.partitions.iter().map(|p| crate::metrics::PartitionClock {
+        topic: &p.topic,
+        partition: p.partition,
+        contribution: p.contribution,
+        standing: p.standing.as_str(),
+        idle: p.standing.is_idle(),
+    });
+    crate::metrics::group_watermark(
+        w.watermark,
+        w.stream_time,
+        partitions,
+        &crate::reconcile::watermark::STANDINGS,
+    );
 }

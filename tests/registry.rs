@@ -504,8 +504,8 @@ async fn round_trip(settings: &payrecon::config::Settings) {
     let encoder = payrecon::inputs::Encoder::register(&sr, "pay", "settle")
         .await
         .unwrap();
-    let (records, _) = payrecon::simulate::generate(
-        &payrecon::simulate::SimulationOptions {
+    let (records, _) = payrecon::tools::simulate::generate(
+        &payrecon::tools::simulate::SimulationOptions {
             payments: 1,
             malformed: 0,
             ..Default::default()
@@ -516,7 +516,7 @@ async fn round_trip(settings: &payrecon::config::Settings) {
     let payment = records
         .iter()
         .find_map(|r| match r {
-            payrecon::simulate::Generated::Payment(p) => Some(p),
+            payrecon::tools::simulate::Generated::Payment(p) => Some(p),
             _ => None,
         })
         .expect("a payment");

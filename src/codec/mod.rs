@@ -21,7 +21,7 @@ use schema_registry_converter::async_impl::avro::AvroDecoder;
 use schema_registry_converter::async_impl::schema_registry::{SrSettings, post_schema};
 use schema_registry_converter::error::SRCError;
 
-use crate::config::redact_text;
+use crate::redact::redact_text;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
 
 use crate::domain::InvalidRecord;

@@ -187,7 +187,7 @@ impl ConsumerLoop {
             codec,
             reconciler,
             group: settings.kafka.group_id.clone(),
-            instance: crate::app::instance_id(),
+            instance: crate::instance::instance_id(),
             inputs,
             max_records: settings.pipeline.batch_max_records,
             linger: settings.pipeline.batch_linger,
@@ -230,7 +230,14 @@ impl ConsumerLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight: Vec<Option<InFlight<'_>>> = (0..self.lanes).map(|_| None).collect();
         let mut resync = false;
+        let mut switches = self.store.database_switches();
         loop {
+            // Another server became the primary: what it holds is the truth (an asynchronous
+            // standby may lack the last commits), so positions are read from it again.
+            if self.store.database_switches() != switches {
+                switches = self.store.database_switches();
+                resync = true;
+            }
             let busy = in_flight.iter().any(Option::is_some);
             if resync && !busy {
                 self.resync(&shutdown).await;
@@ -662,7 +669,7 @@ impl ConsumerLoop {
         for c in &outcome.conflicts {
             crate::metrics::conflicting_duplicate(&batch.topics[c.topic]);
         }
-        crate::metrics::reconciled(&outcome.reconciliation);
+        crate::telemetry::reconciled(&outcome.reconciliation);
         let now_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)

@@ -141,7 +141,7 @@ impl WatermarkWatch {
             Err(e) => Err(e),
         };
         match judged {
-            Ok(w) => crate::metrics::group_watermark(&w),
+            Ok(w) => crate::telemetry::group_watermark(&w),
             Err(e) => tracing::warn!(error = %e, "cannot judge the watermark for its metrics"),
         }
     }

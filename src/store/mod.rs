@@ -10,12 +10,21 @@
 //!
 //! It does not decide what to retry; it classifies errors ([`disposition`]) so the caller can.
 
+pub mod audit;
+pub mod bench;
+pub mod compare;
 pub mod dead_letters;
+mod health;
 pub mod items;
 pub mod offsets;
+pub mod outbox;
 pub mod payout_items;
+pub mod pgstats;
 pub mod records;
 mod reference;
+pub mod report;
+pub mod shadow;
+pub mod targets;
 mod totals;
 pub mod verify;
 
@@ -171,11 +180,16 @@ pub struct StoredPosition {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The watched writable server when `database.url` lists several ([`targets`]).
+    primary: Option<std::sync::Arc<targets::Primary>>,
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Store { pool }
+        Store {
+            pool,
+            primary: None,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -308,7 +322,7 @@ pub fn database_url(admin: &PgConnectOptions, name: &str) -> String {
     }
 }
 
-fn quote_ident(name: &str) -> String {
+pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

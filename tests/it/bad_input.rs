@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use payrecon::codec::{frame, registry_settings};
-use payrecon::simulate::Generated;
+use payrecon::tools::simulate::Generated;
 
 use crate::helpers::{Fixture, free_port, simulation, wait_for};
 
@@ -15,7 +15,7 @@ async fn every_malformed_class_is_dead_lettered_and_the_valid_records_around_it_
     let mut options = simulation(400, 7);
     options.malformed = 12;
     let (mut records, mut expected) =
-        payrecon::simulate::generate(&options, encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&options, encoder.payment_schema_id()).unwrap();
     // A payment event on the settlements topic is the wrong record type for that topic.
     let Generated::Payment(p) = records
         .iter()
@@ -142,7 +142,8 @@ async fn a_registry_outage_is_retried_at_the_same_offset_and_never_dead_lettered
     .await
     .unwrap();
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(300, 11), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(300, 11), encoder.payment_schema_id())
+            .unwrap();
     fx.produce_records(&encoder, &records, 0).await;
     // Registry down before the service ever saw a schema.
     token.cancel();
@@ -186,7 +187,8 @@ async fn a_dead_letter_is_re_driven_once_its_cause_is_fixed() {
     let fx = Fixture::new(1).await;
     let encoder = fx.encoder().await;
     let (records, mut expected) =
-        payrecon::simulate::generate(&simulation(50, 3), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(50, 3), encoder.payment_schema_id())
+            .unwrap();
     // A producer already on schema v2 whose id is not yet known to the registry.
     let v2 = payrecon::codec::PAYMENT_EVENT_SCHEMA.replace(
         r#"{"name": "psp_reference""#,

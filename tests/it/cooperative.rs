@@ -45,7 +45,7 @@ async fn cooperative_members_joining_and_leaving_mid_stream_keep_totals_exact() 
     ];
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(15_000, 4242), encoder.payment_schema_id())
+        payrecon::tools::simulate::generate(&simulation(15_000, 4242), encoder.payment_schema_id())
             .unwrap();
     let t0 = std::time::Instant::now();
     let a = fx.spawn_service("coop-a", &env_a);
@@ -131,7 +131,7 @@ async fn static_members_restarting_under_the_same_instance_id_keep_totals_exact(
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(10_000, 4343), encoder.payment_schema_id())
+        payrecon::tools::simulate::generate(&simulation(10_000, 4343), encoder.payment_schema_id())
             .unwrap();
     let member = |name: &'static str| {
         [

@@ -18,8 +18,9 @@ async fn ten_sigkills_while_consuming_lose_nothing_and_double_nothing() {
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     // ~46k payments: > 50,000 payment events plus their settlement lines, on 4+4 partitions.
-    let sim = payrecon::simulate::simulate(&simulation(46_000, 2026), encoder.payment_schema_id())
-        .unwrap();
+    let sim =
+        payrecon::tools::simulate::simulate(&simulation(46_000, 2026), encoder.payment_schema_id())
+            .unwrap();
     let (records, expected) = (sim.records, sim.totals);
     assert!(
         expected.payment_events >= 50_000,

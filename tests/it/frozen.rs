@@ -27,7 +27,8 @@ async fn a_frozen_session_holding_offset_rows_loses_its_partitions_within_the_st
     let fx = Fixture::new(2).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::simulate::simulate(&simulation(12_000, 77), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(12_000, 77), encoder.payment_schema_id())
+            .unwrap();
     let (records, expected) = (sim.records, sim.totals);
     // Small timeouts so the test is quick; the bound scales with them.
     let session = [

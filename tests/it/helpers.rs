@@ -14,8 +14,8 @@ use nix::unistd::Pid;
 use payrecon::codec::registry_settings;
 use payrecon::domain::Totals;
 use payrecon::inputs::Encoder;
-use payrecon::simulate::{Generated, SimulationOptions};
 use payrecon::store::Store;
+use payrecon::tools::simulate::{Generated, SimulationOptions};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -70,8 +70,9 @@ impl TestDb {
         let store = Store::new(pool);
         store.migrate().await.expect("migrating the test database");
         // The simulator's reference data, so simulated traffic is priced like in production.
-        let (merchants, rates) = payrecon::simulate::reference_data(&SimulationOptions::default())
-            .expect("the simulation's reference data");
+        let (merchants, rates) =
+            payrecon::tools::simulate::reference_data(&SimulationOptions::default())
+                .expect("the simulation's reference data");
         store.load_merchants(&merchants, None).await.unwrap();
         store.load_rates(&rates, None).await.unwrap();
         TestDb { name, url, store }
@@ -345,9 +346,17 @@ impl Fixture {
             .await
             .unwrap();
         on_topic.sort_unstable();
+        // Exceptions a failover or restore lost stay on the topic, recorded and superseded.
+        let lost: Vec<i64> = sqlx::query_scalar("SELECT seq FROM exceptions_lost")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let mut expected = outbox.clone();
+        expected.extend(lost);
+        expected.sort_unstable();
         assert_eq!(
-            on_topic, outbox,
-            "the exceptions topic must hold every outbox row exactly once"
+            on_topic, expected,
+            "the exceptions topic must hold every outbox row (and every lost one) exactly once"
         );
         // The history is one unbroken chain per reference ending in its current status, and
         // every change into or out of an exception has exactly one outbox row.
@@ -384,7 +393,9 @@ impl Fixture {
         );
         // The payout leg: items against their records, history chains, outbox, totals.
         let rules = payrecon::store::Rules::from_settings(&self.settings().reconciliation);
-        let verification = payrecon::report::verify(store, &rules).await.unwrap();
+        let verification = payrecon::tools::report::verify(store, &rules)
+            .await
+            .unwrap();
         let failed: Vec<String> = (verification.checks.iter())
             .filter(|c| c.name.starts_with("payout") && !c.passed())
             .map(|c| {
@@ -422,14 +433,14 @@ impl Fixture {
     pub async fn produce(&self, options: &SimulationOptions) -> Totals {
         let encoder = self.encoder().await;
         let (records, expected) =
-            payrecon::simulate::generate(options, encoder.payment_schema_id()).unwrap();
+            payrecon::tools::simulate::generate(options, encoder.payment_schema_id()).unwrap();
         self.produce_records(&encoder, &records, options.rate).await;
         expected
     }
 
     pub async fn produce_records(&self, encoder: &Encoder, records: &[Generated], rate: u64) {
         let producer = self.producer();
-        payrecon::simulate::produce(
+        payrecon::tools::simulate::produce(
             &producer,
             encoder,
             &self.kafka.topics(),
@@ -456,9 +467,16 @@ impl Fixture {
             self.kafka.payouts_topic.clone(),
         );
         tokio::spawn(async move {
-            payrecon::simulate::produce(&producer, &encoder, &[&p, &s, &b], &records, rate, |_| {})
-                .await
-                .expect("producing the simulated records");
+            payrecon::tools::simulate::produce(
+                &producer,
+                &encoder,
+                &[&p, &s, &b],
+                &records,
+                rate,
+                |_| {},
+            )
+            .await
+            .expect("producing the simulated records");
         })
     }
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use payrecon::domain::PaymentEvent;
-use payrecon::simulate::Generated;
+use payrecon::tools::simulate::Generated;
 use rust_decimal::Decimal;
 
 use crate::helpers::{Fixture, simulation, wait_for};
@@ -32,7 +32,8 @@ async fn one_hostile_record(h: Hostile) {
     let fx = Fixture::new(2).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::simulate::simulate(&simulation(300, 11), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(300, 11), encoder.payment_schema_id())
+            .unwrap();
     let (mut records, mut expected) = (sim.records, sim.totals);
     let Some(Generated::Payment(clean)) = records
         .iter()
@@ -193,7 +194,8 @@ async fn a_refusal_that_lies_in_the_schema_stops_the_service_with_the_cause_and_
     let fx = Fixture::new(2).await;
     let encoder = fx.encoder().await;
     let (records, _) =
-        payrecon::simulate::generate(&simulation(50, 3), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(50, 3), encoder.payment_schema_id())
+            .unwrap();
     sqlx::raw_sql(
         "ALTER TABLE payment_events ADD CONSTRAINT test_refuses_everything CHECK (false) NOT VALID",
     )
@@ -240,7 +242,8 @@ async fn conflicting_duplicates_are_kept_with_both_versions_and_never_change_the
     let fx = Fixture::new(2).await;
     let encoder = fx.encoder().await;
     let (mut records, mut expected) =
-        payrecon::simulate::generate(&simulation(100, 5), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(100, 5), encoder.payment_schema_id())
+            .unwrap();
     let (pi, original) = records
         .iter()
         .enumerate()
@@ -356,7 +359,8 @@ async fn a_consumer_that_cannot_commit_is_not_ready_until_it_commits_again() {
     let fx = Fixture::new(2).await;
     let encoder = fx.encoder().await;
     let (records, _) =
-        payrecon::simulate::generate(&simulation(60, 9), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(60, 9), encoder.payment_schema_id())
+            .unwrap();
     let (first, second) = records.split_at(records.len() / 2);
     let service = fx.spawn_service("stall", &[("PAYRECON_PIPELINE__STALL_TIMEOUT", "3s")]);
     fx.produce_records(&encoder, first, 0).await;

@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use payrecon::reconcile::Status;
-use payrecon::replay::{AuditResult, ReplayOptions};
-use payrecon::simulate::{BrokerTime, Generated, SettlementRhythm, SimulationOptions};
+use payrecon::tools::replay::{AuditResult, ReplayOptions};
+use payrecon::tools::simulate::{BrokerTime, Generated, SettlementRhythm, SimulationOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Fixture, simulation};
@@ -43,7 +43,7 @@ fn settings(f: &Fixture) -> payrecon::config::Settings {
 
 async fn produce_stamped(f: &Fixture, records: &[Generated]) {
     let encoder = f.encoder().await;
-    payrecon::simulate::produce_stamped(
+    payrecon::tools::simulate::produce_stamped(
         &f.producer(),
         &encoder,
         &f.kafka.topics(),
@@ -100,7 +100,7 @@ async fn assert_replay_matches(f: &Fixture) {
         quiet: true,
         ..ReplayOptions::default()
     };
-    let outcome = payrecon::replay::run(&settings(f), &options, CancellationToken::new())
+    let outcome = payrecon::tools::replay::run(&settings(f), &options, CancellationToken::new())
         .await
         .expect("the replay runs");
     let csv = std::fs::read_to_string(dir.path().join("replay.csv")).unwrap();
@@ -165,7 +165,7 @@ fn count(statuses: &BTreeMap<String, Status>, s: Status) -> usize {
 async fn run_sparse(options: SimulationOptions) -> Fixture {
     let f = Fixture::new(16).await;
     let encoder = f.encoder().await;
-    let sim = payrecon::simulate::simulate(&options, encoder.payment_schema_id()).unwrap();
+    let sim = payrecon::tools::simulate::simulate(&options, encoder.payment_schema_id()).unwrap();
     assert!(
         count(&sim.statuses, Status::MissingSettlement) > 0
             && count(&sim.statuses, Status::UnexpectedSettlement) > 0,

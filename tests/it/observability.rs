@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use payrecon::simulate::SimulationOptions;
+use payrecon::tools::simulate::SimulationOptions;
 use serde_json::Value;
 
 use crate::helpers::{Fixture, Service, free_port, metric_value, simulation, wait_for};
@@ -103,7 +103,7 @@ async fn commit_lag_reaches_zero_when_drained_and_rises_while_the_service_is_sto
     let series = 6;
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(2_000, 1_001), encoder.payment_schema_id())
+        payrecon::tools::simulate::generate(&simulation(2_000, 1_001), encoder.payment_schema_id())
             .unwrap();
     let distinct =
         (expected.payment_events + expected.settlement_lines + expected.statement_lines) as f64;
@@ -219,7 +219,8 @@ async fn commit_lag_reaches_zero_when_drained_and_rises_while_the_service_is_sto
 
     // Records produced while no instance runs: the lag of the next instance is exactly that.
     let (more, more_expected) =
-        payrecon::simulate::generate(&simulation(500, 1_002), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(500, 1_002), encoder.payment_schema_id())
+            .unwrap();
     fx.produce_records(&encoder, &more, 0).await;
     let waiting = more.len() as f64;
     eprintln!(
@@ -938,7 +939,7 @@ async fn a_real_prometheus_scrapes_the_service_and_every_dashboard_and_alert_exp
         ..simulation(2_000, 2_001)
     };
     let (records, expected) =
-        payrecon::simulate::generate(&options, encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&options, encoder.payment_schema_id()).unwrap();
     let service = fx.spawn_service("observability-prometheus", &[]);
     wait_for(
         Duration::from_secs(90),

@@ -10,7 +10,8 @@ async fn terminated_database_connections_and_a_broker_outage_are_survived_exactl
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(12_000, 5), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(12_000, 5), encoder.payment_schema_id())
+            .unwrap();
     let service = fx.spawn_service("outage", &[]);
     let producing = fx.produce_in_background(records, encoder, 2_500);
     wait_for(Duration::from_secs(30), "first commits", || async {

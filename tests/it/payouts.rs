@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use payrecon::domain::{BankPayout, Currency, SettlementLine};
-use payrecon::replay::{AuditResult, ReplayOptions};
-use payrecon::simulate::Generated;
+use payrecon::tools::replay::{AuditResult, ReplayOptions};
+use payrecon::tools::simulate::Generated;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Fixture, wait_for};
@@ -306,10 +306,10 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
     .await
     .unwrap();
     assert_eq!((credited, count), (money("343.34"), 9));
-    let report = payrecon::report::build(&f.db.store, Some(at(0).date_naive()), None, 50)
+    let report = payrecon::tools::report::build(&f.db.store, Some(at(0).date_naive()), None, 50)
         .await
         .unwrap();
-    let text = payrecon::report::render(&report);
+    let text = payrecon::tools::report::render(&report);
     assert!(text.contains("PAYOUT_AMOUNT_MISMATCH"), "{text}");
     assert!(text.contains("batch B-short"), "{text}");
 
@@ -322,7 +322,7 @@ async fn every_payout_status_through_the_service_with_history_outbox_verify_and_
         quiet: true,
         ..ReplayOptions::default()
     };
-    let outcome = payrecon::replay::run(&f.settings(), &options, CancellationToken::new())
+    let outcome = payrecon::tools::replay::run(&f.settings(), &options, CancellationToken::new())
         .await
         .expect("the replay runs");
     let csv = std::fs::read_to_string(dir.path().join("replay.csv")).unwrap();

@@ -13,7 +13,8 @@ async fn members_leaving_and_joining_mid_stream_keep_totals_exact() {
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(15_000, 77), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(15_000, 77), encoder.payment_schema_id())
+            .unwrap();
     let a = fx.spawn_service("rebalance-a", &[]);
     let b = fx.spawn_service("rebalance-b", &[]);
     let c = fx.spawn_service("rebalance-c", &[]);
@@ -90,7 +91,8 @@ async fn a_frozen_member_cannot_commit_its_stale_batch_when_it_resumes() {
     let fx = Fixture::new(4).await;
     let encoder = fx.encoder().await;
     let (records, expected) =
-        payrecon::simulate::generate(&simulation(12_000, 99), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&simulation(12_000, 99), encoder.payment_schema_id())
+            .unwrap();
     // The zombie collects for 2 s per batch, so it is almost always holding one when frozen.
     let zombie = fx.spawn_service(
         "zombie",

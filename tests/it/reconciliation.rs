@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use payrecon::reference::{MerchantStatus, MerchantVersion};
-use payrecon::simulate::Generated;
+use payrecon::tools::simulate::Generated;
 use rust_decimal::Decimal;
 
 use crate::helpers::{Fixture, wait_for};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind};
 use payrecon::reference::ReferenceCache;
-use payrecon::simulate::Generated;
+use payrecon::tools::simulate::Generated;
 
 use crate::helpers::{Fixture, TestDb, wait_for};
 use crate::reconciliation::{at, capture, history, line, money, status, wait_status};

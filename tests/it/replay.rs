@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chrono::Utc;
-use payrecon::replay::{AuditResult, PartitionRange, ReplayOptions};
-use payrecon::simulate::SimulationOptions;
+use payrecon::tools::replay::{AuditResult, PartitionRange, ReplayOptions};
+use payrecon::tools::simulate::SimulationOptions;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -47,14 +47,14 @@ async fn replay_lib(
     dir: &Path,
     name: &str,
     options: ReplayOptions,
-) -> payrecon::replay::ReplayOutcome {
+) -> payrecon::tools::replay::ReplayOutcome {
     let options = ReplayOptions {
         report: Some(dir.join(format!("{name}.json"))),
         differences_csv: Some(dir.join(format!("{name}.csv"))),
         quiet: true,
         ..options
     };
-    payrecon::replay::run(&f.settings(), &options, CancellationToken::new())
+    payrecon::tools::replay::run(&f.settings(), &options, CancellationToken::new())
         .await
         .expect("the replay runs")
 }
@@ -637,7 +637,7 @@ async fn replay_while_the_service_consumes_does_not_disturb_it() {
     let encoder = f.encoder().await;
     let sim = simulation(6000, 31);
     let (records, expected) =
-        payrecon::simulate::generate(&sim, encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::generate(&sim, encoder.payment_schema_id()).unwrap();
     let producing = f.produce_in_background(records, encoder, 2000);
     wait_for(
         Duration::from_secs(60),

@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use payrecon::domain::{Currency, PaymentEvent, PaymentEventKind, SettlementLine};
 use payrecon::engine::Batch;
-use payrecon::report::Report;
-use payrecon::simulate::SimulationOptions;
 use payrecon::store::{PartitionProgress, Source};
+use payrecon::tools::report::Report;
+use payrecon::tools::simulate::SimulationOptions;
 use rust_decimal::Decimal;
 
 use crate::helpers::{Fixture, TestDb};
@@ -191,9 +191,10 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
     reconciled_day(&db).await;
     let started = Utc::now() - chrono::Duration::minutes(10);
 
-    let report: Report = payrecon::report::build(&db.store, Some(day("2026-01-01")), None, 50)
-        .await
-        .unwrap();
+    let report: Report =
+        payrecon::tools::report::build(&db.store, Some(day("2026-01-01")), None, 50)
+            .await
+            .unwrap();
     let json = serde_json::to_value(&report).unwrap();
 
     // The open exception, amounts as decimal strings in the currency's minor units.
@@ -271,7 +272,7 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
     assert!(json.get("verification").is_none());
 
     // The text form lists the same rows.
-    let text = payrecon::report::render(&report);
+    let text = payrecon::tools::report::render(&report);
     assert!(
         text.contains("Reconciliation report for 2026-01-01 (all merchants)"),
         "{text}"
@@ -301,9 +302,14 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
     );
 
     // Filters: one merchant; the limit keeps the total.
-    let one = payrecon::report::build(&db.store, Some(day("2026-01-01")), Some("merchant-001"), 50)
-        .await
-        .unwrap();
+    let one = payrecon::tools::report::build(
+        &db.store,
+        Some(day("2026-01-01")),
+        Some("merchant-001"),
+        50,
+    )
+    .await
+    .unwrap();
     assert_eq!(one.open_exceptions_total, 0);
     assert!(one.open_exceptions.is_empty());
     assert_eq!(
@@ -313,7 +319,7 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
             .collect::<Vec<_>>(),
         ["merchant-001"]
     );
-    let limited = payrecon::report::build(&db.store, Some(day("2026-01-01")), None, 0)
+    let limited = payrecon::tools::report::build(&db.store, Some(day("2026-01-01")), None, 0)
         .await
         .unwrap();
     assert_eq!(
@@ -322,7 +328,7 @@ async fn the_report_shows_the_days_open_exception_and_merchant_totals_exactly() 
     );
 
     // Without --date: the latest business day, where only the later payment is (matched).
-    let latest = payrecon::report::build(&db.store, None, None, 50)
+    let latest = payrecon::tools::report::build(&db.store, None, None, 50)
         .await
         .unwrap();
     assert_eq!(latest.business_date, Some(day("2026-01-04")));
@@ -659,7 +665,7 @@ async fn report_verify_lists_the_differing_columns_stored_and_recomputed() {
     reconciled_day(&db).await;
     let rules = db.reconciler().await.rules;
     assert!(
-        payrecon::report::verify(&db.store, &rules)
+        payrecon::tools::report::verify(&db.store, &rules)
             .await
             .unwrap()
             .consistent
@@ -673,7 +679,9 @@ async fn report_verify_lists_the_differing_columns_stored_and_recomputed() {
     .await
     .unwrap();
 
-    let v = payrecon::report::verify(&db.store, &rules).await.unwrap();
+    let v = payrecon::tools::report::verify(&db.store, &rules)
+        .await
+        .unwrap();
     assert!(!v.consistent);
     let failed: Vec<_> = v.failed().collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
@@ -922,7 +930,7 @@ async fn a_resolved_exception_leaves_the_open_exceptions_and_counts_as_resolved(
         .unwrap();
     assert_eq!(status(&db, "pay-short").await, "MATCHED");
 
-    let report = payrecon::report::build(&db.store, Some(day("2026-01-01")), None, 50)
+    let report = payrecon::tools::report::build(&db.store, Some(day("2026-01-01")), None, 50)
         .await
         .unwrap();
     assert_eq!(report.open_exceptions_total, 0);
@@ -942,7 +950,7 @@ async fn a_resolved_exception_leaves_the_open_exceptions_and_counts_as_resolved(
             .await
             .unwrap();
     assert_eq!((opened, resolved), (1, 1));
-    let v = payrecon::report::verify(&db.store, &reconciler.rules)
+    let v = payrecon::tools::report::verify(&db.store, &reconciler.rules)
         .await
         .unwrap();
     assert!(v.consistent, "{v:?}");

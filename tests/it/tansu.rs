@@ -143,8 +143,9 @@ async fn simulate_run_and_a_sigkill_give_exact_totals_against_a_real_broker_proc
     let broker = TansuBroker::start(&binary);
     let fx = Fixture::with_kafka(TestKafka::external(&broker.bootstrap, PARTITIONS).await).await;
     let encoder = fx.encoder().await;
-    let sim = payrecon::simulate::simulate(&simulation(20_000, 2026), encoder.payment_schema_id())
-        .unwrap();
+    let sim =
+        payrecon::tools::simulate::simulate(&simulation(20_000, 2026), encoder.payment_schema_id())
+            .unwrap();
     let (records, expected) = (sim.records, sim.totals);
     let total = records.len() as i64;
     assert_eq!(total, expected.records);
