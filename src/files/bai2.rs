@@ -421,7 +421,6 @@ pub fn parse(
         Some(rec) => handle(rec, &mut emitter, &mut info)?,
         None => return Err(Rejection::new("file", "the file is empty")),
     }
-    drop(handle);
     if !ended {
         return Err(Rejection::new(
             "file",

@@ -132,7 +132,7 @@ pub fn parse(
                 text.clear();
                 let parent = stack.last().map(String::as_str);
                 match (name.as_str(), parent) {
-                    (n, None) if n == "Document" => {}
+                    ("Document", None) => {}
                     (n, Some("Document")) if n == root => saw_root = true,
                     (n, None) if n == root => saw_root = true,
                     (_, None) => {
@@ -325,11 +325,7 @@ pub fn parse(
                             "Ref" if r.ends_with(&["CdtrRefInf"]) => {
                                 n.creditor_ref = Some(value.to_owned())
                             }
-                            "TxDtls" => {
-                                if n.tx_sum.is_none() {
-                                    n.tx_missing_amount = true;
-                                }
-                            }
+                            "TxDtls" if n.tx_sum.is_none() => n.tx_missing_amount = true,
                             _ => {}
                         }
                     }

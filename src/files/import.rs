@@ -23,12 +23,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use crate::kafka::producer::{FutureProducer, Sender};
 use anyhow::Context;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{PgPool, Row};
 
 use super::{Checked, Entry, Format, Leg, ParseOptions, Rejection};
@@ -418,9 +415,6 @@ impl Importer {
                 progress(produced, total);
                 chunk.clear();
                 if self.pause_after.is_some_and(|n| produced >= n) {
-                    self.producer
-                        .flush(Duration::from_secs(30))
-                        .context("flushing the producer")?;
                     tracing::warn!(produced, "pausing the import as asked (--pause-after)");
                     std::future::pending::<()>().await;
                 }
@@ -432,9 +426,6 @@ impl Importer {
         reader
             .await?
             .map_err(|r| anyhow::anyhow!("reading the file again: {r}"))?;
-        self.producer
-            .flush(Duration::from_secs(30))
-            .context("flushing the producer")?;
         Ok(counts)
     }
 
@@ -443,7 +434,8 @@ impl Importer {
             .iter()
             .partition(|e| matches!(e.leg, Leg::Settlement(_)));
         let stored = self.stored_ids(&lines, &payouts).await?;
-        let mut in_flight = FuturesUnordered::new();
+        // One sender per chunk: its `finish` waits for every acknowledgement.
+        let mut sender = Sender::new(&self.producer);
         for e in chunk {
             let (topic, key, bytes, valid, stamp) = match &e.leg {
                 Leg::Settlement(s) => (
@@ -474,29 +466,9 @@ impl Importer {
             } else {
                 counts.applied += 1;
             }
-            let mut record = FutureRecord::to(topic)
-                .key(key)
-                .payload(&bytes)
-                .timestamp(stamp);
-            let delivery = loop {
-                match self.producer.send_result(record) {
-                    Ok(d) => break d,
-                    Err((e, back)) => {
-                        // Local queue full: wait for acknowledgements, then retry.
-                        if in_flight.is_empty() {
-                            return Err(anyhow::Error::new(e).context("producing"));
-                        }
-                        ack(in_flight.next().await)?;
-                        record = back;
-                    }
-                }
-            };
-            in_flight.push(delivery);
+            sender.send(topic, key, &bytes, Some(stamp)).await?;
         }
-        while let Some(d) = in_flight.next().await {
-            ack(Some(d))?;
-        }
-        Ok(())
+        sender.finish().await
     }
 
     /// The ids among `lines` and `payouts` already stored.
@@ -538,23 +510,6 @@ struct Counts {
 struct Claim {
     status: Status,
     report: String,
-}
-
-fn ack(
-    d: Option<
-        Result<
-            rdkafka::producer::future_producer::OwnedDeliveryResult,
-            futures::channel::oneshot::Canceled,
-        >,
-    >,
-) -> anyhow::Result<()> {
-    match d {
-        None | Some(Ok(Ok(_))) => Ok(()),
-        Some(Ok(Err((e, _)))) => {
-            Err(anyhow::Error::new(e).context("a record was not acknowledged"))
-        }
-        Some(Err(_)) => anyhow::bail!("the producer was dropped before acknowledging"),
-    }
 }
 
 fn leading_number(s: &str) -> Option<u64> {

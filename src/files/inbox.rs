@@ -113,7 +113,7 @@ async fn importer(settings: &Settings, options: &ImportOptions) -> anyhow::Resul
     if !k.payouts_topic.is_empty() {
         encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
     }
-    let producer = k.producer_config().create()?;
+    let producer = crate::kafka::producer::idempotent(k)?;
     Ok(Importer {
         pool: store.pool().clone(),
         producer,

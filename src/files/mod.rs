@@ -12,13 +12,13 @@
 //! [`ParseOptions::max_line`] rejects the file instead of being buffered.
 //!
 //! ## Layout
-//! - [`csv`]: PSP settlement CSV (presets `stripe`, `adyen`, and a generic mapping).
-//! - [`camt`]: ISO 20022 camt.053 and camt.054 (quick-xml pull reader, DTDs refused).
-//! - [`mt940`]: SWIFT MT940.
-//! - [`bai2`]: BAI2.
-//! - [`import`]: the import registry and the producer that puts entries on the topics.
-//! - [`inbox`]: the `payrecon import` command and the watched inbox.
-//! - [`synthetic`]: files of any size generated while read (bench, tests).
+//! - [`csv`] - PSP settlement CSV (presets `stripe`, `adyen`, and a generic mapping).
+//! - [`camt`] - ISO 20022 camt.053 and camt.054 (quick-xml pull reader, DTDs refused).
+//! - [`mt940`] - SWIFT MT940.
+//! - [`bai2`] - BAI2.
+//! - [`import`] - the import registry and the producer that puts entries on the topics.
+//! - [`inbox`] - the `payrecon import` command and the watched inbox.
+//! - [`synthetic`] - files of any size generated while read (bench, tests).
 
 pub mod bai2;
 pub mod camt;

@@ -61,9 +61,10 @@ pub fn parse(
         };
         let at = format!("line {line} (:{name}:)");
         if name == "20" {
-            if let Some(done) = stmt.take() {
-                finish(done, emitter)?
-                    .map(|s| record(s, &mut ids, &mut sequences, &mut accounts, &mut currencies));
+            if let Some(done) = stmt.take()
+                && let Some(s) = finish(done, emitter)?
+            {
+                record(s, &mut ids, &mut sequences, &mut accounts, &mut currencies);
             }
             *stmt = Some(Statement {
                 line,
@@ -179,7 +180,6 @@ pub fn parse(
         }
     }
     finish_tag(tag.take(), &mut stmt, &mut emitter)?;
-    drop(finish_tag);
     if let Some(done) = stmt.take() {
         let s = finish(done, &mut emitter)?;
         if let Some(s) = s {

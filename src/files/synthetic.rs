@@ -57,12 +57,12 @@ impl Generator {
                         Format::Bai2 => {
                             writeln!(s, "16,165,100,0,B{i},batch-{},entry {i}/", i % 1000)
                         }
-                        Format::Camt053 | Format::Camt054 => write!(
+                        Format::Camt053 | Format::Camt054 => writeln!(
                             s,
                             "<Ntry><Amt Ccy=\"EUR\">1.00</Amt><CdtDbtInd>CRDT</CdtDbtInd><Sts>BOOK</Sts>\
                              <BookgDt><Dt>2026-12-01</Dt></BookgDt><ValDt><Dt>2026-12-01</Dt></ValDt>\
                              <AcctSvcrRef>R{i}</AcctSvcrRef><NtryDtls><TxDtls><Refs><EndToEndId>batch-{}</EndToEndId></Refs>\
-                             </TxDtls></NtryDtls></Ntry>\n",
+                             </TxDtls></NtryDtls></Ntry>",
                             i % 1000
                         ),
                         Format::Stripe => writeln!(

@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use payrecon::tools::simulate::SimulationOptions;
 use payrecon::store::Store;
+use payrecon::tools::simulate::SimulationOptions;
 
 use crate::helpers::{
     Fixture, Service, TestDb, TestKafka, metric_value, simulation, unique, wait_for,
@@ -34,8 +34,9 @@ async fn database_on(cluster: &PgCluster, url: impl Fn(&str) -> String) -> TestD
     cluster.execute(&format!("CREATE DATABASE {name}")).await;
     let store = Store::new(cluster.pool(&name).await);
     store.migrate().await.expect("migrating the drill database");
-    let (merchants, rates) = payrecon::tools::simulate::reference_data(&SimulationOptions::default())
-        .expect("the simulation's reference data");
+    let (merchants, rates) =
+        payrecon::tools::simulate::reference_data(&SimulationOptions::default())
+            .expect("the simulation's reference data");
     store.load_merchants(&merchants, None).await.unwrap();
     store.load_rates(&rates, None).await.unwrap();
     TestDb {
@@ -179,7 +180,8 @@ async fn failover_to_a_synchronous_standby_loses_nothing_and_doubles_nothing() {
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::tools::simulate::simulate(&simulation(4_000, 281), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 281), encoder.payment_schema_id())
+            .unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("sync-1", &[]);
@@ -222,7 +224,8 @@ async fn failover_to_an_asynchronous_standby_rereads_what_it_lost_and_supersedes
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::tools::simulate::simulate(&simulation(4_000, 282), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 282), encoder.payment_schema_id())
+            .unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("async-1", &[]);
@@ -312,7 +315,8 @@ async fn a_point_in_time_restore_resumes_from_the_restored_offsets_and_agrees_wi
     let mut fx = fixture(db).await;
     let encoder = fx.encoder().await;
     let sim =
-        payrecon::tools::simulate::simulate(&simulation(4_000, 283), encoder.payment_schema_id()).unwrap();
+        payrecon::tools::simulate::simulate(&simulation(4_000, 283), encoder.payment_schema_id())
+            .unwrap();
     let total = sim.records.len() as i64;
     let producing = fx.produce_in_background(sim.records.clone(), encoder, 1_000);
     let service = fx.spawn_service("pitr-1", &[]);

@@ -334,7 +334,7 @@ impl Fixture {
             Duration::from_secs(60),
             "reconciliation and the relay to catch up",
             || async {
-                let b = payrecon::engine::reconciliation_backlog(&store, &self.group, lateness)
+                let b = payrecon::engine::reconciliation_backlog(store, &self.group, lateness)
                     .await
                     .unwrap();
                 b.due == 0 && b.unpublished == 0

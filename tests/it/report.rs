@@ -132,7 +132,7 @@ async fn reconciled_day(db: &TestDb) {
             line("pay-short", "merchant-000", ("45.00", "1.00"), "EUR", 3),
         ],
     );
-    payrecon::engine::commit_batch(&store, "g", "a", &first, &reconciler)
+    payrecon::engine::commit_batch(store, "g", "a", &first, &reconciler)
         .await
         .unwrap();
     assert_eq!(
@@ -152,7 +152,7 @@ async fn reconciled_day(db: &TestDb) {
             80,
         )],
     );
-    let outcome = payrecon::engine::commit_batch(&store, "g", "a", &later, &reconciler)
+    let outcome = payrecon::engine::commit_batch(store, "g", "a", &later, &reconciler)
         .await
         .unwrap();
     assert_eq!(outcome.reconciliation.exceptions_opened, 1);

@@ -249,7 +249,7 @@ pub async fn run(
     let (store_ref, reconciler_ref) = (&store, &reconciler);
     futures::future::try_join_all(batches.iter().map(|lane| async move {
         for b in lane {
-            crate::engine::commit_batch(&store_ref, "bench", "bench", b, reconciler_ref)
+            crate::engine::commit_batch(store_ref, "bench", "bench", b, reconciler_ref)
                 .await
                 .context("store-only commit")?;
         }
