@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. Installs and starts everything the tests need on a fresh
 # Debian 12 machine (as root), then runs the checks and the whole test suite:
-#   - PostgreSQL on 127.0.0.1:5432 (started if it is installed but down)
+#   - PostgreSQL on 127.0.0.1:5432 (started if it is installed but down), and the PostgreSQL 15
+#     server binaries (initdb, pg_ctl, pg_basebackup) for the failover drills' own clusters
 #   - C build dependencies of librdkafka (gcc, make, pkg-config, libssl-dev, zlib1g-dev)
 #   - tansu, a separate Kafka-compatible broker process (cargo install, cached in ~/.cargo/bin)
 #   - promtool, docker-compose, npm packages for the observability checks
@@ -40,6 +41,12 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
 pg_isready -h 127.0.0.1 -p 5432
+# The failover drills (tests/it/failover.rs) create their own throwaway clusters with these.
+if [[ ! -x /usr/lib/postgresql/15/bin/initdb ]]; then
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends postgresql-15
+fi
 
 step "tansu broker (a real, separate Kafka-compatible process)"
 export PATH="$HOME/.cargo/bin:$PATH"

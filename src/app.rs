@@ -52,13 +52,9 @@ async fn connect_store_reporting(
     let started = std::time::Instant::now();
     let database = settings.database.redacted_url();
     loop {
-        match settings
-            .database
-            .pool_options()
-            .connect_with(options.clone())
-            .await
-        {
-            Ok(pool) => return Ok(Store::new(pool)),
+        // One server, or the writable one of a list (store::targets).
+        match crate::store::targets::connect(&settings.database, options.clone()).await {
+            Ok(store) => return Ok(store),
             Err(e) => {
                 let cause = redact_text(&crate::store::describe(&e));
                 if let Some(why) = crate::store::refused_connection(&e) {
@@ -357,6 +353,8 @@ async fn start_and_consume(
         settings.pipeline.retry_max_backoff,
         stop.clone(),
     ));
+    // Follows the primary when database.url lists several servers.
+    tracker.spawn(crate::store::targets::watch(store.clone(), stop.clone()));
     if settings.exceptions.relay_enabled {
         tracker.spawn(crate::outbox::run_relay(
             settings.clone(),

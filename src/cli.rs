@@ -64,6 +64,10 @@ pub enum Command {
     /// never writes a live table except `audit_runs`).
     #[command(after_help = crate::tools::replay::EXIT_CODES)]
     Replay(crate::tools::replay::ReplayOptions),
+    /// Import settlement reports (Stripe, Adyen, mapped CSV) and bank statements (camt.053,
+    /// camt.054, MT940, BAI2): each file is checked whole, then its entries are produced to
+    /// the input topics exactly once per entry (see docs/files.md).
+    Import(crate::files::inbox::ImportOptions),
     /// Manage reference data (merchants, FX rates).
     Reference {
         #[command(subcommand)]
@@ -230,6 +234,7 @@ async fn dispatch(cli: Cli, malloc: Vec<String>) -> anyhow::Result<ExitCode> {
         } => crate::tools::dead_letters::replay(&settings, &ids).await,
         Command::Replay(options) => crate::tools::replay::command(settings, options).await,
         Command::Report(options) => crate::tools::report::run(&settings, options).await,
+        Command::Import(options) => crate::files::inbox::run(&settings, options).await,
         Command::Reference {
             action:
                 ReferenceAction::Load {

@@ -146,15 +146,24 @@ async fn ready(State(state): State<OpsState>) -> (StatusCode, String) {
     if let Some(reason) = state.progress.stalled() {
         problems.push(format!("consumer stalled: {reason}"));
     }
+    // Which server (host:port) and when it last switched, when database.url lists several.
+    let server = state.store.primary().map_or(String::new(), |p| {
+        let s = p.status();
+        let last = s.last_switch.map_or("never".into(), |t| t.to_rfc3339());
+        format!(
+            " (server {}, switches {}, last switch {last})",
+            s.server, s.switches
+        )
+    });
     if problems.is_empty() {
         (
             StatusCode::OK,
-            format!("ready: database ok, broker ok, {assigned} partitions assigned\n"),
+            format!("ready: database ok{server}, broker ok, {assigned} partitions assigned\n"),
         )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
+            format!("not ready: {}{server}\n", problems.join("; ")),
         )
     }
 }

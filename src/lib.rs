@@ -24,6 +24,8 @@
 //!   the sweeps, dead-letter re-drive, verification.
 //! - [`store`]: the only PostgreSQL code (every SQL statement), typed functions by table
 //!   family.
+//! - [`files`]: settlement reports and bank statements as files (CSV, camt, MT940, BAI2):
+//!   streaming parsers, integrity checks, and the import that produces their entries.
 //! - [`kafka`]: the only librdkafka code: the consumer loop, rebalance positioning, commit
 //!   lag, client configs, producers, topic admin, the embedded cluster, readers.
 //! - [`reconcile`]: the matcher, pure; [`reference`]: temporal reference data and its cache.
@@ -41,6 +43,7 @@ pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod files;
 pub mod http;
 pub mod inputs;
 pub mod instance;

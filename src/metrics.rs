@@ -44,6 +44,11 @@ pub const CONSUMER_STALLED: &str = "payrecon_consumer_stalled";
 pub const LAST_COMMIT: &str = "payrecon_last_commit_timestamp_seconds";
 pub const POSITIONING_ERRORS: &str = "payrecon_positioning_errors_total";
 pub const RECORDS_REREAD: &str = "payrecon_reconciliation_reread_items_total";
+pub const EXCEPTIONS_LOST: &str = "payrecon_exceptions_lost_total";
+pub const DATABASE_SWITCHES: &str = "payrecon_database_switches_total";
+pub const DATABASE_SERVER: &str = "payrecon_database_server_info";
+pub const DATABASE_LAST_SWITCH: &str = "payrecon_database_last_switch_timestamp_seconds";
+pub const DATABASE_FAILOVER_SECONDS: &str = "payrecon_database_failover_duration_seconds";
 
 /// Latency buckets (seconds) from 1 ms to 2 min: commit and end-to-end times.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -215,6 +220,28 @@ fn describe() {
         POSITIONING_ERRORS,
         "Failures to position a partition at its stored offset (assign or seek), by operation; each is retried and makes the instance not ready until it succeeds."
     );
+    describe_counter!(
+        EXCEPTIONS_LOST,
+        "Exceptions found on the exceptions topic that the database lost (failover to an asynchronous standby, restore): each is superseded by the next exception of its payment reference (header payrecon-supersedes)."
+    );
+    describe_counter!(
+        DATABASE_SWITCHES,
+        "Times the pool moved to another PostgreSQL server of database.url's list because the current one died or turned read-only (a failover)."
+    );
+    describe_gauge!(
+        DATABASE_SERVER,
+        "1 for the PostgreSQL server (host:port of database.url, label server) payrecon writes to, 0 for the others it used before."
+    );
+    describe_gauge!(
+        DATABASE_LAST_SWITCH,
+        metrics::Unit::Seconds,
+        "Unix time of the last switch to another PostgreSQL server."
+    );
+    describe_gauge!(
+        DATABASE_FAILOVER_SECONDS,
+        metrics::Unit::Seconds,
+        "Of the last switch: seconds from finding the old server gone (or read-only) to connecting to the new primary."
+    );
     describe_gauge!(
         COMMIT_LAG,
         "Records behind: partition high watermark minus next_offset committed in PostgreSQL (the exactly-once offsets, not Kafka's)."
@@ -275,6 +302,33 @@ pub fn register_zeroes(
         counter!(POSITIONING_ERRORS, "operation" => operation).absolute(0);
     }
     gauge!(CONSUMER_STALLED).set(0.0);
+    counter!(DATABASE_SWITCHES).absolute(0);
+    counter!(EXCEPTIONS_LOST).absolute(0);
+}
+
+/// The relay found `n` exceptions on the topic that the database lost.
+pub fn exceptions_lost(n: u64) {
+    counter!(EXCEPTIONS_LOST).increment(n);
+}
+
+/// payrecon writes to PostgreSQL server `server` (host:port).
+pub fn database_server(server: &str) {
+    gauge!(DATABASE_SERVER, "server" => server.to_owned()).set(1.0);
+}
+
+/// The pool moved from server `from` to `to`, `lost_for` after the old one was found gone.
+pub fn database_switched(from: &str, to: &str, lost_for: Option<Duration>) {
+    counter!(DATABASE_SWITCHES).increment(1);
+    gauge!(DATABASE_SERVER, "server" => from.to_owned()).set(0.0);
+    database_server(to);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    gauge!(DATABASE_LAST_SWITCH).set(now);
+    if let Some(d) = lost_for {
+        gauge!(DATABASE_FAILOVER_SECONDS).set(d.as_secs_f64());
+    }
 }
 
 fn exception_label(exception: bool) -> &'static str {

@@ -107,7 +107,9 @@ impl DatabaseSettings {
                 redact_text(&e.to_string())
             )
         };
-        let mut url = url::Url::parse(raw).map_err(|e| invalid(&e))?;
+        // A libpq host list: sqlx gets the first server; store::targets finds the primary.
+        let (first, _) = crate::store::targets::split_url(raw).map_err(|e| invalid(&e))?;
+        let mut url = url::Url::parse(&first).map_err(|e| invalid(&e))?;
         let (known, unknown): (Vec<_>, Vec<_>) = url
             .query_pairs()
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -132,6 +134,18 @@ impl DatabaseSettings {
             // sqlx's slow-statement warning carries the whole SQL text; the batch commit
             // histogram measures the same thing. Kept, but at DEBUG.
             .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)))
+    }
+
+    /// The servers `url` lists and the session it asks for (libpq's `target_session_attrs`).
+    pub fn targets(&self) -> anyhow::Result<crate::store::targets::Targets> {
+        crate::store::targets::split_url(self.url.expose_secret())
+            .map(|(_, targets)| targets)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid configuration: database.url ({}): {e}",
+                    self.redacted_url()
+                )
+            })
     }
 
     pub fn pool_options(&self) -> PgPoolOptions {

@@ -230,7 +230,14 @@ impl ConsumerLoop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight: Vec<Option<InFlight<'_>>> = (0..self.lanes).map(|_| None).collect();
         let mut resync = false;
+        let mut switches = self.store.database_switches();
         loop {
+            // Another server became the primary: what it holds is the truth (an asynchronous
+            // standby may lack the last commits), so positions are read from it again.
+            if self.store.database_switches() != switches {
+                switches = self.store.database_switches();
+                resync = true;
+            }
             let busy = in_flight.iter().any(Option::is_some);
             if resync && !busy {
                 self.resync(&shutdown).await;

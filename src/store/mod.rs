@@ -24,6 +24,7 @@ pub mod records;
 mod reference;
 pub mod report;
 pub mod shadow;
+pub mod targets;
 mod totals;
 pub mod verify;
 
@@ -179,11 +180,16 @@ pub struct StoredPosition {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The watched writable server when `database.url` lists several ([`targets`]).
+    primary: Option<std::sync::Arc<targets::Primary>>,
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Store { pool }
+        Store {
+            pool,
+            primary: None,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -92,6 +92,9 @@ pub struct Report {
     /// With `--watermark` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watermark: Option<WatermarkReport>,
+    /// The most recent file imports and rejections (`payrecon import`), newest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub imports: Vec<crate::files::import::ImportRow>,
 }
 
 /// The group's watermark as the service judges it now (see `reconcile::watermark`).
@@ -179,6 +182,9 @@ pub async fn run(settings: &Settings, options: ReportOptions) -> anyhow::Result<
     let mut result = report(&store, &options, &rules).await;
     if let (Ok(r), true) = (&mut result, options.watermark) {
         r.watermark = Some(watermark(settings, &store).await?);
+    }
+    if let Ok(r) = &mut result {
+        r.imports = crate::files::import::recent(store.pool(), 20).await?;
     }
     store.pool().close().await;
     let report = result?;
@@ -333,6 +339,7 @@ pub async fn build(
             open_payout_exceptions: Vec::new(),
             verification: None,
             watermark: None,
+            imports: Vec::new(),
         });
     };
     Ok(Report {
@@ -353,6 +360,7 @@ pub async fn build(
             .collect(),
         verification: None,
         watermark: None,
+        imports: Vec::new(),
     })
 }
 
@@ -449,6 +457,7 @@ pub fn render(report: &Report) -> String {
         );
         render_verification(&mut out, report);
         render_watermark(&mut out, report);
+        crate::files::import::render(&mut out, &report.imports);
         return out;
     };
     let _ = writeln!(out, "Reconciliation report for {date} ({scope})");
@@ -563,6 +572,7 @@ pub fn render(report: &Report) -> String {
     render_payouts(&mut out, report);
     render_verification(&mut out, report);
     render_watermark(&mut out, report);
+    crate::files::import::render(&mut out, &report.imports);
     out
 }
 

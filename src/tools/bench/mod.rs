@@ -101,6 +101,11 @@ pub struct BenchOptions {
     /// lookups/s.
     #[arg(long)]
     pub reference_versions: Option<u64>,
+    /// Measure only the file import parsers: both passes over a synthetic file of this many
+    /// entries in every format, generated while it is read (entries/s, peak RSS), and the same
+    /// with a tenth of the entries, to show memory flat in file size (`src/files/`).
+    #[arg(long)]
+    pub import_entries: Option<u64>,
 }
 
 /// What a run measured.
@@ -110,6 +115,7 @@ pub enum BenchOutcome {
     Pipeline(BenchReport),
     Reference(ReferenceReport),
     Rolling(Vec<rolling::RollingRestart>),
+    Import(Vec<crate::files::synthetic::ParseRate>),
 }
 
 /// One run's figures.
@@ -205,6 +211,11 @@ pub async fn run(
     }
     if o.rolling_restart {
         return rolling_restart(settings, &admin, &o).await;
+    }
+    if let Some(entries) = o.import_entries {
+        let rates =
+            tokio::task::spawn_blocking(move || crate::files::synthetic::stage(entries)).await??;
+        return Ok(BenchOutcome::Import(rates));
     }
     let sim = SimulationOptions {
         payments: o.payments,
