@@ -78,26 +78,8 @@ const MARK_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
 /// The advisory lock key of the relay ("payrecon" in ASCII, as a number).
 const RELAY_LOCK: i64 = 0x7061_7972_6563_6f6e;
 
-/// One outbox row.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct OutboxRow {
-    pub seq: i64,
-    pub history_id: i64,
-    pub payment_reference: String,
-    pub merchant_id: String,
-    pub from_status: Option<String>,
-    pub to_status: String,
-    pub opened: bool,
-    pub currency: String,
-    pub expected_gross: Option<Decimal>,
-    pub settled_gross: Option<Decimal>,
-    pub reason: String,
-    pub watermark: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    /// SETTLEMENT or PAYOUT.
-    pub leg: String,
-    pub account_id: Option<String>,
-}
+/// One outbox row (the SQL and the row type are `store::outbox`).
+pub use crate::store::outbox::OutboxRow;
 
 /// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
 /// produce request's own round trip after the local timeout.
