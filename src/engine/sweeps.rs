@@ -41,7 +41,7 @@ pub async fn reevaluate_missing_reference(
 
 /// Re-evaluates, with the cache's current snapshot and cause REFERENCE_DATA, the items a
 /// reference-data correction queued (see `store::reference`), in transactions of `chunk`
-/// items; called after every reload, like [`Self::reevaluate_missing_reference`]. An
+/// items; called after every reload, like [`reevaluate_missing_reference`]. An
 /// entry leaves the queue in the transaction that evaluates it, so a failure leaves it
 /// for the next reload.
 pub async fn reevaluate_corrected(
