@@ -5,7 +5,7 @@
 //! cannot hold) or be harmful once stored (an event time years ahead pushes the event-time
 //! watermark and opens false deadline exceptions for every merchant). [`Limits::check`] finds
 //! those records up front so the consumer dead-letters them with a specific reason; the
-//! store's refusal isolation (`store::batch`) remains the safety net for anything missed.
+//! engine's refusal isolation (`engine::isolate`) remains the safety net for anything missed.
 //!
 //! Pure: no I/O, no clock. Event times are judged against the record's *broker timestamp*,
 //! which is in the log, so a replay reaches the same verdict as the live run.

@@ -1,7 +1,7 @@
 //! `payrecon bench`: the figures behind docs/performance.md, measured in one run so
 //! they can be compared as ratios on a shared, noisy machine.
 //!
-//! 1. Store-only ceiling: pre-decoded batches through [`Store::commit_batch`] (no Kafka,
+//! 1. Store-only ceiling: pre-decoded batches through [`crate::engine::commit_batch`] (no Kafka,
 //!    no decoding), `pipeline.commit_lanes` lanes committing concurrently as the service's
 //!    do: the most the database path can take; with PostgreSQL's row writes per record
 //!    (`pg_stat_user_tables`, HOT updates) and, when `pg_stat_statements` is preloaded, the

@@ -1,6 +1,6 @@
 //! Reads the planned ranges and commits them into the shadow schema through the service's
 //! own path: decode with [`Decoder`] (poison → dead letter, transient → retry the same record),
-//! build [`Batch`]es exactly as the consumer loop does, and [`Store::commit_batch`] them.
+//! build [`Batch`]es exactly as the consumer loop does, and [`crate::engine::commit_batch`] them.
 //!
 //! The consumer never joins the service's group: it has a group id of its own, never
 //! subscribes, never commits, and `assign`s each partition at the start of its range. Memory
