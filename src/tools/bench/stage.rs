@@ -85,6 +85,11 @@ impl Stage {
         // (the bench produces no statement lines, so they stay pending).
         let payouts_topic = format!("{payments_topic}.payouts");
         cluster.create_topic(&payouts_topic, partitions)?;
+        // Each stage's database publishes to an exceptions topic of its own: a fresh database
+        // facing the topic an earlier stage filled would (rightly) take those exceptions for
+        // ones it lost (a restore) and supersede each of them, which is not what is measured.
+        let exceptions_topic = format!("{payments_topic}.exceptions");
+        cluster.create_topic(&exceptions_topic, 1)?;
         let (db, url, store) = fresh_store(admin, self.tag).await?;
         load_reference(&store, sim, settings).await?;
         if self.refuse_psp {
@@ -95,6 +100,7 @@ impl Stage {
         settings.kafka.payments_topic = payments_topic.into();
         settings.kafka.settlements_topic = settlements_topic.into();
         settings.kafka.payouts_topic = payouts_topic;
+        settings.exceptions.topic = exceptions_topic;
         settings.kafka.group_id = self.group.into();
         let sr = crate::codec::registry_settings(
             &settings.registry.url,
