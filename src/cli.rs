@@ -162,13 +162,25 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli, malloc: Vec<String>) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
-    // The demo and the benchmark print their own progress; service logs would drown it.
-    if matches!(cli.command, Command::Demo(_) | Command::Bench(_))
-        && std::env::var_os("PAYRECON_LOG__FILTER").is_none()
-    {
-        settings.log.filter = "warn".into();
+    // The demo and the benchmark print their own progress; service logs would drown it: the
+    // demo's go to a file (named in its first lines), the benchmark's are warnings only.
+    let quiet = std::env::var_os("PAYRECON_LOG__FILTER").is_none();
+    let mut cli = cli;
+    match &mut cli.command {
+        Command::Demo(o) if quiet => {
+            let path = o
+                .log_file
+                .get_or_insert_with(crate::tools::demo::default_log_file);
+            crate::telemetry::init_to_file(&settings.log, path)
+                .with_context(|| format!("creating the demo's log file {}", path.display()))?;
+            println!("service log:              {}", path.display());
+        }
+        Command::Bench(_) if quiet => {
+            settings.log.filter = "warn".into();
+            crate::telemetry::init(&settings.log);
+        }
+        _ => crate::telemetry::init(&settings.log),
     }
-    crate::telemetry::init(&settings.log);
     tracing::debug!(set = ?malloc, "glibc malloc parameters (the others as the environment sets them)");
     match cli.command {
         Command::Run => {

@@ -42,26 +42,19 @@
 //!
 //! Assumption: only the relay writes to the exceptions topic.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
 use apache_avro::types::Value;
-use chrono::{DateTime, Utc};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
-use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{decimal_value, encode_datum, frame, register_schema};
 use crate::config::Settings;
-use crate::store::Store;
+use crate::kafka::producer::{RelayMessage, RelayProducer};
+use crate::kafka::reader::{self, Tail};
+use crate::store::{Store, outbox};
 
 /// The shipped schema of exception messages.
 pub const EXCEPTION_SCHEMA: &str = include_str!("../schemas/reconciliation_exception.avsc");
@@ -75,18 +68,12 @@ pub const SUPERSEDES_HEADER: &str = "payrecon-supersedes";
 /// How long before the newest mark a new session starts reading the topic: the database's
 /// and the broker's clocks, and a mark's delay after the acknowledgement.
 const MARK_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
-/// The advisory lock key of the relay ("payrecon" in ASCII, as a number).
-const RELAY_LOCK: i64 = 0x7061_7972_6563_6f6e;
-
 /// One outbox row (the SQL and the row type are `store::outbox`).
 pub use crate::store::outbox::OutboxRow;
 
 /// Added to `relay_message_timeout` before a successor reads the tail: the last in-flight
 /// produce request's own round trip after the local timeout.
 const ROUND_MARGIN: Duration = Duration::from_secs(5);
-
-/// Bound of the blocking transaction calls (init, commit).
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Avro value of a row in [`EXCEPTION_SCHEMA`]'s field order.
 pub fn to_value(r: &OutboxRow) -> Value {
@@ -132,19 +119,6 @@ pub fn to_value(r: &OutboxRow) -> Value {
             },
         ),
     ])
-}
-
-/// The outbox sequence number in a message's headers.
-pub fn header_seq(message: &impl Message) -> Option<i64> {
-    header_text(message, SEQ_HEADER)?.parse().ok()
-}
-
-fn header_text<'m>(message: &'m impl Message, key: &str) -> Option<&'m str> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 /// What the relay needs of a message on the exceptions topic.
@@ -207,14 +181,7 @@ async fn relay_on(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     // Standby until the lock is ours.
-    loop {
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *conn)
-            .await?;
-        if locked {
-            break;
-        }
+    while !outbox::try_relay_lock(&mut *conn).await? {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -227,38 +194,17 @@ async fn relay_on(
     let sr = settings.registry.client()?;
     let (schema_id, schema) = register_schema(&sr, topic, EXCEPTION_SCHEMA).await?;
     let transactional_id = settings.exceptions.transactional_id.as_deref();
-    let mut config = settings.kafka.producer_config();
-    config.set(
-        "message.timeout.ms",
-        message_timeout.as_millis().max(1).to_string(),
-    );
+    // With a transactional id, creating the producer fences every earlier one with that id:
+    // the broker aborts its open transaction and rejects its writes, so a cut-off
+    // predecessor cannot land anything any more.
+    let producer = RelayProducer::new(&settings.kafka, message_timeout, transactional_id).await?;
     if let Some(id) = transactional_id {
-        config.set("transactional.id", id);
-    }
-    let producer: FutureProducer<crate::kafka::Quiet> = config
-        .create_with_context(crate::kafka::Quiet::default())
-        .context("creating the relay producer")?;
-    if let Some(id) = transactional_id {
-        // Fences every earlier producer with this id: the broker aborts its open transaction
-        // and rejects its writes, so a cut-off predecessor cannot land anything any more.
-        let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(TRANSACTION_TIMEOUT))
-            .await?
-            .with_context(|| format!("initialising transactions for transactional.id {id}"))?;
         tracing::info!(
             transactional_id = id,
             "the relay publishes each round in a transaction"
         );
     }
-
-    let unfinished: Option<(String, f64)> = sqlx::query_as(
-        "SELECT instance,
-                GREATEST(0, EXTRACT(EPOCH FROM round_started_at + $1::interval - clock_timestamp()))::float8
-           FROM exceptions_relay WHERE round_started_at IS NOT NULL",
-    )
-    .bind(message_timeout + ROUND_MARGIN)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let unfinished = outbox::unfinished_round(&mut *conn, message_timeout + ROUND_MARGIN).await?;
     // With transactions the broker fenced the predecessor above: nothing of it can land.
     let unfinished = unfinished.filter(|(_, wait)| *wait > 0.0 && transactional_id.is_none());
     if let Some((previous, wait)) = unfinished {
@@ -276,10 +222,7 @@ async fn relay_on(
     // The unmarked round is within the last `round` offsets of each partition, plus its
     // commit marker when transactional; what a lost transaction published is after the
     // newest mark this database holds (the whole topic when it holds none).
-    let newest_mark: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT max(published_at) FROM exceptions_outbox")
-            .fetch_one(&mut *conn)
-            .await?;
+    let newest_mark = outbox::newest_mark(&mut *conn).await?;
     let tail = read_exceptions_topic(
         settings,
         "relay-tail",
@@ -291,38 +234,25 @@ async fn relay_on(
     .await?;
     let (already, lost) = sort_tail(&mut *conn, &schema, &tail).await?;
     if !already.is_empty() {
-        let marked = mark_published(&mut *conn, &already).await?;
+        let marked = outbox::mark_published(&mut *conn, &already).await?;
         tracing::info!(
             found = already.len(),
             marked,
             "outbox rows already on the topic (published before the last relay stopped)"
         );
     }
-    record_lost(&mut *conn, &lost).await?;
-    let mut superseding: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM exceptions_lost WHERE superseded_by IS NULL)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    for m in &lost {
+        tracing::warn!(seq = m.seq, payment_reference = %m.payment_reference, "the exceptions topic holds an exception this database lost (a failover to an asynchronous standby or a restore); its seq is retired and the exception re-derived for the reference will say it supersedes it");
+    }
+    outbox::record_lost(&mut *conn, &lost).await?;
+    if !lost.is_empty() {
+        crate::metrics::exceptions_lost(lost.len() as u64);
+    }
+    let mut superseding = outbox::unclaimed_lost(&mut *conn).await?;
     // Whatever the previous relay had in flight has landed or never will, and is marked.
-    round_settled(&mut *conn).await?;
+    outbox::round_settled(&mut *conn).await?;
     loop {
-        // A row holding the seq of a lost exception gets a new one before it is sent.
-        sqlx::query(
-            "UPDATE exceptions_outbox SET seq = nextval('exceptions_outbox_seq_seq')
-              WHERE published_at IS NULL AND seq IN (SELECT seq FROM exceptions_lost)",
-        )
-        .execute(&mut *conn)
-        .await?;
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
-                    opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
-                    reason, watermark, created_at, leg, account_id
-               FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-        )
-        .bind(round)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = outbox::unpublished(&mut *conn, round).await?;
         if rows.is_empty() {
             crate::metrics::exceptions_published(0, 0);
             tokio::select! {
@@ -331,101 +261,43 @@ async fn relay_on(
             }
         }
         // Recorded before anything is sent: a successor waits for this round to settle.
-        sqlx::query(
-            "INSERT INTO exceptions_relay (instance, round_started_at)
-             VALUES ($1, clock_timestamp())
-             ON CONFLICT (singleton) DO UPDATE
-                SET instance = EXCLUDED.instance, round_started_at = EXCLUDED.round_started_at",
-        )
-        .bind(&instance)
-        .execute(&mut *conn)
-        .await?;
-        if transactional_id.is_some() {
-            producer
-                .begin_transaction()
-                .context("beginning a relay transaction")?;
-        }
-        let mut acks = FuturesOrdered::new();
+        outbox::round_started(&mut *conn, &instance).await?;
+        let mut messages = Vec::with_capacity(rows.len());
         for r in &rows {
             let datum = encode_datum(&schema, to_value(r))?;
-            let payload = frame(schema_id, &datum);
-            let seq = r.seq.to_string();
-            let digest = digest(&datum);
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: SEQ_HEADER,
-                    value: Some(seq.as_bytes()),
-                })
-                .insert(Header {
-                    key: DIGEST_HEADER,
-                    value: Some(digest.as_bytes()),
-                });
-            if superseding && let Some(lost) = claim_lost(&mut *conn, r).await? {
+            let mut headers = vec![
+                (SEQ_HEADER, r.seq.to_string()),
+                (DIGEST_HEADER, digest(&datum)),
+            ];
+            if superseding
+                && let Some(lost) =
+                    outbox::claim_lost(&mut *conn, &r.payment_reference, r.seq).await?
+            {
                 tracing::warn!(lost, seq = r.seq, payment_reference = %r.payment_reference, "publishing an exception that supersedes one the database lost");
-                headers = headers.insert(Header {
-                    key: SUPERSEDES_HEADER,
-                    value: Some(lost.to_string().as_bytes()),
-                });
+                headers.push((SUPERSEDES_HEADER, lost.to_string()));
             }
-            let record = FutureRecord::to(topic)
-                .key(&r.payment_reference)
-                .payload(&payload)
-                .headers(headers);
-            let ack = producer
-                .send_result(record)
-                .map_err(|(e, _)| anyhow::Error::new(e).context("queueing an exception"))?;
-            acks.push_back(ack);
+            messages.push(RelayMessage {
+                key: r.payment_reference.clone(),
+                payload: frame(schema_id, &datum),
+                headers,
+            });
         }
-        // Every message of the round must be acknowledged before the round is marked; a
-        // failure ends the session and the next one finds what landed in the tail.
-        while let Some(ack) = acks.next().await {
-            ack.context("the relay producer went away")?
-                .map_err(|(e, _)| anyhow::Error::new(e).context("publishing an exception"))?;
-        }
-        if transactional_id.is_some() {
-            let p = producer.clone();
-            tokio::task::spawn_blocking(move || p.commit_transaction(TRANSACTION_TIMEOUT))
-                .await?
-                .context("committing a relay transaction")?;
-        }
+        // Every message of the round is acknowledged (and its transaction committed) before
+        // the round is marked; a failure ends the session and the next one finds what landed
+        // in the tail.
+        producer.publish(topic, &messages).await?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        mark_published(&mut *conn, &seqs).await?;
+        outbox::mark_published(&mut *conn, &seqs).await?;
         if superseding {
-            superseding = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM exceptions_lost WHERE superseded_by IS NULL)",
-            )
-            .fetch_one(&mut *conn)
-            .await?;
+            superseding = outbox::unclaimed_lost(&mut *conn).await?;
         }
-        round_settled(&mut *conn).await?;
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM exceptions_outbox WHERE published_at IS NULL")
-                .fetch_one(&mut *conn)
-                .await?;
+        outbox::round_settled(&mut *conn).await?;
+        let pending = outbox::pending(&mut *conn).await?;
         crate::metrics::exceptions_published(rows.len() as u64, pending);
         if stop.is_cancelled() {
             return Ok(());
         }
     }
-}
-
-/// Records that no round is in flight any more (see `exceptions_relay`).
-async fn round_settled(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE exceptions_relay SET round_started_at = NULL")
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn mark_published(conn: &mut PgConnection, seqs: &[i64]) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE exceptions_outbox SET published_at = now()
-          WHERE seq = ANY($1) AND published_at IS NULL",
-    )
-    .bind(seqs)
-    .execute(conn)
-    .await?
-    .rows_affected())
 }
 
 /// Sorts the tail's messages: the seqs whose row this database holds with the same content
@@ -434,20 +306,11 @@ async fn sort_tail(
     conn: &mut PgConnection,
     schema: &apache_avro::Schema,
     tail: &[Published],
-) -> anyhow::Result<(Vec<i64>, Vec<Published>)> {
+) -> anyhow::Result<(Vec<i64>, Vec<outbox::Lost>)> {
     let seqs: Vec<i64> = tail.iter().filter_map(|m| m.seq).collect();
-    let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
-                opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
-                reason, watermark, created_at, leg, account_id
-           FROM exceptions_outbox WHERE seq = ANY($1)",
-    )
-    .bind(&seqs)
-    .fetch_all(&mut *conn)
-    .await?;
     let mut held = std::collections::HashMap::new();
-    for r in &rows {
-        held.insert(r.seq, digest(&encode_datum(schema, to_value(r))?));
+    for r in outbox::rows(conn, &seqs).await? {
+        held.insert(r.seq, digest(&encode_datum(schema, to_value(&r))?));
     }
     let (mut already, mut lost) = (Vec::new(), Vec::new());
     for m in tail {
@@ -456,56 +319,14 @@ async fn sort_tail(
             // Published before digests existed: the seq is all there is to go by.
             (Some(_), None) => already.push(seq),
             (Some(d), Some(theirs)) if d == theirs => already.push(seq),
-            _ => lost.push(m.clone()),
+            _ => lost.push(outbox::Lost {
+                seq,
+                payment_reference: m.key.clone().unwrap_or_default(),
+                digest: m.digest.clone(),
+            }),
         }
     }
     Ok((already, lost))
-}
-
-/// Records exceptions the topic holds and this database lost, and moves the outbox sequence
-/// past them (module doc).
-async fn record_lost(conn: &mut PgConnection, lost: &[Published]) -> Result<(), sqlx::Error> {
-    let Some(highest) = lost.iter().filter_map(|m| m.seq).max() else {
-        return Ok(());
-    };
-    for m in lost {
-        tracing::warn!(seq = m.seq, payment_reference = ?m.key, "the exceptions topic holds an exception this database lost (a failover to an asynchronous standby or a restore); its seq is retired and the exception re-derived for the reference will say it supersedes it");
-        sqlx::query(
-            "INSERT INTO exceptions_lost (seq, payment_reference, digest) VALUES ($1, $2, $3)
-             ON CONFLICT (seq) DO NOTHING",
-        )
-        .bind(m.seq)
-        .bind(m.key.as_deref().unwrap_or(""))
-        .bind(&m.digest)
-        .execute(&mut *conn)
-        .await?;
-    }
-    crate::metrics::exceptions_lost(lost.len() as u64);
-    sqlx::query(
-        "SELECT setval('exceptions_outbox_seq_seq', $1) FROM exceptions_outbox_seq_seq
-          WHERE last_value < $1",
-    )
-    .bind(highest)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// The lost exception `row` supersedes: the lowest-seq unclaimed one of its payment
-/// reference, or the one it already claimed (a round that failed after claiming).
-async fn claim_lost(conn: &mut PgConnection, row: &OutboxRow) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE exceptions_lost SET superseded_by = $2
-          WHERE seq = (SELECT seq FROM exceptions_lost
-                        WHERE payment_reference = $1
-                          AND (superseded_by IS NULL OR superseded_by = $2)
-                        ORDER BY superseded_by NULLS LAST, seq LIMIT 1)
-          RETURNING seq",
-    )
-    .bind(&row.payment_reference)
-    .bind(row.seq)
-    .fetch_optional(conn)
-    .await
 }
 
 /// The outbox seq of every message on the exceptions topic, in topic order per partition
@@ -523,92 +344,31 @@ pub async fn topic_messages(settings: &Settings) -> anyhow::Result<Vec<Published
     read_exceptions_topic(settings, "exceptions-check", None).await
 }
 
-/// Where a session's reading of the topic starts in each partition: `depth` offsets before
-/// its end, or earlier when a message is younger than `since_ms` (broker timestamps, Unix
-/// ms); the log start when `since_ms` is `None`.
-struct Tail {
-    depth: i64,
-    since_ms: Option<i64>,
-}
-
 /// The messages of the exceptions topic from `tail` (from the log start when `None`), in
-/// topic order per partition. Reads until each partition's end (partition EOF rather than
-/// "offset of the high watermark − 1", which a transaction's commit marker occupies) with
-/// read_committed, so an aborted or still-open transaction's messages are not counted.
+/// topic order per partition, committed messages only.
 async fn read_exceptions_topic(
     settings: &Settings,
     reader: &str,
     tail: Option<Tail>,
 ) -> anyhow::Result<Vec<Published>> {
-    let topic = settings.exceptions.topic.clone();
-    let mut config = settings.kafka.client_config();
-    config
-        .set("group.id", format!("{}-{reader}", settings.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
-    let consumer: StreamConsumer<crate::kafka::Quiet> = config
-        .create_with_context(crate::kafka::Quiet::default())
-        .context("creating the exceptions topic's reader")?;
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(&topic), timeout)
-        .context("reading the exceptions topic's metadata")?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = BTreeSet::new();
-    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p.id(), timeout)
-                .context("reading the exceptions topic's watermarks")?;
-            let from = match &tail {
-                None => low,
-                Some(Tail { depth, since_ms }) => {
-                    let by_time = match since_ms {
-                        None => low,
-                        Some(ms) => {
-                            let mut q = TopicPartitionList::new();
-                            q.add_partition_offset(&topic, p.id(), Offset::Offset(*ms))?;
-                            let found = consumer
-                                .offsets_for_times(q, timeout)
-                                .context("finding the exceptions topic's offset for a time")?;
-                            match found.find_partition(&topic, p.id()).map(|e| e.offset()) {
-                                Some(Offset::Offset(o)) => o,
-                                _ => high,
-                            }
-                        }
-                    };
-                    low.max((high - depth).min(by_time))
-                }
-            };
-            if from < high {
-                tpl.add_partition_offset(&topic, p.id(), Offset::Offset(from))?;
-                remaining.insert(p.id());
+    let messages = reader::read_tail(
+        &settings.kafka,
+        &format!("{}-{reader}", settings.kafka.group_id),
+        &settings.exceptions.topic,
+        &[SEQ_HEADER, DIGEST_HEADER, SUPERSEDES_HEADER],
+        tail,
+    )
+    .await?;
+    Ok(messages
+        .into_iter()
+        .map(|m| {
+            let number = |i: usize| m.headers[i].as_deref().and_then(|s| s.parse().ok());
+            Published {
+                seq: number(0),
+                supersedes: number(2),
+                digest: m.headers[1].clone(),
+                key: m.key,
             }
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&tpl)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !remaining.is_empty() {
-        match tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .context("timed out reading the exceptions topic")?
-        {
-            Ok(m) => out.push(Published {
-                seq: header_seq(&m),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                digest: header_text(&m, DIGEST_HEADER).map(str::to_owned),
-                supersedes: header_text(&m, SUPERSEDES_HEADER).and_then(|s| s.parse().ok()),
-            }),
-            Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
-                remaining.remove(&p);
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context("reading the exceptions topic")),
-        }
-    }
-    Ok(out)
+        })
+        .collect())
 }

@@ -38,6 +38,24 @@ pub fn init(settings: &LogSettings) {
     };
 }
 
+/// Installs the global subscriber writing to the file `path` (created or truncated), without
+/// colours: the demo's log while its terminal shows the progress.
+pub fn init_to_file(settings: &LogSettings, path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{},librdkafka=warn,rdkafka=warn", settings.filter))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file));
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    Ok(())
+}
+
 /// Every series starts at zero, so a rate over a fresh process is defined: per input topic,
 /// per dead-letter reason, per status of both reconciliation legs.
 pub fn register_zeroes(topics: &[&str], dead_letter_reasons: &[&'static str]) {

@@ -24,12 +24,15 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use crate::kafka::producer::{FutureProducer, Sender};
 use anyhow::Context;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use super::{Checked, Entry, Format, Leg, ParseOptions, Rejection};
 use crate::inputs::Encoder;
+use crate::kafka::producer::{FutureProducer, Sender};
+use crate::store::file_imports::{self, FileImport, Produced, RejectedFile};
+
+pub use crate::store::file_imports::ImportRow;
 
 /// The status of an import, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,18 +160,15 @@ impl Importer {
         outcome.applied = counts.applied;
         outcome.duplicates = counts.duplicates;
         outcome.rejected = counts.rejected;
-        sqlx::query(
-            "UPDATE file_imports SET status = 'IMPORTED', finished_at = now(), entries = $2, \
-             applied = $3, duplicates = $4, rejected = $5 WHERE digest = $1",
-        )
-        .bind(&checked.digest)
-        .bind(checked.info.entries as i64)
-        .bind(counts.applied as i64)
-        .bind(counts.duplicates as i64)
-        .bind(counts.rejected as i64)
-        .execute(&self.pool)
-        .await
-        .context("marking the import IMPORTED")?;
+        let produced = Produced {
+            entries: checked.info.entries as i64,
+            applied: counts.applied as i64,
+            duplicates: counts.duplicates as i64,
+            rejected: counts.rejected as i64,
+        };
+        file_imports::mark_imported(&self.pool, &checked.digest, produced)
+            .await
+            .context("marking the import IMPORTED")?;
         outcome.status = Status::Imported;
         Ok(outcome)
     }
@@ -186,35 +186,16 @@ impl Importer {
             .await?
             .with_context(|| format!("reading {}", path.display()))?;
         let reason = rejection.to_string();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO rejected_files (digest, name, size, bytes, bytes_kept, reason, rejected_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&digest)
-        .bind(name)
-        .bind(size as i64)
-        .bind(bytes.as_deref())
-        .bind(bytes.is_some())
-        .bind(&reason)
-        .bind(&self.by)
-        .execute(&mut *tx)
-        .await?;
-        // A file already imported stays imported (the rules may have tightened since).
-        sqlx::query(
-            "INSERT INTO file_imports (digest, name, format, imported_by, status, report, finished_at) \
-             VALUES ($1, $2, $3, $4, 'REJECTED', $5, now()) \
-             ON CONFLICT (digest) DO UPDATE SET report = EXCLUDED.report, finished_at = now() \
-             WHERE file_imports.status <> 'IMPORTED'",
-        )
-        .bind(&digest)
-        .bind(name)
-        .bind(self.format.map(|f| f.as_str()).unwrap_or("auto"))
-        .bind(&self.by)
-        .bind(&reason)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let rejected = RejectedFile {
+            digest: &digest,
+            name,
+            format: self.format.map(|f| f.as_str()).unwrap_or("auto"),
+            size: size as i64,
+            bytes: bytes.as_deref(),
+            reason: &reason,
+            rejected_by: &self.by,
+        };
+        file_imports::quarantine(&self.pool, rejected).await?;
         Ok(Outcome {
             name: name.to_owned(),
             digest,
@@ -233,23 +214,29 @@ impl Importer {
     /// statement (CONFLICT, recorded).
     async fn claim(&self, name: &str, c: &Checked) -> anyhow::Result<Claim> {
         let i = &c.info;
+        let file = FileImport {
+            digest: &c.digest,
+            name,
+            format: c.format.as_str(),
+            statement_id: i.statement_id.as_deref(),
+            sequence: i.sequence.as_deref(),
+            account: i.account.as_deref(),
+            currency: i.currency.map(|c| c.code()),
+            id_prefix: &c.id_prefix,
+            imported_by: &self.by,
+            entries: i.entries as i64,
+        };
         let mut tx = self.pool.begin().await?;
         // Serialise claims of one statement (and of one file) between concurrent importers.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 26))")
-            .bind(format!(
-                "{}|{}|{}|{}",
-                c.format,
-                i.account.as_deref().unwrap_or(""),
-                i.statement_id.as_deref().unwrap_or(&c.digest),
-                i.sequence.as_deref().unwrap_or("")
-            ))
-            .execute(&mut *tx)
-            .await?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT status FROM file_imports WHERE digest = $1 FOR UPDATE")
-                .bind(&c.digest)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let statement_key = format!(
+            "{}|{}|{}|{}",
+            c.format,
+            i.account.as_deref().unwrap_or(""),
+            i.statement_id.as_deref().unwrap_or(&c.digest),
+            i.sequence.as_deref().unwrap_or("")
+        );
+        file_imports::lock_statement(&mut tx, &statement_key).await?;
+        let existing = file_imports::status_for_update(&mut tx, &c.digest).await?;
         if existing.as_deref() == Some("IMPORTED") {
             tx.commit().await?;
             return Ok(Claim {
@@ -257,128 +244,31 @@ impl Importer {
                 report: String::new(),
             });
         }
-        if let Some(statement) = &i.statement_id {
-            let other: Option<(String, String)> = sqlx::query_as(
-                "SELECT digest, name FROM file_imports WHERE format = $1 \
-                 AND coalesce(account, '') = $2 AND statement_id = $3 \
-                 AND coalesce(sequence, '') = $4 AND digest <> $5 \
-                 AND status IN ('IMPORTING', 'IMPORTED')",
-            )
-            .bind(c.format.as_str())
-            .bind(i.account.as_deref().unwrap_or(""))
-            .bind(statement)
-            .bind(i.sequence.as_deref().unwrap_or(""))
-            .bind(&c.digest)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some((digest, other_name)) = other {
-                let report = format!(
-                    "statement {statement} (sequence {}) of account {} was already imported from another file ({other_name}, digest {}): not merged",
-                    i.sequence.as_deref().unwrap_or("-"),
-                    i.account.as_deref().unwrap_or("-"),
-                    &digest[..16]
-                );
-                self.upsert(&mut tx, name, c, "CONFLICT", &report, None)
-                    .await?;
-                tx.commit().await?;
-                return Ok(Claim {
-                    status: Status::Conflict,
-                    report,
-                });
-            }
+        if let Some(statement) = &i.statement_id
+            && let Some((digest, other_name)) =
+                file_imports::same_statement_elsewhere(&mut tx, &file).await?
+        {
+            let report = format!(
+                "statement {statement} (sequence {}) of account {} was already imported from another file ({other_name}, digest {}): not merged",
+                i.sequence.as_deref().unwrap_or("-"),
+                i.account.as_deref().unwrap_or("-"),
+                &digest[..16]
+            );
+            file_imports::upsert(&mut tx, &file, "CONFLICT", &report, None).await?;
+            tx.commit().await?;
+            return Ok(Claim {
+                status: Status::Conflict,
+                report,
+            });
         }
-        let gap = self.sequence_gap(&mut tx, c).await?;
-        self.upsert(&mut tx, name, c, "IMPORTING", "", gap.as_deref())
-            .await?;
+        let gap = sequence_gap(&mut tx, c).await?;
+        file_imports::upsert(&mut tx, &file, "IMPORTING", "", gap.as_deref()).await?;
         tx.commit().await?;
         Ok(Claim {
             status: Status::Importing,
             report: gap
                 .map(|g| format!("sequence gap: {g}"))
                 .unwrap_or_default(),
-        })
-    }
-
-    async fn upsert(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        name: &str,
-        c: &Checked,
-        status: &str,
-        report: &str,
-        gap: Option<&str>,
-    ) -> anyhow::Result<()> {
-        let i = &c.info;
-        sqlx::query(
-            "INSERT INTO file_imports (digest, name, format, statement_id, sequence, account, \
-             currency, id_prefix, imported_by, status, report, sequence_gap, entries, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-                     CASE WHEN $10 = 'IMPORTING' THEN NULL ELSE now() END) \
-             ON CONFLICT (digest) DO UPDATE SET name = EXCLUDED.name, format = EXCLUDED.format, \
-               statement_id = EXCLUDED.statement_id, sequence = EXCLUDED.sequence, \
-               account = EXCLUDED.account, currency = EXCLUDED.currency, \
-               id_prefix = EXCLUDED.id_prefix, imported_by = EXCLUDED.imported_by, \
-               status = EXCLUDED.status, report = EXCLUDED.report, \
-               sequence_gap = coalesce(file_imports.sequence_gap, EXCLUDED.sequence_gap), \
-               entries = EXCLUDED.entries, finished_at = EXCLUDED.finished_at",
-        )
-        .bind(&c.digest)
-        .bind(name)
-        .bind(c.format.as_str())
-        .bind(&i.statement_id)
-        .bind(&i.sequence)
-        .bind(&i.account)
-        .bind(i.currency.map(|c| c.code()))
-        .bind(&c.id_prefix)
-        .bind(&self.by)
-        .bind(status)
-        .bind(report)
-        .bind(gap)
-        .bind(i.entries as i64)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
-
-    /// A numeric sequence number more than one above the account's highest imported one.
-    async fn sequence_gap(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        c: &Checked,
-    ) -> anyhow::Result<Option<String>> {
-        let (Some(account), Some(sequence)) = (&c.info.account, &c.info.sequence) else {
-            return Ok(None);
-        };
-        if !matches!(c.format, Format::Camt053 | Format::Mt940) {
-            return Ok(None);
-        }
-        let Some(number) = leading_number(sequence) else {
-            return Ok(None);
-        };
-        let rows = sqlx::query(
-            "SELECT sequence FROM file_imports WHERE format = $1 AND account = $2 \
-             AND status IN ('IMPORTING', 'IMPORTED') AND digest <> $3 AND sequence IS NOT NULL",
-        )
-        .bind(c.format.as_str())
-        .bind(account)
-        .bind(&c.digest)
-        .fetch_all(&mut *tx)
-        .await?;
-        let highest = rows
-            .iter()
-            .filter_map(|r| leading_number(&r.get::<String, _>(0)))
-            .max();
-        Ok(match highest {
-            Some(h) if number > h + 1 => Some(if number == h + 2 {
-                format!("{} missing before {number} on account {account}", h + 1)
-            } else {
-                format!(
-                    "{}..{} missing before {number} on account {account}",
-                    h + 1,
-                    number - 1
-                )
-            }),
-            _ => None,
         })
     }
 
@@ -477,25 +367,38 @@ impl Importer {
         lines: &[&Entry],
         payouts: &[&Entry],
     ) -> anyhow::Result<HashSet<String>> {
-        let mut stored = HashSet::new();
-        for (table, column, entries) in [
-            ("settlement_lines", "line_id", lines),
-            ("bank_payouts", "statement_line_id", payouts),
-        ] {
-            if entries.is_empty() {
-                continue;
-            }
-            let ids: Vec<&str> = entries.iter().map(|e| e.leg.id()).collect();
-            let found: Vec<String> = sqlx::query_scalar(&format!(
-                "SELECT {column} FROM {table} WHERE {column} = ANY($1)"
-            ))
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?;
-            stored.extend(found);
-        }
-        Ok(stored)
+        let lines: Vec<&str> = lines.iter().map(|e| e.leg.id()).collect();
+        let payouts: Vec<&str> = payouts.iter().map(|e| e.leg.id()).collect();
+        let found = file_imports::stored_ids(&self.pool, &lines, &payouts).await?;
+        Ok(found.into_iter().collect())
     }
+}
+
+/// A numeric sequence number more than one above the account's highest imported one.
+async fn sequence_gap(tx: &mut sqlx::PgConnection, c: &Checked) -> anyhow::Result<Option<String>> {
+    let (Some(account), Some(sequence)) = (&c.info.account, &c.info.sequence) else {
+        return Ok(None);
+    };
+    if !matches!(c.format, Format::Camt053 | Format::Mt940) {
+        return Ok(None);
+    }
+    let Some(number) = leading_number(sequence) else {
+        return Ok(None);
+    };
+    let others = file_imports::account_sequences(tx, c.format.as_str(), account, &c.digest).await?;
+    let highest = others.iter().filter_map(|s| leading_number(s)).max();
+    Ok(match highest {
+        Some(h) if number > h + 1 => Some(if number == h + 2 {
+            format!("{} missing before {number} on account {account}", h + 1)
+        } else {
+            format!(
+                "{}..{} missing before {number} on account {account}",
+                h + 1,
+                number - 1
+            )
+        }),
+        _ => None,
+    })
 }
 
 const CHUNK: usize = 5000;
@@ -542,60 +445,9 @@ fn digest_of(path: &Path) -> std::io::Result<(String, u64, Option<Vec<u8>>)> {
     Ok((super::hex(&hasher.finalize()), size, kept))
 }
 
-/// The recent imports and rejections, for `payrecon report`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ImportRow {
-    pub name: String,
-    pub format: String,
-    pub status: String,
-    pub statement_id: Option<String>,
-    pub sequence: Option<String>,
-    pub account: Option<String>,
-    pub imported_by: String,
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    pub entries: i64,
-    pub applied: i64,
-    pub duplicates: i64,
-    pub rejected: i64,
-    pub report: String,
-    pub sequence_gap: Option<String>,
-}
-
 /// The `limit` most recent imports, newest first (empty when the table does not exist yet).
 pub async fn recent(pool: &PgPool, limit: i64) -> anyhow::Result<Vec<ImportRow>> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('file_imports') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    let rows = sqlx::query(
-        "SELECT name, format, status, statement_id, sequence, account, imported_by, started_at, \
-         entries, applied, duplicates, rejected, report, sequence_gap \
-         FROM file_imports ORDER BY started_at DESC, id DESC LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ImportRow {
-            name: r.get(0),
-            format: r.get(1),
-            status: r.get(2),
-            statement_id: r.get(3),
-            sequence: r.get(4),
-            account: r.get(5),
-            imported_by: r.get(6),
-            started_at: r.get(7),
-            entries: r.get(8),
-            applied: r.get(9),
-            duplicates: r.get(10),
-            rejected: r.get(11),
-            report: r.get(12),
-            sequence_gap: r.get(13),
-        })
-        .collect())
+    Ok(file_imports::recent(pool, limit).await?)
 }
 
 /// The imports section of the text report.

@@ -99,12 +99,11 @@ impl<'a> Sender<'a> {
     }
 }
 
-/// One message of a relay round: key, Avro payload, and the outbox seq it carries in the
-/// `header` named by [`RelayProducer::publish`].
+/// One message of a relay round: key, Avro payload and headers (name, text).
 pub struct RelayMessage {
     pub key: String,
     pub payload: Vec<u8>,
-    pub seq: i64,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// The exceptions relay's producer: idempotent (retries never duplicate within a session),
@@ -148,12 +147,7 @@ impl RelayProducer {
     /// Sends one round to `topic` and returns once every message is acknowledged (and, when
     /// transactional, the round's transaction is committed). A failure leaves the round
     /// undecided: the caller ends its session, and the next relay finds what landed.
-    pub async fn publish(
-        &self,
-        topic: &str,
-        header: &str,
-        messages: &[RelayMessage],
-    ) -> anyhow::Result<()> {
+    pub async fn publish(&self, topic: &str, messages: &[RelayMessage]) -> anyhow::Result<()> {
         if self.transactional {
             self.producer
                 .begin_transaction()
@@ -161,14 +155,19 @@ impl RelayProducer {
         }
         let mut acks = FuturesOrdered::new();
         for m in messages {
-            let seq = m.seq.to_string();
+            let headers = m
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new(), |all, (key, value)| {
+                    all.insert(Header {
+                        key,
+                        value: Some(value.as_bytes()),
+                    })
+                });
             let record = FutureRecord::to(topic)
                 .key(&m.key)
                 .payload(&m.payload)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: header,
-                    value: Some(seq.as_bytes()),
-                }));
+                .headers(headers);
             let ack = (self.producer)
                 .send_result(record)
                 .map_err(|(e, _)| anyhow::Error::new(e).context("queueing an exception"))?;

@@ -15,19 +15,35 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::kafka::KafkaSettings;
 
-/// The integer in header `header` (if any) of every committed message from `depth` offsets
-/// before the end of each partition of `topic` (from the log start when `None`), in topic
-/// order per partition. Reads until each partition's end (partition EOF rather than "offset
-/// of the high watermark − 1", which a transaction's commit marker occupies) with
-/// read_committed, so an aborted or still-open transaction's messages are not counted.
-/// `group` names the reader (it never joins a group: partitions are assigned).
-pub async fn header_numbers(
+/// Where a reading of a topic's tail starts in each partition: `depth` offsets before its
+/// end, or earlier when a message is younger than `since_ms` (broker timestamps, Unix ms).
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    pub depth: i64,
+    pub since_ms: Option<i64>,
+}
+
+/// A message of a tail as [`read_tail`] returns it: its key and the text of the headers asked
+/// for, in the order asked.
+#[derive(Debug, Clone)]
+pub struct TailMessage {
+    pub key: Option<String>,
+    pub headers: Vec<Option<String>>,
+}
+
+/// Every committed message of `topic` from `tail` (from the log start when `None`), in topic
+/// order per partition, with the text of its headers named `headers`. Reads until each
+/// partition's end (partition EOF rather than "offset of the high watermark − 1", which a
+/// transaction's commit marker occupies) with read_committed, so an aborted or still-open
+/// transaction's messages are not counted. `group` names the reader (it never joins a group:
+/// partitions are assigned).
+pub async fn read_tail(
     kafka: &KafkaSettings,
     group: &str,
     topic: &str,
-    header: &str,
-    depth: Option<i64>,
-) -> anyhow::Result<Vec<Option<i64>>> {
+    headers: &[&str],
+    tail: Option<Tail>,
+) -> anyhow::Result<Vec<TailMessage>> {
     let mut config = kafka.client_config();
     config
         .set("group.id", group)
@@ -48,7 +64,26 @@ pub async fn header_numbers(
             let (low, high) = consumer
                 .fetch_watermarks(topic, p.id(), timeout)
                 .with_context(|| format!("reading the watermarks of {topic}"))?;
-            let from = depth.map_or(low, |d| low.max(high - d));
+            let from = match tail {
+                None => low,
+                Some(Tail { depth, since_ms }) => {
+                    let by_time = match since_ms {
+                        None => low,
+                        Some(ms) => {
+                            let mut q = TopicPartitionList::new();
+                            q.add_partition_offset(topic, p.id(), Offset::Offset(ms))?;
+                            let found = consumer
+                                .offsets_for_times(q, timeout)
+                                .with_context(|| format!("finding an offset by time in {topic}"))?;
+                            match found.find_partition(topic, p.id()).map(|e| e.offset()) {
+                                Some(Offset::Offset(o)) => o,
+                                _ => high,
+                            }
+                        }
+                    };
+                    low.max((high - depth).min(by_time))
+                }
+            };
             if from < high {
                 tpl.add_partition_offset(topic, p.id(), Offset::Offset(from))?;
                 remaining.insert(p.id());
@@ -66,7 +101,10 @@ pub async fn header_numbers(
             .await
             .with_context(|| format!("timed out reading {topic}"))?
         {
-            Ok(m) => out.push(header_number(&m, header)),
+            Ok(m) => out.push(TailMessage {
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                headers: headers.iter().map(|h| header_text(&m, h)).collect(),
+            }),
             Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
                 remaining.remove(&p);
             }
@@ -76,14 +114,15 @@ pub async fn header_numbers(
     Ok(out)
 }
 
-/// The integer in a message's header `name`.
-fn header_number(message: &impl Message, name: &str) -> Option<i64> {
+/// The text of a message's header `name`.
+fn header_text(message: &impl Message, name: &str) -> Option<String> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
     headers
         .iter()
         .find(|h| h.key == name)
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+        .map(str::to_owned)
 }
 
 /// A range reader's client: a group id of its own (never the service's), no commits, no

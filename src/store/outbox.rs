@@ -55,19 +55,112 @@ pub async fn unfinished_round(
     .await
 }
 
-/// The oldest `limit` rows not yet published, in seq order.
+/// The columns of an [`OutboxRow`].
+const ROW: &str = "seq, history_id, payment_reference, merchant_id, from_status, to_status,
+                   opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
+                   reason, watermark, created_at, leg, account_id";
+
+/// The oldest `limit` rows not yet published, in seq order. A row holding the seq of a lost
+/// exception ([`record_lost`]) is renumbered first: a seq never names two exceptions.
 pub async fn unpublished(
     conn: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT seq, history_id, payment_reference, merchant_id, from_status, to_status,
-                opened, coalesce(currency, '') AS currency, expected_gross, settled_gross,
-                reason, watermark, created_at, leg, account_id
-           FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+    sqlx::query(
+        "UPDATE exceptions_outbox SET seq = nextval('exceptions_outbox_seq_seq')
+          WHERE published_at IS NULL AND seq IN (SELECT seq FROM exceptions_lost)",
     )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as(&format!(
+        "SELECT {ROW} FROM exceptions_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
+    ))
     .bind(limit)
     .fetch_all(conn)
+    .await
+}
+
+/// The rows holding `seqs` (published or not).
+pub async fn rows(conn: &mut PgConnection, seqs: &[i64]) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {ROW} FROM exceptions_outbox WHERE seq = ANY($1)"
+    ))
+    .bind(seqs)
+    .fetch_all(conn)
+    .await
+}
+
+/// When the newest "published" mark was set (`None`: nothing is marked).
+pub async fn newest_mark(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(published_at) FROM exceptions_outbox")
+        .fetch_one(conn)
+        .await
+}
+
+/// An exception the topic holds and this database lost: its seq, payment reference and the
+/// digest it was published with.
+#[derive(Debug, Clone)]
+pub struct Lost {
+    pub seq: i64,
+    pub payment_reference: String,
+    pub digest: Option<String>,
+}
+
+/// Records exceptions the topic holds and this database lost, and moves the outbox sequence
+/// past them, in one statement each way (idempotent: a seq recorded before stays as it is).
+pub async fn record_lost(conn: &mut PgConnection, lost: &[Lost]) -> Result<(), sqlx::Error> {
+    let Some(highest) = lost.iter().map(|m| m.seq).max() else {
+        return Ok(());
+    };
+    let seqs: Vec<i64> = lost.iter().map(|m| m.seq).collect();
+    let references: Vec<&str> = lost.iter().map(|m| m.payment_reference.as_str()).collect();
+    let digests: Vec<Option<&str>> = lost.iter().map(|m| m.digest.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO exceptions_lost (seq, payment_reference, digest)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])
+         ON CONFLICT (seq) DO NOTHING",
+    )
+    .bind(&seqs)
+    .bind(&references)
+    .bind(&digests)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "SELECT setval('exceptions_outbox_seq_seq', $1) FROM exceptions_outbox_seq_seq
+          WHERE last_value < $1",
+    )
+    .bind(highest)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether a lost exception still waits for the exception that supersedes it.
+pub async fn unclaimed_lost(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM exceptions_lost WHERE superseded_by IS NULL)")
+        .fetch_one(conn)
+        .await
+}
+
+/// The lost exception the row `seq` of `payment_reference` supersedes: the lowest-seq
+/// unclaimed one of that reference, or the one it already claimed (a round that failed after
+/// claiming).
+pub async fn claim_lost(
+    conn: &mut PgConnection,
+    payment_reference: &str,
+    seq: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE exceptions_lost SET superseded_by = $2
+          WHERE seq = (SELECT seq FROM exceptions_lost
+                        WHERE payment_reference = $1
+                          AND (superseded_by IS NULL OR superseded_by = $2)
+                        ORDER BY superseded_by NULLS LAST, seq LIMIT 1)
+          RETURNING seq",
+    )
+    .bind(payment_reference)
+    .bind(seq)
+    .fetch_optional(conn)
     .await
 }
 

@@ -48,10 +48,16 @@ pub struct DemoOptions {
     pub database: String,
     /// The records' broker timestamps: when they are produced (`now`) or their event time
     /// (`event`: a quiet simulated day is a quiet day of broker time, so sparse and empty
-    /// partitions are judged idle as in real traffic; try it with `--payments 300
-    /// --partitions 64`).
-    #[arg(long, value_enum, default_value = "now")]
-    pub broker_time: crate::tools::simulate::BrokerTime,
+    /// partitions are judged idle as in real traffic). Default: `event` when the shape is
+    /// sparse (fewer than 2,000 payments per partition: a simulated day compressed into
+    /// seconds of broker time cannot show a quiet partition), `now` otherwise.
+    #[arg(long, value_enum)]
+    pub broker_time: Option<crate::tools::simulate::BrokerTime>,
+    /// Where the service's log goes while the demo prints its progress (default:
+    /// payrecon-demo.log in the temporary directory); `PAYRECON_LOG__FILTER` sends it to
+    /// the terminal instead.
+    #[arg(long)]
+    pub log_file: Option<std::path::PathBuf>,
     /// When settlement lines come: with each payment, or one burst per simulated day.
     #[arg(long, value_enum, default_value = "with-payment")]
     pub settlement_rhythm: crate::tools::simulate::SettlementRhythm,
@@ -204,6 +210,24 @@ async fn postgres_admin() -> anyhow::Result<(PgConnectOptions, Option<ThrowawayC
     }
 }
 
+/// Payments per partition below which the demo stamps records with their event time.
+const SPARSE_PER_PARTITION: u64 = 2_000;
+
+/// The broker time a demo shape needs to be exact: with few payments per partition, broker
+/// time must follow the simulated clock so that a partition's quiet day is visible.
+pub fn default_broker_time(payments: u64, partitions: i32) -> crate::tools::simulate::BrokerTime {
+    if payments < SPARSE_PER_PARTITION * partitions.max(1) as u64 {
+        crate::tools::simulate::BrokerTime::Event
+    } else {
+        crate::tools::simulate::BrokerTime::Now
+    }
+}
+
+/// Where the demo's service log goes unless asked otherwise.
+pub fn default_log_file() -> std::path::PathBuf {
+    std::env::temp_dir().join("payrecon-demo.log")
+}
+
 /// Runs the demo; the exit code says whether the summary matched.
 pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
@@ -244,6 +268,10 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         settings.http.listen
     );
 
+    let broker_time = o
+        .broker_time
+        .unwrap_or_else(|| default_broker_time(o.payments, o.partitions));
+    println!("broker time of records:   {broker_time:?}");
     // The simulation's reference data (merchants, FX rates), loaded before the service
     // starts so its first batch prices with it.
     let sim = crate::tools::simulate::SimulationOptions {
@@ -251,7 +279,7 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         malformed: o.malformed,
         rate: o.rate,
         unknown_merchant_share: 0.0,
-        broker_time: o.broker_time,
+        broker_time,
         settlement_rhythm: o.settlement_rhythm,
         ..Default::default()
     }
