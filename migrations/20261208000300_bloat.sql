@@ -25,8 +25,8 @@ ALTER TABLE payout_daily_totals_by_shard SET (fillfactor = 50,
     autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 2000);
 
 -- 2. Payout items: one row per settlement batch, updated by every line of the batch (38 dead
---    versions per live row in the run); half of the updates move the deadline and cannot be
---    HOT. Vacuum after a fixed number of dead versions, not after 20% of a table that only
+--    versions per live row in the run); half of the updates are not HOT (they move the
+--    deadline or the status, both indexed). Vacuum after a fixed number of dead versions, not after 20% of a table that only
 --    grows.
 ALTER TABLE payout_items SET (fillfactor = 70,
     autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
