@@ -7,7 +7,7 @@
 //! trailer, `99` file trailer. Amounts carry implied decimals (the currency's minor units).
 //!
 //! Integrity: every trailer's control total (49 = Σ amounts of the account's 03 and 16
-//! records; 98 = Σ 49; 99 = Σ 98) and record count, the number of accounts and groups, and,
+//! records; 98 = Σ 49; 99 = Σ 98, in minor units as written even across currencies) and record count, the number of accounts and groups, and,
 //! when the 03 summary carries them, opening ledger (010) + credits − debits = closing
 //! ledger (015).
 
@@ -343,20 +343,24 @@ pub fn parse(
                 }
                 count(&at, f.get(2), g.accounts, "accounts in the group")?;
                 count(&at, f.get(3), g.records, "group")?;
-                file_total += g.total;
+                // The file's control total adds the amounts as written (minor units),
+                // whatever the groups' currencies.
+                file_total += g.total * Decimal::from(10u64.pow(currency.minor_units()));
             }
             "99" => {
                 if group.is_some() {
                     return Err(Rejection::new(&at, "the file trailer (99) inside a group"));
                 }
                 let f = fields(5);
+                // In minor units as written: a currency without decimals reads them so.
                 let total =
-                    trailer_amount(&at, f.get(1), Currency::from_code("USD").expect("known"))?;
+                    trailer_amount(&at, f.get(1), Currency::from_code("JPY").expect("known"))?;
                 if total != file_total {
                     return Err(Rejection::new(
                         &at,
                         format!(
-                            "file control total {total} is not the sum {file_total} of its groups"
+                            "file control total {total} is not the sum {} of its groups (in minor units)",
+                            file_total.normalize()
                         ),
                     ));
                 }

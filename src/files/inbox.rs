@@ -83,6 +83,23 @@ pub async fn run(settings: &Settings, options: ImportOptions) -> anyhow::Result<
     )
 }
 
+/// The importer the simulator's files go through (`payrecon simulate --files`): every format
+/// detected, recorded as imported by `simulator`.
+pub async fn simulator_importer(settings: &Settings) -> anyhow::Result<Importer> {
+    let options = ImportOptions {
+        files: Vec::new(),
+        format: "auto".into(),
+        mapping: None,
+        merchant: None,
+        by: Some("simulator".into()),
+        watch: None,
+        settle: Duration::from_secs(2),
+        once: true,
+        pause_after: None,
+    };
+    importer(settings, &options).await
+}
+
 async fn importer(settings: &Settings, options: &ImportOptions) -> anyhow::Result<Importer> {
     let format = match options.format.as_str() {
         "auto" => None,

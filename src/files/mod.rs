@@ -28,6 +28,7 @@ pub mod inbox;
 pub mod mt940;
 pub mod synthetic;
 mod text;
+pub mod write;
 
 use std::fmt;
 use std::io::{self, Read};

@@ -58,6 +58,13 @@ pub struct DemoOptions {
     /// the terminal instead.
     #[arg(long)]
     pub log_file: Option<std::path::PathBuf>,
+    /// Settlement lines and bank payouts come as files (settlement reports and bank
+    /// statements, written by the simulator and imported where they stand in the stream, then
+    /// all imported again) instead of records on their topics. Implies
+    /// `--settlement-rhythm daily-burst` (a PSP's daily report) and `--broker-time event`
+    /// (the importer stamps entries with their event time).
+    #[arg(long)]
+    pub from_files: bool,
     /// When settlement lines come: with each payment, or one burst per simulated day.
     #[arg(long, value_enum, default_value = "with-payment")]
     pub settlement_rhythm: crate::tools::simulate::SettlementRhythm,
@@ -268,9 +275,14 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         settings.http.listen
     );
 
-    let broker_time = o
-        .broker_time
-        .unwrap_or_else(|| default_broker_time(o.payments, o.partitions));
+    let broker_time = match o.broker_time {
+        Some(t) => t,
+        None if o.from_files => crate::tools::simulate::BrokerTime::Event,
+        None => default_broker_time(o.payments, o.partitions),
+    };
+    let files_dir = tempfile::Builder::new()
+        .prefix("payrecon-demo-files")
+        .tempdir()?;
     println!("broker time of records:   {broker_time:?}");
     // The simulation's reference data (merchants, FX rates), loaded before the service
     // starts so its first batch prices with it.
@@ -280,7 +292,12 @@ pub async fn run(mut settings: Settings, o: DemoOptions) -> anyhow::Result<ExitC
         rate: o.rate,
         unknown_merchant_share: 0.0,
         broker_time,
-        settlement_rhythm: o.settlement_rhythm,
+        settlement_rhythm: if o.from_files {
+            crate::tools::simulate::SettlementRhythm::DailyBurst
+        } else {
+            o.settlement_rhythm
+        },
+        files: o.from_files.then(|| files_dir.path().to_path_buf()),
         ..Default::default()
     }
     .with_rules(&settings.reconciliation);

@@ -9,6 +9,7 @@ mod registry_gate;
 mod bad_input;
 mod cooperative;
 mod crash;
+mod demo;
 mod failover;
 mod fencing;
 mod files;

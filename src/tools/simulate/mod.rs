@@ -38,6 +38,17 @@ pub struct SimulationOptions {
     /// Records per second to produce (0 = as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Write the settlement lines and bank payouts as files in this directory (settlement
+    /// reports and bank statements, the formats in turn) and import them where they stand in
+    /// the stream, instead of producing them to their topics; every file is then imported a
+    /// second time, which must change nothing.
+    #[arg(long)]
+    pub files: Option<std::path::PathBuf>,
+    /// With `--files`: `exact` writes only the formats that keep every field the predictions
+    /// need (Stripe and Adyen reports, camt.053 and camt.054); `all` adds MT940 and BAI2,
+    /// whose entries read back with their value date's midnight as event time.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub file_formats: FileFormats,
     /// Number of distinct merchants.
     #[arg(long, default_value_t = 20)]
     pub merchants: u32,
@@ -128,6 +139,13 @@ pub enum SettlementRhythm {
     WithPayment,
     /// A day's lines together, at 04:00 of the next day.
     DailyBurst,
+}
+
+/// The file formats a simulation written as files uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileFormats {
+    Exact,
+    All,
 }
 
 /// Which time a produced record carries as its broker (create) timestamp.
@@ -352,6 +370,7 @@ pub fn generate(
     Ok((s.records, s.totals))
 }
 
+pub mod files;
 mod malformed;
 mod payments;
 mod payouts;

@@ -134,27 +134,53 @@ pub async fn command(
         encoder = encoder.with_payouts(&sr, &k.payouts_topic).await?;
     }
     let (records, expected) = generate(options, encoder.payment_schema_id())?;
+    let producer = crate::kafka::producer::idempotent(k)?;
+    let topic_names = k.input_topic_names();
+    let topics: Vec<&str> = topic_names.iter().map(String::as_str).collect();
+    let mut expected = expected;
+    let total = records.len();
+    match &options.files {
+        None => {
+            produce_stamped(
+                &producer,
+                &encoder,
+                &topics,
+                &records,
+                options.rate,
+                options.broker_time,
+                |n| {
+                    tracing::info!(produced = n, total, "simulating");
+                },
+            )
+            .await?
+        }
+        Some(dir) => {
+            let exact = options.file_formats == FileFormats::Exact;
+            let (steps, written) = files::plan(records, dir, options.seed, exact)?;
+            // The log records the service applies: the topics' records and each file
+            // entry once (a file imported again produces nothing).
+            let produced: usize = steps
+                .iter()
+                .map(|s| match s {
+                    files::Step::Produce(r) => r.len(),
+                    files::Step::Import(..) => 0,
+                })
+                .sum();
+            expected.records = (produced as u64 + written.entries) as i64;
+            let to = files::Producing {
+                producer: &producer,
+                encoder: &encoder,
+                topics: &topics,
+                rate: options.rate,
+                broker_time: options.broker_time,
+            };
+            files::run(settings, &steps, &written, to).await?;
+        }
+    }
     if let Some(path) = &options.expected_out {
         std::fs::write(path, serde_json::to_vec_pretty(&expected)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let producer = crate::kafka::producer::idempotent(k)?;
-    let total = records.len();
-    produce_stamped(
-        &producer,
-        &encoder,
-        &k.input_topic_names()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        &records,
-        options.rate,
-        options.broker_time,
-        |n| {
-            tracing::info!(produced = n, total, "simulating");
-        },
-    )
-    .await?;
     println!(
         "produced {total} records: {} payment events, {} settlement lines, {} bank statement lines, {} malformed",
         expected.payment_events,
