@@ -92,6 +92,9 @@ pub enum PoisonKind {
     /// An event time (or settlement date) outside the storable range, or too far ahead of or
     /// behind the record's broker timestamp (`validation.max_event_time_ahead`/`_behind`).
     ImplausibleEventTime,
+    /// A settlement or value date too far from the record's own event time
+    /// (`validation.max_business_date_ahead`/`_behind`).
+    ImplausibleBusinessDate,
     /// Passed every check and still refused by PostgreSQL for a reason in the record (data
     /// exception, integrity violation, program limit); the message carries the SQLSTATE.
     /// Assigned by the store's refusal isolation, never by the codec.
@@ -100,7 +103,7 @@ pub enum PoisonKind {
 
 impl PoisonKind {
     /// Every class, for metrics registration and reports.
-    pub const ALL: [PoisonKind; 10] = [
+    pub const ALL: [PoisonKind; 11] = [
         PoisonKind::BadMagicByte,
         PoisonKind::UnknownSchemaId,
         PoisonKind::UndecodableBody,
@@ -110,6 +113,7 @@ impl PoisonKind {
         PoisonKind::FieldTooLong,
         PoisonKind::AmountOutOfRange,
         PoisonKind::ImplausibleEventTime,
+        PoisonKind::ImplausibleBusinessDate,
         PoisonKind::DatabaseRefused,
     ];
 
@@ -125,6 +129,7 @@ impl PoisonKind {
             PoisonKind::FieldTooLong => "field_too_long",
             PoisonKind::AmountOutOfRange => "amount_out_of_range",
             PoisonKind::ImplausibleEventTime => "implausible_event_time",
+            PoisonKind::ImplausibleBusinessDate => "implausible_business_date",
             PoisonKind::DatabaseRefused => "database_refused",
         }
     }
@@ -136,6 +141,7 @@ impl PoisonKind {
             "too_long" => PoisonKind::FieldTooLong,
             "amount_range" => PoisonKind::AmountOutOfRange,
             "event_time" => PoisonKind::ImplausibleEventTime,
+            "business_date" => PoisonKind::ImplausibleBusinessDate,
             _ => PoisonKind::InvalidField,
         }
     }

@@ -18,6 +18,18 @@ pub struct ValidationSettings {
     /// How far an event time may lie before its record's broker timestamp.
     #[serde(with = "humantime_serde")]
     pub max_event_time_behind: Duration,
+    /// How far a settlement or value date may lie after its record's event date.
+    #[serde(with = "humantime_serde", default = "default_business_date_window")]
+    pub max_business_date_ahead: Duration,
+    /// How far a settlement or value date may lie before its record's event date.
+    #[serde(with = "humantime_serde", default = "default_business_date_window")]
+    pub max_business_date_behind: Duration,
+}
+
+/// A quarter: T+N settlement, forward value dates and month-end statements fit easily; a
+/// date years away does not.
+fn default_business_date_window() -> Duration {
+    Duration::from_secs(92 * 86_400)
 }
 
 impl ValidationSettings {
@@ -28,6 +40,8 @@ impl ValidationSettings {
             max_id_bytes: self.max_id_bytes,
             max_event_time_ahead: chrono(self.max_event_time_ahead),
             max_event_time_behind: chrono(self.max_event_time_behind),
+            max_business_date_ahead: chrono(self.max_business_date_ahead),
+            max_business_date_behind: chrono(self.max_business_date_behind),
         }
     }
 }

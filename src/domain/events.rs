@@ -146,6 +146,10 @@ pub enum InvalidRecord {
     /// timestamp.
     #[error("field `{field}`: {detail}")]
     EventTime { field: &'static str, detail: String },
+    /// A business date (settlement date, value date) too far from the record's event time
+    /// (`validation.max_business_date_ahead` / `_behind`).
+    #[error("field `{field}`: {detail}")]
+    BusinessDate { field: &'static str, detail: String },
 }
 
 impl InvalidRecord {
@@ -161,6 +165,7 @@ impl InvalidRecord {
             InvalidRecord::TooLong { .. } => "too_long",
             InvalidRecord::AmountRange { .. } => "amount_range",
             InvalidRecord::EventTime { .. } => "event_time",
+            InvalidRecord::BusinessDate { .. } => "business_date",
         }
     }
 }

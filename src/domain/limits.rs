@@ -28,6 +28,15 @@ pub struct Limits {
     /// backfills: ten years by default). Beyond it the event time is implausible (a clock
     /// reset to 1970 or 2000).
     pub max_event_time_behind: Duration,
+    /// How far a business date (a settlement line's `settlement_date`, a payout's
+    /// `value_date`) may lie after the UTC date of the record's own event time. Settlement
+    /// and value dates follow the money by days, not years: a line dated 9999-12-31 is a
+    /// broken producer, and stored it would open a bucket (a daily total, a partition, an
+    /// archive period) of its own.
+    pub max_business_date_ahead: Duration,
+    /// How far a business date may lie before the UTC date of the record's event time (a
+    /// monthly statement produced at month end, a late settlement report).
+    pub max_business_date_behind: Duration,
 }
 
 impl Default for Limits {
@@ -36,6 +45,8 @@ impl Default for Limits {
             max_id_bytes: 200,
             max_event_time_ahead: Duration::hours(1),
             max_event_time_behind: Duration::days(3650),
+            max_business_date_ahead: Duration::days(92),
+            max_business_date_behind: Duration::days(92),
         }
     }
 }
@@ -86,6 +97,7 @@ impl Limits {
         self.free_text("description", &b.description)?;
         self.event_time(b.event_time, broker_time)?;
         self.date("value_date", b.value_date)?;
+        self.business_date("value_date", b.value_date, b.event_time)?;
         b.validate()
     }
 
@@ -120,6 +132,43 @@ impl Limits {
         Ok(())
     }
 
+    /// A business date within the window around the UTC date of the record's event time.
+    /// Judged against the event time (in the record, hence in the log), so a replay reaches
+    /// the same verdict; the event time itself was already judged against the broker's.
+    fn business_date(
+        &self,
+        field: &'static str,
+        date: NaiveDate,
+        event_time: DateTime<Utc>,
+    ) -> Result<(), InvalidRecord> {
+        let day = event_time.date_naive();
+        let offset = date.signed_duration_since(day);
+        let (too_far, how, max) = if offset > Duration::zero() {
+            (
+                offset > self.max_business_date_ahead,
+                "after",
+                self.max_business_date_ahead,
+            )
+        } else {
+            (
+                -offset > self.max_business_date_behind,
+                "before",
+                self.max_business_date_behind,
+            )
+        };
+        if too_far {
+            return Err(InvalidRecord::BusinessDate {
+                field,
+                detail: format!(
+                    "{date} is {} days {how} the record's event date {day} (at most {} days allowed): implausible for a business date",
+                    offset.num_days().abs(),
+                    max.num_days()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn check_payment(
         &self,
         p: &PaymentEvent,
@@ -146,6 +195,7 @@ impl Limits {
         self.id("merchant_id", &s.merchant_id)?;
         self.event_time(s.event_time, broker_time)?;
         self.date("settlement_date", s.settlement_date)?;
+        self.business_date("settlement_date", s.settlement_date, s.event_time)?;
         s.validate()
     }
 
@@ -317,5 +367,95 @@ mod tests {
         assert!(e.to_string().contains("behind the broker timestamp"), "{e}");
         // Without a broker timestamp only the absolute range applies.
         assert!(limits.check(&Record::Payment(p), None).is_ok());
+    }
+
+    fn line(settlement_date: NaiveDate) -> SettlementLine {
+        SettlementLine {
+            line_id: "l1".into(),
+            batch_id: "b1".into(),
+            payment_reference: "p1".into(),
+            merchant_id: "m1".into(),
+            gross: "10.00".parse().unwrap(),
+            fee: "0.20".parse().unwrap(),
+            net: "9.80".parse().unwrap(),
+            currency: Currency::from_code("EUR").unwrap(),
+            settlement_date,
+            // 2027-01-15T08:00:00Z
+            event_time: at(1_800_000_000_000),
+        }
+    }
+
+    fn payout(value_date: NaiveDate) -> BankPayout {
+        BankPayout {
+            statement_line_id: "s1".into(),
+            account_id: "a1".into(),
+            value_date,
+            amount: "9.80".parse().unwrap(),
+            currency: Currency::from_code("EUR").unwrap(),
+            batch_reference: Some("b1".into()),
+            description: "payout".into(),
+            event_time: at(1_800_000_000_000),
+        }
+    }
+
+    #[test]
+    fn business_dates_far_from_the_event_date_are_refused_as_implausible() {
+        let limits = Limits::default();
+        let day = at(1_800_000_000_000).date_naive();
+        let broker = Some(at(1_800_000_000_000));
+        let days = |n: i64| day + Duration::days(n);
+        // (the date, accepted)
+        let cases = [
+            (day, true),
+            (days(3), true),
+            (days(92), true),
+            (days(93), false),
+            (days(-92), true),
+            (days(-93), false),
+            (NaiveDate::from_ymd_opt(9999, 12, 31).unwrap(), false),
+            (NaiveDate::from_ymd_opt(1970, 1, 1).unwrap(), false),
+        ];
+        for (date, accepted) in cases {
+            for (field, record) in [
+                ("settlement_date", Record::Settlement(line(date))),
+                ("value_date", Record::Payout(payout(date))),
+            ] {
+                match (accepted, limits.check(&record, broker)) {
+                    (true, Ok(())) => {}
+                    (false, Err(e)) => {
+                        assert_eq!(e.class(), "business_date", "{field} {date}: {e}");
+                        let text = e.to_string();
+                        assert!(text.contains(field), "{text}");
+                        assert!(text.contains("at most 92 days"), "{text}");
+                    }
+                    (want, got) => panic!("{field} {date}: accepted {want}, got {got:?}"),
+                }
+            }
+        }
+        // Judged against the record's event time, not the broker's: without a broker
+        // timestamp the window still applies.
+        let e = limits
+            .check(&Record::Settlement(line(days(400))), None)
+            .unwrap_err();
+        assert_eq!(e.class(), "business_date");
+    }
+
+    #[test]
+    fn the_business_date_window_is_configurable_in_each_direction() {
+        let limits = Limits {
+            max_business_date_ahead: Duration::days(7),
+            max_business_date_behind: Duration::days(1),
+            ..Limits::default()
+        };
+        let day = at(1_800_000_000_000).date_naive();
+        let check = |n: i64| {
+            limits
+                .check(&Record::Settlement(line(day + Duration::days(n))), None)
+                .is_ok()
+        };
+        assert!(check(7));
+        assert!(!check(8));
+        assert!(check(-1));
+        assert!(!check(-2));
     }
 }

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod compare;
 pub mod dead_letters;
 pub mod file_imports;
+pub mod growth;
 mod health;
 pub mod items;
 pub mod offsets;

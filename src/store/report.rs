@@ -129,13 +129,34 @@ impl Store {
         let date: Option<NaiveDate> = match date {
             Some(d) => Some(d),
             None => {
-                sqlx::query_scalar(
+                // The view's latest day costs the whole totals table (its rows are summed
+                // over shards before the all-zero days are left out); the latest day of the
+                // per-shard rows (index merchant_daily_totals_by_shard_date_idx) bounds it,
+                // and a day can only be all zero when an item moved to an earlier bucket:
+                // look a month back from it, and over everything only when that finds
+                // nothing.
+                let recent: Option<NaiveDate> = sqlx::query_scalar(
                     "SELECT max(business_date) FROM merchant_daily_report
-                      WHERE $1::text IS NULL OR merchant_id = $1",
+                      WHERE ($1::text IS NULL OR merchant_id = $1)
+                        AND business_date >= (
+                            SELECT max(business_date) - 31 FROM merchant_daily_totals_by_shard
+                             WHERE $1::text IS NULL OR merchant_id = $1)",
                 )
                 .bind(merchant)
                 .fetch_one(&mut *tx)
-                .await?
+                .await?;
+                match recent {
+                    Some(d) => Some(d),
+                    None => {
+                        sqlx::query_scalar(
+                            "SELECT max(business_date) FROM merchant_daily_report
+                              WHERE $1::text IS NULL OR merchant_id = $1",
+                        )
+                        .bind(merchant)
+                        .fetch_one(&mut *tx)
+                        .await?
+                    }
+                }
             }
         };
         let Some(date) = date else {

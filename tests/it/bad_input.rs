@@ -278,3 +278,85 @@ async fn a_dead_letter_is_re_driven_once_its_cause_is_fixed() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 applied"));
     drop(service);
 }
+
+/// A settlement line dated 9999-12-31 (and, with the window narrowed to a week, one dated ten
+/// days after its event) is dead-lettered as an implausible business date with its bytes;
+/// the line it was copied from and every record around it are applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn settlement_dates_far_from_the_event_time_are_dead_lettered_as_implausible() {
+    let fx = Fixture::new(2).await;
+    let encoder = fx.encoder().await;
+    let (mut records, mut expected) =
+        payrecon::tools::simulate::generate(&simulation(300, 5), encoder.payment_schema_id())
+            .unwrap();
+    let Generated::Settlement(line) = records
+        .iter()
+        .find(|r| matches!(r, Generated::Settlement(_)))
+        .unwrap()
+        .clone()
+    else {
+        unreachable!()
+    };
+    let mut produced = Vec::new();
+    for (n, date) in [
+        chrono::NaiveDate::from_ymd_opt(9999, 12, 31).unwrap(),
+        line.event_time.date_naive() + chrono::Duration::days(10),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut far = line.clone();
+        far.line_id = format!("far-{n}-{}", line.line_id);
+        far.settlement_date = date;
+        let bytes = encoder.encode_settlement(&far).unwrap();
+        produced.push(bytes.clone());
+        records.insert(
+            records.len() / 2,
+            Generated::Malformed {
+                payments_topic: false,
+                key: line.payment_reference.clone(),
+                bytes,
+            },
+        );
+        expected.dead_letters += 1;
+        expected.records += 1;
+    }
+    let service = fx.spawn_service(
+        "business-dates",
+        &[("PAYRECON_VALIDATION__MAX_BUSINESS_DATE_AHEAD", "7d")],
+    );
+    fx.produce_records(&encoder, &records, 0).await;
+    fx.wait_drained(Duration::from_secs(60)).await;
+    fx.assert_exact(&expected).await;
+    let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
+        r#"SELECT error_kind, payload, error_message FROM dead_letters ORDER BY "offset""#,
+    )
+    .fetch_all(fx.db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (kind, payload, message) in &rows {
+        assert_eq!(kind, "implausible_business_date", "{message}");
+        assert!(
+            produced.contains(payload),
+            "the dead letter keeps the bytes"
+        );
+        assert!(message.contains("settlement_date"), "{message}");
+        assert!(message.contains("at most 7 days allowed"), "{message}");
+    }
+    assert!(rows.iter().any(|r| r.2.contains("9999-12-31")), "{rows:?}");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM settlement_lines WHERE line_id LIKE 'far-%'")
+            .fetch_one(fx.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, 0);
+    let counted = service
+        .metric(
+            "payrecon_dead_letters_total",
+            &["reason=\"implausible_business_date\""],
+        )
+        .await
+        .unwrap();
+    assert_eq!(counted, 2.0);
+}

@@ -14,6 +14,7 @@ mod failover;
 mod fencing;
 mod files;
 mod frozen;
+mod growth;
 mod hostile;
 mod idleness;
 mod observability;

@@ -1593,7 +1593,7 @@ export const dashboard = {
     {
       "type": "timeseries",
       "title": "Dead letters by topic and reason",
-      "description": "Records that can never succeed, kept in the dead_letters table: decoding (bad_magic_byte, unknown_schema_id, undecodable_body, wrong_record_type), validation (invalid_field, invalid_text, field_too_long, amount_out_of_range, implausible_event_time) and database_refused (PostgreSQL refused a record that passed validation: PayreconDatabaseRefusedRecord). Inspect with `payrecon dead-letters list`.",
+      "description": "Records that can never succeed, kept in the dead_letters table: decoding (bad_magic_byte, unknown_schema_id, undecodable_body, wrong_record_type), validation (invalid_field, invalid_text, field_too_long, amount_out_of_range, implausible_event_time, implausible_business_date) and database_refused (PostgreSQL refused a record that passed validation: PayreconDatabaseRefusedRecord). Inspect with `payrecon dead-letters list`.",
       "datasource": {
         "type": "prometheus",
         "uid": "prometheus"

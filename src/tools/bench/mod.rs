@@ -31,6 +31,9 @@
 //!
 //! `--reference-versions N` measures only the reference-data cache instead: the process's
 //! memory with N merchant versions loaded, the load time and the lookup rate.
+//! `--prefill N` measures only growth: the end-to-end and latency runs on an empty database
+//! and on one holding N records of history, the tables after each, and the plans of the
+//! per-batch, per-sweep and per-report statements at size ([`growth`]).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -51,6 +54,7 @@ use crate::store::{PartitionProgress, Source, Store};
 use crate::tools::simulate::{Generated, SimulationOptions};
 
 mod cpu;
+mod growth;
 mod pgstats;
 mod process;
 mod rolling;
@@ -106,6 +110,21 @@ pub struct BenchOptions {
     /// with a tenth of the entries, to show memory flat in file size (`src/files/`).
     #[arg(long)]
     pub import_entries: Option<u64>,
+    /// Measure only growth: the end-to-end and latency runs on an empty database and on one
+    /// holding this many records of history generated inside PostgreSQL, the tables' sizes
+    /// and dead tuples after each, and the plans of the per-batch, per-sweep and per-report
+    /// statements at size (`src/tools/bench/growth.rs`, docs/growth.md).
+    #[arg(long)]
+    pub prefill: Option<u64>,
+    /// Days the prefilled history is spread over (ending where the bench's records begin).
+    #[arg(long, default_value_t = 365)]
+    pub prefill_days: u64,
+    /// Write the growth stage's plans in full to this file.
+    #[arg(long)]
+    pub plans_out: Option<std::path::PathBuf>,
+    /// Keep the growth stage's databases (their names are printed) instead of dropping them.
+    #[arg(long)]
+    pub keep_databases: bool,
 }
 
 /// What a run measured.
@@ -116,6 +135,7 @@ pub enum BenchOutcome {
     Reference(ReferenceReport),
     Rolling(Vec<rolling::RollingRestart>),
     Import(Vec<crate::files::synthetic::ParseRate>),
+    Growth(Box<growth::GrowthReport>),
 }
 
 /// One run's figures.
@@ -216,6 +236,10 @@ pub async fn run(
         let rates =
             tokio::task::spawn_blocking(move || crate::files::synthetic::stage(entries)).await??;
         return Ok(BenchOutcome::Import(rates));
+    }
+    if let Some(records) = o.prefill {
+        let report = growth::run(settings, &admin, &o, records).await?;
+        return Ok(BenchOutcome::Growth(Box::new(report)));
     }
     let sim = SimulationOptions {
         payments: o.payments,
