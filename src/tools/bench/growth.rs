@@ -265,25 +265,7 @@ async fn paced_latency(
     let topics = [payments, settlements];
     let producing =
         crate::tools::simulate::produce(producer, encoder, &topics, &paced, rate, |_| {});
-    let consuming = async {
-        let mut histogram = Histogram::<u64>::new(3)?;
-        let mut seen = 0u64;
-        while seen < paced.len() as u64 {
-            match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
-                Ok(Some(LoopEvent::Committed {
-                    records, latencies, ..
-                })) => {
-                    seen += records;
-                    for l in latencies {
-                        histogram.record(l.as_millis() as u64)?;
-                    }
-                }
-                Ok(Some(LoopEvent::Fenced)) => {}
-                _ => anyhow::bail!("latency run stalled with {seen} records applied"),
-            }
-        }
-        anyhow::Ok(histogram)
-    };
+    let consuming = async { super::latencies(events, paced.len() as u64).await };
     let (produced, histogram) = tokio::join!(producing, consuming);
     produced?;
     histogram

@@ -194,6 +194,31 @@ async fn load_reference(
     ))
 }
 
+/// The commit latencies (broker timestamp -> commit, ms) of the next `count` records the
+/// service reports committed; an error when none is reported for 60 s.
+async fn latencies(
+    events: &mut mpsc::UnboundedReceiver<LoopEvent>,
+    count: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut seen = 0u64;
+    while seen < count {
+        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
+            Ok(Some(LoopEvent::Committed {
+                records, latencies, ..
+            })) => {
+                seen += records;
+                for l in latencies {
+                    histogram.record(l.as_millis() as u64)?;
+                }
+            }
+            Ok(Some(LoopEvent::Fenced)) => {}
+            _ => anyhow::bail!("latency run stalled with {seen} records applied"),
+        }
+    }
+    Ok(histogram)
+}
+
 /// A freshly created and migrated database of its own for one stage: name, URL and a store
 /// with a small pool on it.
 async fn fresh_store(
@@ -374,22 +399,7 @@ pub async fn run(
             .await
         })
     };
-    let mut histogram = Histogram::<u64>::new(3)?;
-    let mut seen = 0u64;
-    while seen < paced.len() as u64 {
-        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
-            Ok(Some(LoopEvent::Committed {
-                records, latencies, ..
-            })) => {
-                seen += records;
-                for l in latencies {
-                    histogram.record(l.as_millis() as u64)?;
-                }
-            }
-            Ok(Some(LoopEvent::Fenced)) => {}
-            _ => anyhow::bail!("latency run stalled with {seen} records applied"),
-        }
-    }
+    let histogram = latencies(&mut events, paced.len() as u64).await?;
     producing.await??;
     shutdown.cancel();
     service.await??;
